@@ -1,0 +1,35 @@
+# The one environment is .venv at the repository root; every target builds it if missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.stamp-install
+
+.PHONY: setup demo test test-fast parity bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and alone: pip takes these exact wheels from the local disk.
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 numpy==1.26.4
+	$(PY) -m pip install -q -e '.[torch,mindspore,dev]'
+	touch $@
+
+demo: setup
+	$(PY) -m dvt_torch.demo
+
+test: setup
+	$(PY) -m pytest -q tests parity_tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests parity_tests
+
+parity: setup
+	$(PY) -m pytest -q -rs parity_tests
+
+bench: setup
+	$(PY) benchmarks/forward.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache out

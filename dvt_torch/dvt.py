@@ -1,0 +1,186 @@
+"""The DVT cascade in PyTorch: stages with more and more tokens, feature and relation reuse.
+
+State-dict keys and shapes equal the published release's, so its checkpoints load with
+`strict=True`. Every geometric choice comes from a `dvt_shared` config.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dvt_shared.configs import DVTConfig, get_config
+from dvt_shared.token_schedule import relation_resample_matrix, resample_matrix
+
+from .layers import Block, PatchEmbed, T2TStem, init_weights, sinusoid_table
+from timm.layers import trunc_normal_
+
+
+class ReuseState(NamedTuple):
+    """What stage k hands to stage k+1.
+
+    features: (B, N, D) last-block tokens before the final norm, or None.
+    relations: (B, heads*depth, N, N) attention logits of every block (reused ones added), or None.
+    """
+
+    features: torch.Tensor | None
+    relations: torch.Tensor | None
+
+
+def check_images(x: torch.Tensor, config: DVTConfig) -> None:
+    """Reject anything but a floating (B, C, H, W) batch of the config's size."""
+    expected = (config.in_chans, config.img_size, config.img_size)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4 or tuple(x.shape[1:]) != expected or x.shape[0] < 1:
+        raise ValueError(
+            f"{config.name} expects images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}) with B >= 1, "
+            f"got {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"images must be floating point, got {x.dtype}")
+
+
+class DVTStage(nn.Module):
+    """One complete backbone of the cascade: stem, class token, positions, blocks, norm, head."""
+
+    def __init__(self, config: DVTConfig, index: int):
+        super().__init__()
+        stage = config.stages[index]
+        self.grid = config.grids[index]
+        self.feature_reuse, self.relation_reuse = config.stage_reuses(index)
+        self.depth, self.num_heads = config.depth, config.num_heads
+        num_tokens = self.grid * self.grid + 1
+
+        if stage.stem.kind == "t2t":
+            self.tokens_to_token = T2TStem(config, stage.stem)
+        else:
+            self.patch_embed = PatchEmbed(config, stage.stem)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
+        if config.pos_embed == "sinusoid":
+            self.register_buffer("pos_embed", sinusoid_table(num_tokens, config.embed_dim))
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, config.embed_dim))
+        self.pos_drop = nn.Dropout(config.drop_rate)
+        drop_path = np.linspace(0.0, config.drop_path_rate, config.depth)
+        self.blocks = nn.ModuleList(
+            Block(config, self.feature_reuse, float(drop_path[i])) for i in range(config.depth)
+        )
+        self.norm = nn.LayerNorm(config.embed_dim, eps=config.layernorm_eps)
+
+        previous_grid = config.grids[index - 1] if index else None
+        if self.feature_reuse:
+            matrix = resample_matrix(previous_grid, self.grid)
+            self.register_buffer("feature_resample", torch.tensor(matrix, dtype=torch.float32), persistent=False)
+        if self.relation_reuse:
+            channels = config.relation_channels
+            hidden = channels * config.relation_expansion
+            self.relation_reuse_conv = nn.Sequential(
+                nn.Conv2d(channels, hidden, kernel_size=1), nn.GELU(), nn.Conv2d(hidden, channels, kernel_size=1)
+            )
+            matrix = relation_resample_matrix(previous_grid, self.grid)
+            self.register_buffer("relation_resample", torch.tensor(matrix, dtype=torch.float32), persistent=False)
+        self.head = nn.Linear(config.embed_dim, config.num_classes)
+
+        trunc_normal_(self.cls_token, std=0.02)
+        if config.pos_embed == "learned":
+            trunc_normal_(self.pos_embed, std=0.02)
+        self.apply(init_weights)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        stem = self.tokens_to_token if hasattr(self, "tokens_to_token") else self.patch_embed
+        x = stem(x)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        return self.pos_drop(x + self.pos_embed)
+
+    def relation_biases(self, relations: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Previous logits -> 1x1 convs -> both token axes resampled -> one (B, heads, N, N) bias per block."""
+        mixed = self.relation_reuse_conv(relations)
+        resample = self.relation_resample
+        mixed = resample @ mixed @ resample.t()
+        return mixed.chunk(self.depth, dim=1)
+
+    def forward(
+        self, x: torch.Tensor, state: ReuseState | None = None, keep_relations: bool = True
+    ) -> tuple[torch.Tensor, ReuseState]:
+        if (self.feature_reuse or self.relation_reuse) and state is None:
+            raise ValueError("this stage reuses the previous stage's work: pass the ReuseState it returned")
+        x = self.embed(x)
+        biases = self.relation_biases(state.relations) if self.relation_reuse else (None,) * self.depth
+        reused = state.features if self.feature_reuse else None
+        resample = self.feature_resample if self.feature_reuse else None
+        logits = []
+        for block, bias in zip(self.blocks, biases):
+            x, block_logits = block(x, reused, resample, bias)
+            logits.append(block_logits)
+        relations = torch.cat(logits, dim=1) if keep_relations else None
+        out = self.head(self.norm(x)[:, 0])
+        return out, ReuseState(features=x, relations=relations)
+
+
+class DVT(nn.Module):
+    """The cascade. `model(x)` returns the per-exit logits, fewest tokens first.
+
+    `forward_stage(k, x, state)` runs exit k alone given what exit k-1 returned; real
+    early exit is built on it.
+    """
+
+    def __init__(self, config: DVTConfig):
+        super().__init__()
+        self.config = config
+        self.stage_names = tuple(stage.name for stage in config.stages)
+        for index, name in enumerate(self.stage_names):
+            self.add_module(name, DVTStage(config, index))
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.stage_names)
+
+    def stage(self, index: int) -> DVTStage:
+        if not 0 <= index < self.num_exits:
+            raise IndexError(f"{self.config.name} has exits 0..{self.num_exits - 1}, got {index}")
+        return getattr(self, self.stage_names[index])
+
+    def forward_stage(
+        self, index: int, x: torch.Tensor, state: ReuseState | None = None
+    ) -> tuple[torch.Tensor, ReuseState]:
+        """Logits of exit `index` and the reuse state the next exit needs."""
+        check_images(x, self.config)
+        return self._run_stage(index, x, state)
+
+    def _run_stage(self, index: int, x: torch.Tensor, state: ReuseState | None) -> tuple[torch.Tensor, ReuseState]:
+        is_last = index == self.num_exits - 1
+        keep_relations = not is_last and self.config.relation_reuse
+        logits, new_state = self.stage(index)(x, state, keep_relations=keep_relations)
+        if is_last:
+            new_state = ReuseState(None, None)
+        elif not self.config.feature_reuse:
+            new_state = ReuseState(None, new_state.relations)
+        return logits, new_state
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        check_images(x, self.config)
+        outputs, state = [], None
+        for index in range(self.num_exits):
+            logits, state = self._run_stage(index, x, state)
+            outputs.append(logits)
+        return tuple(outputs)
+
+
+def create_model(name: str, num_classes: int = 1000, **overrides) -> DVT:
+    """A DVT built from the registered `dvt_shared` config `name` (any field can be overridden)."""
+    return DVT(get_config(name, num_classes=num_classes, **overrides))
+
+
+def multi_exit_loss(
+    outputs: tuple[torch.Tensor, ...], targets: torch.Tensor, weights: tuple[float, ...] | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """The release's training loss: the (optionally weighted) sum of per-exit cross-entropies."""
+    weights = weights or (1.0,) * len(outputs)
+    if len(weights) != len(outputs):
+        raise ValueError(f"got {len(weights)} exit weights for {len(outputs)} exits")
+    return sum(w * F.cross_entropy(o, targets, label_smoothing=label_smoothing) for w, o in zip(weights, outputs))

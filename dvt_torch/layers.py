@@ -1,0 +1,168 @@
+"""Building blocks of a DVT stage in PyTorch, laid out to the release's state-dict keys."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, trunc_normal_
+from torch import nn
+
+from dvt_shared.configs import DVTConfig, StemSpec
+
+
+class TokenPerformer(nn.Module):
+    """Performer token mixer of the T2T stem (linear attention with positive random features).
+
+    `w` is a fixed orthogonal random projection saved with the weights; `v` is the skip path.
+    """
+
+    def __init__(self, dim: int, emb: int, kernel_ratio: float, eps: float, norm_eps: float, drop: float):
+        super().__init__()
+        self.emb = emb
+        self.m = int(emb * kernel_ratio)
+        self.eps = eps
+        self.kqv = nn.Linear(dim, 3 * emb)
+        self.dp = nn.Dropout(drop)
+        self.proj = nn.Linear(emb, emb)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm2 = nn.LayerNorm(emb, eps=norm_eps)
+        self.mlp = nn.Sequential(nn.Linear(emb, emb), nn.GELU(), nn.Linear(emb, emb), nn.Dropout(drop))
+        self.register_buffer("w", nn.init.orthogonal_(torch.empty(self.m, emb)) * math.sqrt(self.m))
+
+    def prm_exp(self, x: torch.Tensor) -> torch.Tensor:
+        # exp(w.x - |x|^2 / 2) / sqrt(m): positive random features of the softmax kernel
+        xd = (x * x).sum(dim=-1, keepdim=True) / 2
+        return torch.exp(x @ self.w.t() - xd) / math.sqrt(self.m)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(x)
+        k, q, v = torch.split(self.kqv(x), self.emb, dim=-1)
+        kp, qp = self.prm_exp(k), self.prm_exp(q)
+        normaliser = qp @ kp.sum(dim=1).unsqueeze(-1)
+        kptv = v.transpose(1, 2) @ kp
+        y = (qp @ kptv.transpose(1, 2)) / (normaliser + self.eps)
+        x = v + self.dp(self.proj(y))
+        return x + self.mlp(self.norm2(x))
+
+
+class T2TStem(nn.Module):
+    """Tokens-to-Token stem: soft split (unfold), performer, reshape to a grid, repeat; then project."""
+
+    def __init__(self, config: DVTConfig, stem: StemSpec):
+        super().__init__()
+        self.sizes = stem.sizes(config.img_size)
+        self.splits = [nn.Unfold(kernel_size=k, stride=s, padding=p) for k, s, p in stem.splits]
+        in_dims = [config.in_chans * stem.splits[0][0] ** 2] + [config.token_dim * k**2 for k, _, _ in stem.splits[1:]]
+        for i, dim in enumerate(in_dims[:-1], start=1):
+            self.add_module(
+                f"attention{i}",
+                TokenPerformer(
+                    dim, config.token_dim, config.performer_kernel_ratio, config.performer_eps,
+                    config.stem_layernorm_eps, config.stem_drop_rate,
+                ),
+            )
+        self.project = nn.Linear(in_dims[-1], config.embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.splits[0](x).transpose(1, 2)
+        for i, split in enumerate(self.splits[1:], start=1):
+            x = getattr(self, f"attention{i}")(x)
+            size = self.sizes[i - 1]
+            x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], size, size)
+            x = split(x).transpose(1, 2)
+        return self.project(x)
+
+
+class PatchEmbed(nn.Module):
+    """Strided convolution to tokens; unlike timm's, it takes a padding (the release's 10x10 DeiT stem)."""
+
+    def __init__(self, config: DVTConfig, stem: StemSpec):
+        super().__init__()
+        kernel, stride, padding = stem.splits[0]
+        self.proj = nn.Conv2d(config.in_chans, config.embed_dim, kernel_size=kernel, stride=stride, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention that adds reused relations to its logits and returns them."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, relation_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        logits = (q @ k.transpose(-2, -1)) * self.scale
+        if relation_bias is not None:
+            logits = logits + relation_bias
+        attn = self.attn_drop(logits.softmax(dim=-1))
+        x = (attn @ v).transpose(1, 2).reshape(batch, tokens, dim)
+        return self.proj_drop(self.proj(x)), logits
+
+
+class Block(nn.Module):
+    """Transformer block; with feature reuse its MLP also reads the previous stage's tokens."""
+
+    def __init__(self, config: DVTConfig, feature_reuse: bool, drop_path: float):
+        super().__init__()
+        dim, eps = config.embed_dim, config.layernorm_eps
+        mlp_in = dim + config.reuse_dim if feature_reuse else dim
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, config.num_heads, config.qkv_bias, config.attn_drop_rate, config.drop_rate)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(mlp_in, eps=eps)
+        self.mlp = Mlp(mlp_in, config.mlp_hidden, dim, act_layer=nn.GELU, drop=config.drop_rate)
+        self.feature_reuse = feature_reuse
+        if feature_reuse:
+            # release key spelling: feature_resuse_mlp
+            self.feature_resuse_mlp = nn.Sequential(
+                nn.LayerNorm(dim, eps=eps),
+                Mlp(dim, config.reuse_hidden, config.reuse_dim, act_layer=nn.GELU, drop=config.drop_rate),
+            )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        reused_features: torch.Tensor | None = None,
+        feature_resample: torch.Tensor | None = None,
+        relation_bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        y, logits = self.attn(self.norm1(x), relation_bias)
+        x = x + self.drop_path(y)
+        mlp_in = x
+        if self.feature_reuse:
+            reused = self.feature_resuse_mlp(reused_features)[:, 1:]
+            reused = feature_resample @ reused  # (t*t, s*s) @ (B, s*s, C): onto this stage's grid
+            reused = F.pad(reused, (0, 0, 1, 0))  # the class token gets a zero row
+            mlp_in = torch.cat((x, reused), dim=2)
+        return x + self.drop_path(self.mlp(self.norm2(mlp_in))), logits
+
+
+def sinusoid_table(num_positions: int, dim: int) -> torch.Tensor:
+    """The release's fixed sinusoid position table, (1, num_positions, dim), computed in float64."""
+    position = torch.arange(num_positions, dtype=torch.float64)[:, None]
+    exponent = 2 * (torch.arange(dim) // 2).to(torch.float64) / dim
+    angles = position / torch.pow(torch.tensor(10000.0, dtype=torch.float64), exponent)
+    table = torch.where(torch.arange(dim) % 2 == 0, torch.sin(angles), torch.cos(angles))
+    return table.to(torch.float32).unsqueeze(0)
+
+
+def init_weights(module: nn.Module) -> None:
+    """The release's initialisation: truncated normal linears, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
