@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dvt_shared.configs import DVTConfig, get_config
-from dvt_shared.token_schedule import relation_resample_matrix, resample_matrix
+from dvt_shared.token_schedule import resample_matrix_1d
 
-from .layers import Block, PatchEmbed, T2TStem, init_weights, sinusoid_table
+from .layers import Block, PatchEmbed, T2TStem, init_weights, resample_relations, sinusoid_table
 from timm.layers import trunc_normal_
 
 
@@ -71,18 +71,15 @@ class DVTStage(nn.Module):
         )
         self.norm = nn.LayerNorm(config.embed_dim, eps=config.layernorm_eps)
 
-        previous_grid = config.grids[index - 1] if index else None
-        if self.feature_reuse:
-            matrix = resample_matrix(previous_grid, self.grid)
-            self.register_buffer("feature_resample", torch.tensor(matrix, dtype=torch.float32), persistent=False)
+        if self.feature_reuse or self.relation_reuse:
+            matrix = resample_matrix_1d(config.grids[index - 1], self.grid).T
+            self.register_buffer("resample_t", torch.tensor(matrix, dtype=torch.float32), persistent=False)
         if self.relation_reuse:
             channels = config.relation_channels
             hidden = channels * config.relation_expansion
             self.relation_reuse_conv = nn.Sequential(
                 nn.Conv2d(channels, hidden, kernel_size=1), nn.GELU(), nn.Conv2d(hidden, channels, kernel_size=1)
             )
-            matrix = relation_resample_matrix(previous_grid, self.grid)
-            self.register_buffer("relation_resample", torch.tensor(matrix, dtype=torch.float32), persistent=False)
         self.head = nn.Linear(config.embed_dim, config.num_classes)
 
         trunc_normal_(self.cls_token, std=0.02)
@@ -98,9 +95,7 @@ class DVTStage(nn.Module):
 
     def relation_biases(self, relations: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Previous logits -> 1x1 convs -> both token axes resampled -> one (B, heads, N, N) bias per block."""
-        mixed = self.relation_reuse_conv(relations)
-        resample = self.relation_resample
-        mixed = resample @ mixed @ resample.t()
+        mixed = resample_relations(self.relation_reuse_conv(relations), self.resample_t)
         return mixed.chunk(self.depth, dim=1)
 
     def forward(
@@ -111,10 +106,9 @@ class DVTStage(nn.Module):
         x = self.embed(x)
         biases = self.relation_biases(state.relations) if self.relation_reuse else (None,) * self.depth
         reused = state.features if self.feature_reuse else None
-        resample = self.feature_resample if self.feature_reuse else None
         logits = []
         for block, bias in zip(self.blocks, biases):
-            x, block_logits = block(x, reused, resample, bias)
+            x, block_logits = block(x, reused, self.resample_t if self.feature_reuse else None, bias)
             logits.append(block_logits)
         relations = torch.cat(logits, dim=1) if keep_relations else None
         out = self.head(self.norm(x)[:, 0])

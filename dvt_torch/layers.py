@@ -134,7 +134,7 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         reused_features: torch.Tensor | None = None,
-        feature_resample: torch.Tensor | None = None,
+        resample_t: torch.Tensor | None = None,
         relation_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         y, logits = self.attn(self.norm1(x), relation_bias)
@@ -142,10 +142,40 @@ class Block(nn.Module):
         mlp_in = x
         if self.feature_reuse:
             reused = self.feature_resuse_mlp(reused_features)[:, 1:]
-            reused = feature_resample @ reused  # (t*t, s*s) @ (B, s*s, C): onto this stage's grid
-            reused = F.pad(reused, (0, 0, 1, 0))  # the class token gets a zero row
+            batch, tokens, channels = reused.shape
+            grid = math.isqrt(tokens)
+            reused = resample_grid(reused.transpose(1, 2).reshape(batch, channels, grid, grid), resample_t)
+            reused = F.pad(reused.flatten(2).transpose(1, 2), (0, 0, 1, 0))  # the class token gets a zero row
             mlp_in = torch.cat((x, reused), dim=2)
         return x + self.drop_path(self.mlp(self.norm2(mlp_in))), logits
+
+
+def resample_grid(x: torch.Tensor, resample_t: torch.Tensor) -> torch.Tensor:
+    """(..., s, s) -> (..., t, t) with the (s, t) transposed one-axis map of dvt_shared, applied to both axes.
+
+    The large operand comes first in each product so the work (and FLOP counters) scale with it.
+    """
+    x = x @ resample_t
+    return (x.transpose(-1, -2) @ resample_t).transpose(-1, -2)
+
+
+def resample_relations(relations: torch.Tensor, resample_t: torch.Tensor) -> torch.Tensor:
+    """(B, C, s*s+1, s*s+1) query x key logits -> (B, C, t*t+1, t*t+1); class row and column carried along.
+
+    Equal to E @ R @ E.T with E = dvt_shared.relation_resample_matrix, done axis by axis.
+    """
+    batch, channels, tokens, _ = relations.shape
+    src, dst = resample_t.shape
+    cls_cls = relations[:, :, :1, :1]
+    cls_row = resample_grid(relations[:, :, 0, 1:].reshape(batch, channels, src, src), resample_t)
+    cls_col = resample_grid(relations[:, :, 1:, 0].reshape(batch, channels, src, src), resample_t)
+    grid = relations[:, :, 1:, 1:].reshape(batch, channels, src * src, src, src)
+    grid = resample_grid(grid, resample_t).reshape(batch, channels, src * src, dst * dst)  # keys moved
+    grid = grid.transpose(2, 3).reshape(batch, channels, dst * dst, src, src)
+    grid = resample_grid(grid, resample_t).reshape(batch, channels, dst * dst, dst * dst).transpose(2, 3)  # queries
+    top = torch.cat((cls_cls, cls_row.reshape(batch, channels, 1, dst * dst)), dim=3)
+    rest = torch.cat((cls_col.reshape(batch, channels, dst * dst, 1), grid), dim=3)
+    return torch.cat((top, rest), dim=2)
 
 
 def sinusoid_table(num_positions: int, dim: int) -> torch.Tensor:
