@@ -8,11 +8,35 @@ from .configs import (
     get_config,
     list_configs,
 )
+from .exit_policy import (
+    DynamicResult,
+    SweepPoint,
+    budget_sweep,
+    confidences,
+    dynamic_evaluate,
+    exit_indices,
+    exit_shares,
+    find_thresholds,
+    predictions,
+    release_p_values,
+    release_sweep,
+    softmax,
+    thresholds_for_budget,
+)
 from .token_schedule import (
     relation_resample_matrix,
     resample_matrix,
     resample_matrix_1d,
     token_grids,
+)
+from .io_utils import atomic_write_bytes, atomic_writer, sha256_file
+from .weight_format import (
+    FORMAT_VERSION,
+    WeightMetadata,
+    check_state_dict,
+    load_canonical,
+    read_canonical_metadata,
+    save_canonical,
 )
 
 __all__ = [
@@ -26,4 +50,26 @@ __all__ = [
     "resample_matrix",
     "resample_matrix_1d",
     "token_grids",
+    "atomic_write_bytes",
+    "atomic_writer",
+    "sha256_file",
+    "FORMAT_VERSION",
+    "WeightMetadata",
+    "check_state_dict",
+    "load_canonical",
+    "read_canonical_metadata",
+    "save_canonical",
+    "DynamicResult",
+    "SweepPoint",
+    "budget_sweep",
+    "confidences",
+    "dynamic_evaluate",
+    "exit_indices",
+    "exit_shares",
+    "find_thresholds",
+    "predictions",
+    "release_p_values",
+    "release_sweep",
+    "softmax",
+    "thresholds_for_budget",
 ]

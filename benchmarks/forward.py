@@ -1,0 +1,93 @@
+"""Forward throughput per exit (images/s), CPU, fp32, printed as a table.
+
+For each config and batch size: the throughput of classifying at exit k, i.e. running
+stages 0..k with reuse (what an image leaving at exit k costs). Each backend is timed in
+its own process so thread pools do not fight.
+
+    .venv/bin/python benchmarks/forward.py [--configs ...] [--batches 1 32] [--backends torch]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+RELEASE_CONFIGS = ("dvt_t2t_vit_12", "dvt_t2t_vit_14", "dvt_deit_small")
+
+
+def time_torch(name: str, batch: int, repeats: int) -> dict:
+    import torch
+
+    import dvt_torch
+
+    torch.manual_seed(0)
+    model = dvt_torch.create_model(name).eval()
+    config = model.config
+    x = torch.randn(batch, config.in_chans, config.img_size, config.img_size)
+    per_exit = []
+    with torch.inference_mode():
+        for exit_index in range(model.num_exits):
+            def run():
+                state = None
+                for k in range(exit_index + 1):
+                    _, state = model.forward_stage(k, x, state)
+
+            run()  # warm-up
+            start = time.perf_counter()
+            for _ in range(repeats):
+                run()
+            per_exit.append(batch * repeats / (time.perf_counter() - start))
+    return {"images_per_s": per_exit, "threads": torch.get_num_threads()}
+
+
+WORKERS = {"torch": time_torch}
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    result = WORKERS[args.worker](args.config, args.batch, args.repeats)
+    print(json.dumps(result))
+
+
+def run_worker(backend: str, name: str, batch: int, repeats: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", backend, "--config", name, "--batch", str(batch),
+           "--repeats", str(repeats)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{backend} worker failed for {name} batch {batch}:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=list(RELEASE_CONFIGS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--backends", nargs="+", default=["torch"], choices=sorted(WORKERS))
+    parser.add_argument("--repeats", type=int, default=0, help="timed repeats (default: 10 at batch 1, 2 above)")
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker_main(args)
+        return
+
+    from tqdm import tqdm
+
+    jobs = [(n, b, be) for n in args.configs for b in args.batches for be in args.backends]
+    results = {}
+    for name, batch, backend in tqdm(jobs, desc="timing", unit="run"):
+        repeats = args.repeats or (10 if batch == 1 else 2)
+        results[name, batch, backend] = run_worker(backend, name, batch, repeats)
+
+    header = f"{'config':<16} {'batch':>5} {'backend':<10} " + " ".join(f"{'exit ' + str(k) + ' img/s':>14}" for k in range(3))
+    print(header)
+    print("-" * len(header))
+    for (name, batch, backend), result in results.items():
+        cells = " ".join(f"{v:>14.1f}" for v in result["images_per_s"])
+        print(f"{name:<16} {batch:>5} {backend:<10} {cells}")
+
+
+if __name__ == "__main__":
+    main()
