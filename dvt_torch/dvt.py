@@ -143,9 +143,10 @@ class DVT(nn.Module):
     ) -> tuple[torch.Tensor, ReuseState]:
         """Logits of exit `index` and the reuse state the next exit needs."""
         check_images(x, self.config)
-        return self._run_stage(index, x, state)
+        return self.run_stage(index, x, state)
 
-    def _run_stage(self, index: int, x: torch.Tensor, state: ReuseState | None) -> tuple[torch.Tensor, ReuseState]:
+    def run_stage(self, index: int, x: torch.Tensor, state: ReuseState | None) -> tuple[torch.Tensor, ReuseState]:
+        """`forward_stage` without input checks, for callers that validated the batch once."""
         is_last = index == self.num_exits - 1
         keep_relations = not is_last and self.config.relation_reuse
         logits, new_state = self.stage(index)(x, state, keep_relations=keep_relations)
@@ -159,7 +160,7 @@ class DVT(nn.Module):
         check_images(x, self.config)
         outputs, state = [], None
         for index in range(self.num_exits):
-            logits, state = self._run_stage(index, x, state)
+            logits, state = self.run_stage(index, x, state)
             outputs.append(logits)
         return tuple(outputs)
 

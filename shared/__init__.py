@@ -11,7 +11,6 @@ from .configs import (
 from .exit_policy import (
     DynamicResult,
     SweepPoint,
-    budget_sweep,
     confidences,
     dynamic_evaluate,
     exit_indices,
@@ -20,6 +19,8 @@ from .exit_policy import (
     predictions,
     release_p_values,
     release_sweep,
+    stops_at_exit,
+    thresholds_for_accuracy,
     softmax,
     thresholds_for_budget,
 )
@@ -61,7 +62,6 @@ __all__ = [
     "save_canonical",
     "DynamicResult",
     "SweepPoint",
-    "budget_sweep",
     "confidences",
     "dynamic_evaluate",
     "exit_indices",
@@ -70,6 +70,8 @@ __all__ = [
     "predictions",
     "release_p_values",
     "release_sweep",
+    "stops_at_exit",
+    "thresholds_for_accuracy",
     "softmax",
     "thresholds_for_budget",
 ]

@@ -208,12 +208,22 @@ def find_thresholds(probs, shares) -> np.ndarray:
     return _search_thresholds(conf, _check_shares(shares, conf.shape[0]))
 
 
+def stops_at_exit(confidence, threshold) -> np.ndarray:
+    """Whether a sample stops at an exit: its confidence reaches the threshold, or is NaN.
+
+    A NaN confidence stops the sample too (the cascade cannot decide past it), but such a
+    sample is undecided, never assigned to the exit. The one rule both the simulated and
+    the real early exit apply.
+    """
+    conf = np.asarray(confidence, dtype=np.float32)
+    return np.isnan(conf) | (conf >= np.asarray(threshold, dtype=np.float64))
+
+
 def _route(conf: np.ndarray, thr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(exit index, -1 if undecided) and the exit at which each sample stopped."""
     n_exits, n = conf.shape
     nan = np.isnan(conf)
-    # A NaN confidence stops the sample too: the cascade cannot decide past it.
-    stop_mask = nan | (conf >= thr[:, None])
+    stop_mask = stops_at_exit(conf, thr[:, None])
     stopped = stop_mask.any(axis=0)
     first = np.argmax(stop_mask, axis=0)
     decided = stopped & ~nan[first, np.arange(n)]
@@ -339,6 +349,34 @@ def thresholds_for_budget(probs, cumulative_flops, budget: float) -> np.ndarray:
     return found[best].copy()
 
 
+def thresholds_for_accuracy(probs, targets, cumulative_flops, accuracy: float) -> np.ndarray:
+    """The cheapest thresholds found whose accuracy on (probs, targets) is >= `accuracy` (%).
+
+    Searched over the same budget-independent candidates as `thresholds_for_budget`.
+    """
+    probs = _check_probs(probs)
+    conf = _conf32(probs)
+    if np.isnan(conf).any():
+        raise ValueError("probs give NaN confidences; cannot search thresholds on them")
+    flops = _check_flops(cumulative_flops, conf.shape[0])
+    correct = predictions(probs) == _check_targets(targets, conf.shape[1])[None, :]
+    accuracy = float(accuracy)
+    if np.isnan(accuracy):
+        raise ValueError("target accuracy is NaN")
+    costs, found = _budget_candidates(conf, flops)
+    n = conf.shape[1]
+    accuracies = np.array([
+        100.0 * correct[np.where(index >= 0, index, 0), np.arange(n)][index >= 0].sum() / n
+        for index in (_route(conf, thr.astype(np.float64))[0] for thr in found)
+    ])
+    feasible = accuracies >= accuracy
+    if not feasible.any():
+        raise ValueError(
+            f"no policy reaches {accuracy}% on these samples; the best found reaches {accuracies.max():.2f}%"
+        )
+    return found[int(np.argmin(np.where(feasible, costs, np.inf)))].copy()
+
+
 def release_sweep(probs, targets, cumulative_flops, calib_probs=None) -> list[SweepPoint]:
     """The release's sweep over p = i/20: thresholds found on calib_probs (default: probs)
     and evaluated on probs."""
@@ -354,6 +392,3 @@ def release_sweep(probs, targets, cumulative_flops, calib_probs=None) -> list[Sw
         out.append(SweepPoint(float(p), thr, result.accuracy, result.expected_flops))
     return out
 
-
-# The name the rest of the project may use for the same sweep.
-budget_sweep = release_sweep

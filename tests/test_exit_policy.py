@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from dvt_shared import (
     DynamicResult,
-    budget_sweep,
+
     confidences,
     dynamic_evaluate,
     exit_indices,
@@ -126,7 +126,6 @@ def test_accuracy_and_cost_match_release(release):
 def test_release_sweep_reproduces_fixture(release):
     probs, targets, flops = release["probs"], release["targets"], release["flops"]
     points = release_sweep(probs, targets, flops)
-    assert budget_sweep is release_sweep
     assert len(points) == 59
     for i, (p, thr, acc, cost) in enumerate(points, start=1):
         assert p == i / 20
@@ -366,3 +365,27 @@ GOOD_THR = [0.5, 0.5, -1e8]
 def test_invalid_inputs_raise(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_thresholds_for_accuracy_is_cheapest_reaching_target(release):
+    from dvt_shared import thresholds_for_accuracy
+
+    probs, targets, flops = release["probs"], release["targets"], release["flops"]
+    last_only = dynamic_evaluate(probs, targets, flops, [1e8, 1e8, -1e8]).accuracy
+    for target in (30.0, 0.5 * last_only, last_only):
+        thr = thresholds_for_accuracy(probs, targets, flops, target)
+        result = dynamic_evaluate(probs, targets, flops, thr)
+        assert result.accuracy >= target
+        # nothing among the release's own points is cheaper while reaching the target
+        for point in release_sweep(probs, targets, flops):
+            if point.accuracy >= target:
+                assert result.expected_flops <= point.expected_flops + 1e-9
+    with pytest.raises(ValueError, match="no policy reaches 100.5%"):
+        thresholds_for_accuracy(probs, targets, flops, 100.5)
+
+
+def test_stops_at_exit_rule():
+    from dvt_shared import stops_at_exit
+
+    conf = np.array([0.5, 0.7, np.nan, 0.6999], dtype=np.float32)
+    np.testing.assert_array_equal(stops_at_exit(conf, np.float32(0.7)), [False, True, True, False])

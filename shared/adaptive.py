@@ -1,0 +1,127 @@
+"""Real early exit, framework-neutral: the compaction loop every backend runs.
+
+A backend supplies three small operations (run one stage on a batch, take rows of the
+images, take rows of the reuse state); this core decides with the shared exit policy which
+images leave at each exit, runs the next stage on the others only, and scatters results
+back to input order. So every backend (PyTorch, MindSpore, ONNX Runtime) exits the same
+images at the same exits by construction.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .configs import DVTConfig
+from .exit_policy import softmax, stops_at_exit
+from .flops import cumulative_flops
+
+DEFAULT_MAX_BATCH = 256
+
+
+@dataclass(frozen=True, eq=False)
+class Prediction:
+    """Per image, in input order.
+
+    logits: (n, classes) logits of the exit the image left at.
+    exit_index: exit it left at; -1 where its confidence was NaN (undecided, reported).
+    confidence: its maximum softmax probability there.
+    macs: multiply-adds spent on it (all stages it ran).
+    """
+
+    logits: np.ndarray
+    exit_index: np.ndarray
+    confidence: np.ndarray
+    macs: np.ndarray
+
+    @property
+    def classes(self) -> np.ndarray:
+        return self.logits.argmax(axis=1)
+
+    @property
+    def gflops(self) -> np.ndarray:
+        return self.macs / 1e9
+
+    @property
+    def undecided(self) -> int:
+        return int((self.exit_index < 0).sum())
+
+
+def check_thresholds(thresholds, num_exits: int) -> np.ndarray:
+    thr = np.asarray(thresholds, dtype=np.float64)
+    if thr.shape != (num_exits,):
+        raise ValueError(f"thresholds must hold one value per exit ({num_exits}), got shape {thr.shape}")
+    if np.isnan(thr).any():
+        raise ValueError(f"thresholds must not be NaN, got {thr.tolist()}")
+    return thr
+
+
+class AdaptiveEngine(ABC):
+    """Early-exit classifier over a DVT of any backend; subclasses adapt one framework."""
+
+    def __init__(self, config: DVTConfig, thresholds, max_batch: int = DEFAULT_MAX_BATCH):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.config = config
+        self.thresholds = check_thresholds(thresholds, config.num_exits)
+        self.max_batch = max_batch
+        self.exit_macs = np.asarray(cumulative_flops(config), dtype=np.int64)
+
+    @abstractmethod
+    def _num_images(self, images: Any) -> int:
+        """Validate the batch and return its size."""
+
+    @abstractmethod
+    def _run_stage(self, index: int, images: Any, state: Any) -> tuple[np.ndarray, Any]:
+        """Logits of exit `index` as a float32 numpy array, and the state for the next exit."""
+
+    @abstractmethod
+    def _take(self, images: Any, rows: np.ndarray) -> Any:
+        """Rows `rows` of a batch of images."""
+
+    @abstractmethod
+    def _take_state(self, state: Any, rows: np.ndarray) -> Any:
+        """Rows `rows` of a reuse state."""
+
+    def _slice(self, images: Any, start: int, stop: int) -> Any:
+        return self._take(images, np.arange(start, stop))
+
+    def predict(self, images) -> Prediction:
+        n = self._num_images(images)
+        if n <= self.max_batch:
+            return self._predict_chunk(images, n)
+        # bounded memory: big batches go through in chunks of max_batch images
+        parts = [
+            self._predict_chunk(self._slice(images, start, min(start + self.max_batch, n)), min(self.max_batch, n - start))
+            for start in range(0, n, self.max_batch)
+        ]
+        return Prediction(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("logits", "exit_index", "confidence", "macs")))
+
+    def _predict_chunk(self, images, n: int) -> Prediction:
+        last = self.config.num_exits - 1
+        logits_out = np.empty((n, self.config.num_classes), dtype=np.float32)
+        exit_index = np.full(n, -1, dtype=np.int64)
+        confidence = np.full(n, np.nan, dtype=np.float32)
+        macs = np.zeros(n, dtype=np.int64)
+        active, state = np.arange(n), None
+        for k in range(last + 1):
+            logits, state = self._run_stage(k, images, state)
+            conf = softmax(logits.astype(np.float32), axis=-1).max(axis=-1)
+            meets = stops_at_exit(conf, self.thresholds[k])
+            decided = meets & ~np.isnan(conf)
+            # at the last exit everyone stops; whoever met no threshold there is undecided
+            stops = meets if k < last else np.ones_like(meets)
+            rows = active[stops]
+            logits_out[rows] = logits[stops]
+            exit_index[rows] = np.where(decided[stops], k, -1)
+            confidence[rows] = conf[stops]
+            macs[rows] = self.exit_macs[k]
+            going_on = np.flatnonzero(~stops)
+            if going_on.size == 0:
+                break
+            active = active[going_on]
+            images = self._take(images, going_on)
+            state = self._take_state(state, going_on)
+        return Prediction(logits_out, exit_index, confidence, macs)

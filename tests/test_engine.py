@@ -1,0 +1,94 @@
+"""Real early exit: the engine's decisions are the shared policy's, on every backend."""
+import numpy as np
+import pytest
+import torch
+
+from dvt_shared import find_thresholds, get_config
+from dvt_shared.exit_policy import exit_indices, softmax
+from dvt_shared.flops import cumulative_flops
+from dvt_torch import DVT
+from dvt_torch.engine import AdaptiveDVT
+
+MARGIN = 1e-5  # confidences this close to a threshold may legitimately flip between batchings
+
+
+def sharp_tiny_model(seed=0):
+    """A tiny fmnist DVT with weights large enough that confidences depend on the image."""
+    torch.manual_seed(seed)
+    model = DVT(get_config("dvt_t2t_vit_fmnist", embed_dim=24, depth=2, num_heads=2, token_dim=8)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and p.requires_grad:
+                p.normal_(0, 1.5 / np.sqrt(p[0].numel()))
+    return model
+
+
+@pytest.fixture(scope="module")
+def case():
+    model = sharp_tiny_model()
+    images = torch.randn(300, 1, 28, 28)
+    with torch.no_grad():
+        all_exit = np.stack([o.numpy() for o in model(images)])
+    probs = softmax(all_exit, axis=-1)
+    thresholds = find_thresholds(probs, np.array([0.45, 0.3, 0.25], dtype=np.float32))
+    return model, images, all_exit, probs, thresholds
+
+
+def test_decisions_equal_shared_policy(case):
+    model, images, all_exit, probs, thresholds = case
+    expected = exit_indices(probs, thresholds)
+    assert set(np.unique(expected)) == {0, 1, 2}, "thresholds must use every exit"
+    got = AdaptiveDVT(model, thresholds, max_batch=128).predict(images)
+    conf = probs.max(-1)
+    borderline = np.zeros(len(images), dtype=bool)
+    for k in range(2):
+        borderline |= np.abs(conf[k] - thresholds[k]) < MARGIN
+    mismatched = got.exit_index != expected
+    print(f"exit counts {np.bincount(got.exit_index, minlength=3)}, borderline {borderline.sum()}, "
+          f"mismatched {mismatched.sum()}")
+    assert not (mismatched & ~borderline).any()
+    rows = np.arange(len(images))
+    np.testing.assert_allclose(got.logits, all_exit[got.exit_index, rows], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got.confidence, conf[got.exit_index, rows], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(got.macs, np.asarray(cumulative_flops(model.config))[got.exit_index])
+
+
+def test_batch_of_one_streams_the_same(case):
+    model, images, _, _, thresholds = case
+    batched = AdaptiveDVT(model, thresholds).predict(images[:40])
+    engine = AdaptiveDVT(model, thresholds)
+    single = [engine.predict(images[i:i + 1]) for i in range(40)]
+    np.testing.assert_array_equal(batched.exit_index, [p.exit_index[0] for p in single])
+    np.testing.assert_allclose(batched.logits, np.concatenate([p.logits for p in single]), atol=1e-5)
+
+
+def test_work_really_stops():
+    """Images leaving at exit 0 never reach later stages."""
+    model = sharp_tiny_model()
+    seen = []
+    hook = model.normal_token.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    AdaptiveDVT(model, [-1e8, -1e8, -1e8]).predict(torch.randn(7, 1, 28, 28))
+    assert seen == []
+    AdaptiveDVT(model, [1e8, 1e8, -1e8]).predict(torch.randn(7, 1, 28, 28))
+    assert seen == [7]
+    hook.remove()
+
+
+def test_nan_images_are_reported_not_assigned():
+    model = sharp_tiny_model()
+    images = torch.randn(4, 1, 28, 28)
+    images[2] = float("nan")
+    got = AdaptiveDVT(model, [0.5, 0.5, -1e8]).predict(images)
+    assert got.exit_index[2] == -1 and got.undecided == 1
+    assert (got.exit_index[[0, 1, 3]] >= 0).all()
+
+
+@pytest.mark.parametrize("thresholds,match", [([0.5, 0.5], "one value per exit"), ([0.5, float("nan"), -1e8], "NaN")])
+def test_bad_thresholds(thresholds, match):
+    with pytest.raises(ValueError, match=match):
+        AdaptiveDVT(sharp_tiny_model(), thresholds)
+
+
+def test_wrong_images_rejected():
+    with pytest.raises(ValueError, match=r"\(B, 1, 28, 28\)"):
+        AdaptiveDVT(sharp_tiny_model(), [0.5, 0.5, -1e8]).predict(torch.randn(2, 3, 28, 28))
