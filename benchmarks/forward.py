@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
+
+from common import print_table, run_worker
 
 RELEASE_CONFIGS = ("dvt_t2t_vit_12", "dvt_t2t_vit_14", "dvt_deit_small")
 
@@ -50,15 +50,6 @@ def worker_main(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-def run_worker(backend: str, name: str, batch: int, repeats: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", backend, "--config", name, "--batch", str(batch),
-           "--repeats", str(repeats)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{backend} worker failed for {name} batch {batch}:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=list(RELEASE_CONFIGS))
@@ -79,14 +70,11 @@ def main() -> None:
     results = {}
     for name, batch, backend in tqdm(jobs, desc="timing", unit="run"):
         repeats = args.repeats or (10 if batch == 1 else 2)
-        results[name, batch, backend] = run_worker(backend, name, batch, repeats)
+        results[name, batch, backend] = run_worker(
+            __file__, backend, ["--config", name, "--batch", str(batch), "--repeats", str(repeats)])
 
-    header = f"{'config':<16} {'batch':>5} {'backend':<10} " + " ".join(f"{'exit ' + str(k) + ' img/s':>14}" for k in range(3))
-    print(header)
-    print("-" * len(header))
-    for (name, batch, backend), result in results.items():
-        cells = " ".join(f"{v:>14.1f}" for v in result["images_per_s"])
-        print(f"{name:<16} {batch:>5} {backend:<10} {cells}")
+    header = ["config", "batch", "backend"] + [f"exit {k} img/s" for k in range(3)]
+    print_table(header, [[name, batch, backend, *r["images_per_s"]] for (name, batch, backend), r in results.items()])
 
 
 if __name__ == "__main__":

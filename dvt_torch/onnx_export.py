@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dvt_shared.adaptive import DEFAULT_MAX_BATCH, AdaptiveEngine
+from dvt_shared.adaptive import DEFAULT_MAX_BATCH, AdaptiveEngine, reuse_tensor_names
 from dvt_shared.configs import DVTConfig
 from dvt_shared.io_utils import atomic_write_bytes
 
@@ -30,8 +30,8 @@ class StageGraph(nn.Module):
     def __init__(self, model: DVT, index: int):
         super().__init__()
         self.model, self.index = model, index
-        self.inputs = ["images"] + ["prev_" + name for name in reuse_names(model.config, index - 1)]
-        self.outputs = ["logits"] + reuse_names(model.config, index)
+        self.inputs = ["images"] + ["prev_" + name for name in reuse_tensor_names(model.config, index - 1)]
+        self.outputs = ["logits"] + reuse_tensor_names(model.config, index)
 
     def forward(self, images, *reuse):
         state = None
@@ -41,13 +41,6 @@ class StageGraph(nn.Module):
             state = ReuseState(features, relations)
         logits, state = self.model.run_stage(self.index, images, state)
         return (logits, *(t for t in state if t is not None))
-
-
-def reuse_names(config: DVTConfig, index: int) -> list[str]:
-    """Names of the reuse tensors stage `index` hands on (none after the last stage)."""
-    if index < 0 or index == config.num_exits - 1:
-        return []
-    return [n for n, on in (("features", config.feature_reuse), ("relations", config.relation_reuse)) if on]
 
 
 def export_onnx(model: DVT, out_dir, opset: int = OPSET) -> Path:

@@ -49,6 +49,16 @@ class Prediction:
         return int((self.exit_index < 0).sum())
 
 
+def reuse_tensor_names(config: DVTConfig, index: int) -> list[str]:
+    """Names of the reuse tensors stage `index` hands on (none before the first stage or after the last).
+
+    Exported stage graphs (ONNX, MindIR) take the previous stage's and give their own, in this order.
+    """
+    if index < 0 or index == config.num_exits - 1:
+        return []
+    return [n for n, on in (("features", config.feature_reuse), ("relations", config.relation_reuse)) if on]
+
+
 def check_thresholds(thresholds, num_exits: int) -> np.ndarray:
     thr = np.asarray(thresholds, dtype=np.float64)
     if thr.shape != (num_exits,):

@@ -1,0 +1,24 @@
+"""What the benchmark scripts share: timing each backend in a process of its own."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def run_worker(script: str, backend: str, args: list[str]) -> dict:
+    """Run `script --worker BACKEND ARGS` in a fresh interpreter; its last stdout line is JSON."""
+    cmd = [sys.executable, script, "--worker", backend, *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{backend} worker failed ({' '.join(args)}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def print_table(header: list[str], rows: list[list]) -> None:
+    cells = [[str(h) for h in header]] + [[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for n, row in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))

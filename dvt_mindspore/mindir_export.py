@@ -1,0 +1,83 @@
+"""MindIR export, one graph per stage, and the early-exit engine over the loaded graphs.
+
+The MindSpore twin of `dvt_torch.onnx_export`: stage k's graph takes the images and stage
+k-1's reuse state (dynamic batch axis) and returns its logits and the reuse state stage
+k+1 needs. `ms.load` + `nn.GraphCell` run them, on CPU here and on Ascend for serving.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn
+
+from dvt_shared.adaptive import DEFAULT_MAX_BATCH, reuse_tensor_names
+from dvt_shared.configs import DVTConfig
+from dvt_shared.io_utils import atomic_write_bytes
+
+from .dvt import DVT
+from .engine import MindSporeEngine, dynamic_stage_inputs
+
+MANIFEST = "dvt_mindir.json"
+
+
+class StageGraph(nn.Cell):
+    """Stage `index` with exactly the tensors it consumes and produces, for export."""
+
+    def __init__(self, model: DVT, index: int):
+        super().__init__()
+        self.stage = model.stage(index)
+        self.takes_features = self.stage.feature_reuse
+        self.takes_relations = self.stage.relation_reuse
+        self.gives_features = self.stage.keep_features
+        self.gives_relations = self.stage.keep_relations
+
+    def construct(self, images, *reuse):
+        features = reuse[0] if self.takes_features else None
+        relations = reuse[-1] if self.takes_relations else None
+        logits, next_features, next_relations = self.stage(images, features, relations)
+        out = (logits,)
+        if self.gives_features:
+            out = out + (next_features,)
+        if self.gives_relations:
+            out = out + (next_relations,)
+        return out
+
+
+def export_mindir(model: DVT, out_dir) -> Path:
+    """Write one MindIR graph per stage and the manifest into `out_dir`; returns the manifest path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.set_train(False)
+    config = model.config
+    stages = []
+    for index in range(model.num_exits):
+        inputs = tuple(t for t in dynamic_stage_inputs(model, index) if t is not None)
+        tmp_stem = out_dir / f".stage{index}.tmp"
+        ms.export(StageGraph(model, index), *inputs, file_name=str(tmp_stem), file_format="MINDIR")
+        path = out_dir / f"stage{index}.mindir"
+        Path(f"{tmp_stem}.mindir").replace(path)
+        stages.append({"file": path.name, "inputs": ["images"] + reuse_tensor_names(config, index - 1),
+                       "outputs": ["logits"] + reuse_tensor_names(config, index)})
+    manifest = {"format": "dvt-mindir-v1", "config": config.to_dict(), "stages": stages}
+    atomic_write_bytes(out_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+    return out_dir / MANIFEST
+
+
+class MindIRAdaptiveDVT(MindSporeEngine):
+    """The shared early-exit loop over per-stage MindIR graphs loaded with `ms.load`."""
+
+    def __init__(self, mindir_dir, thresholds, max_batch: int = DEFAULT_MAX_BATCH):
+        mindir_dir = Path(mindir_dir)
+        manifest_path = mindir_dir / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{manifest_path} not found: export with `dvt export --format mindir` first")
+        manifest = json.loads(manifest_path.read_text())
+        super().__init__(DVTConfig.from_dict(manifest["config"]), thresholds, max_batch)
+        self.graphs = [nn.GraphCell(ms.load(str(mindir_dir / stage["file"]))) for stage in manifest["stages"]]
+
+    def _run_stage(self, index: int, images: Tensor, state):
+        outputs = self.graphs[index](images, *(state or ()))
+        return outputs[0].asnumpy().astype(np.float32), tuple(outputs[1:])
