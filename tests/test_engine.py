@@ -1,4 +1,8 @@
-"""Real early exit: the engine's decisions are the shared policy's, on every backend."""
+"""Real early exit: the engine's decisions are the shared policy's, on every backend.
+
+Each case is written once and runs on every backend (PyTorch eager, MindSpore graph mode)
+against the shared NumPy policy applied to PyTorch's all-exit logits.
+"""
 import numpy as np
 import pytest
 import torch
@@ -23,6 +27,44 @@ def sharp_tiny_model(seed=0):
     return model
 
 
+class TorchBackend:
+    name = "torch"
+    logits_tolerance = 1e-5  # same kernels, other batch compositions
+
+    def engine(self, model, thresholds, **kwargs):
+        return AdaptiveDVT(model, thresholds, **kwargs)
+
+    def images(self, x: torch.Tensor):
+        return x
+
+
+class MindSporeBackend:
+    name = "mindspore"
+    logits_tolerance = 1e-4  # other kernels on these deliberately large weights; parity_tests bound the rest
+
+    def engine(self, model, thresholds, **kwargs):
+        import mindspore as ms
+
+        import dvt_mindspore
+        from dvt_mindspore.convert import from_canonical
+        from dvt_mindspore.engine import AdaptiveDVT as MsAdaptiveDVT
+        from dvt_torch.convert import to_canonical
+
+        ms.set_context(mode=ms.GRAPH_MODE)
+        twin = from_canonical(dvt_mindspore.DVT(model.config), to_canonical(model))
+        return MsAdaptiveDVT(twin, thresholds, **kwargs)
+
+    def images(self, x: torch.Tensor):
+        import mindspore as ms
+
+        return ms.Tensor(x.numpy())
+
+
+@pytest.fixture(params=[TorchBackend(), MindSporeBackend()], ids=lambda b: b.name, scope="module")
+def backend(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def case():
     model = sharp_tiny_model()
@@ -34,32 +76,32 @@ def case():
     return model, images, all_exit, probs, thresholds
 
 
-def test_decisions_equal_shared_policy(case):
+def test_decisions_equal_shared_policy(case, backend):
     model, images, all_exit, probs, thresholds = case
     expected = exit_indices(probs, thresholds)
     assert set(np.unique(expected)) == {0, 1, 2}, "thresholds must use every exit"
-    got = AdaptiveDVT(model, thresholds, max_batch=128).predict(images)
+    got = backend.engine(model, thresholds, max_batch=128).predict(backend.images(images))
     conf = probs.max(-1)
     borderline = np.zeros(len(images), dtype=bool)
     for k in range(2):
         borderline |= np.abs(conf[k] - thresholds[k]) < MARGIN
     mismatched = got.exit_index != expected
-    print(f"exit counts {np.bincount(got.exit_index, minlength=3)}, borderline {borderline.sum()}, "
+    print(f"{backend.name}: exit counts {np.bincount(got.exit_index, minlength=3)}, borderline {borderline.sum()}, "
           f"mismatched {mismatched.sum()}")
     assert not (mismatched & ~borderline).any()
     rows = np.arange(len(images))
-    np.testing.assert_allclose(got.logits, all_exit[got.exit_index, rows], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(got.confidence, conf[got.exit_index, rows], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got.logits, all_exit[got.exit_index, rows], rtol=0, atol=backend.logits_tolerance)
+    np.testing.assert_allclose(got.confidence, conf[got.exit_index, rows], rtol=0, atol=backend.logits_tolerance)
     np.testing.assert_array_equal(got.macs, np.asarray(cumulative_flops(model.config))[got.exit_index])
 
 
-def test_batch_of_one_streams_the_same(case):
+def test_batch_of_one_streams_the_same(case, backend):
     model, images, _, _, thresholds = case
-    batched = AdaptiveDVT(model, thresholds).predict(images[:40])
-    engine = AdaptiveDVT(model, thresholds)
-    single = [engine.predict(images[i:i + 1]) for i in range(40)]
+    engine = backend.engine(model, thresholds)
+    batched = engine.predict(backend.images(images[:40]))
+    single = [engine.predict(backend.images(images[i:i + 1])) for i in range(40)]
     np.testing.assert_array_equal(batched.exit_index, [p.exit_index[0] for p in single])
-    np.testing.assert_allclose(batched.logits, np.concatenate([p.logits for p in single]), atol=1e-5)
+    np.testing.assert_allclose(batched.logits, np.concatenate([p.logits for p in single]), atol=backend.logits_tolerance)
 
 
 def test_work_really_stops():
@@ -74,11 +116,11 @@ def test_work_really_stops():
     hook.remove()
 
 
-def test_nan_images_are_reported_not_assigned():
+def test_nan_images_are_reported_not_assigned(backend):
     model = sharp_tiny_model()
     images = torch.randn(4, 1, 28, 28)
     images[2] = float("nan")
-    got = AdaptiveDVT(model, [0.5, 0.5, -1e8]).predict(images)
+    got = backend.engine(model, [0.5, 0.5, -1e8]).predict(backend.images(images))
     assert got.exit_index[2] == -1 and got.undecided == 1
     assert (got.exit_index[[0, 1, 3]] >= 0).all()
 
