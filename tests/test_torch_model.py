@@ -171,3 +171,19 @@ def test_multi_exit_loss_is_sum_of_cross_entropies():
     torch.testing.assert_close(weighted, 2 * torch.nn.functional.cross_entropy(outputs[2], y))
     with pytest.raises(ValueError, match="2 exit weights for 3 exits"):
         dvt_torch.multi_exit_loss(outputs, y, weights=(1.0, 1.0))
+
+
+@pytest.mark.parametrize("shape,kernel,stride,padding", [
+    ((2, 1, 28, 28), 3, 1, 1), ((2, 3, 224, 224), 14, 8, 3), ((2, 3, 224, 224), 11, 6, 5), ((1, 16, 28, 28), 3, 2, 1),
+    ((3, 2, 19, 19), 3, 2, 1), ((1, 1, 28, 28), 9, 1, 0)])
+def test_soft_split_equals_unfold_bit_for_bit(shape, kernel, stride, padding):
+    from dvt_torch.layers import soft_split
+
+    x = torch.randn(shape, requires_grad=True)
+    expected = torch.nn.Unfold(kernel, stride=stride, padding=padding)(x)
+    got = soft_split(x, kernel, stride, padding)
+    assert torch.equal(got, expected)
+    grad = torch.randn_like(expected)
+    (expected_grad,) = torch.autograd.grad(expected, x, grad)
+    (got_grad,) = torch.autograd.grad(got, x, grad)
+    torch.testing.assert_close(got_grad, expected_grad)

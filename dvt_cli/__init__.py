@@ -1,0 +1,161 @@
+"""The `dvt` command. Each subcommand is one `_add_*` function registering its parser and handler.
+
+Errors end the command with one line on stderr and exit code 1; `--debug` shows the
+traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Sequence
+
+import numpy as np
+
+from dvt_shared.configs import DVTConfig, get_config, list_configs
+
+# Weight formats by file extension, longest extension first so ".pth.tar" wins over ".tar".
+FORMATS = ((".pth.tar", "pth"), (".pth", "pth"), (".safetensors", "safetensors"), (".ckpt", "ckpt"))
+FORMAT_HELP = ".pth / .pth.tar (release checkpoint), .safetensors (canonical), .ckpt (MindSpore)"
+
+
+class CommandError(Exception):
+    """A failure to report as one line, without a traceback."""
+
+
+def weight_format(path: str) -> str:
+    """'pth', 'safetensors' or 'ckpt', from the file name of `path`."""
+    name = os.path.basename(path).lower()
+    for extension, kind in FORMATS:
+        if name.endswith(extension):
+            return kind
+    raise CommandError(f"cannot tell the weight format of {path!r} from its extension; expected {FORMAT_HELP}")
+
+
+def _read(path: str, kind: str) -> tuple[dict[str, np.ndarray], object, list[float] | None]:
+    """(tensors by release key, the canonical metadata or None, cumulative GMACs per exit or None)."""
+    if not os.path.exists(path):
+        raise CommandError(f"{path} does not exist")
+    if kind == "pth":
+        from dvt_torch.checkpoint import read_release_checkpoint
+
+        checkpoint = read_release_checkpoint(path)
+        return checkpoint.state_dict, None, checkpoint.flops
+    if kind == "safetensors":
+        from dvt_shared.weight_format import load_canonical
+
+        tensors, metadata = load_canonical(path)
+        return tensors, metadata, metadata.exit_flops or None
+    from dvt_mindspore.convert import load_ckpt
+
+    return load_ckpt(path), None, None
+
+
+def _head_classes(tensors: dict[str, np.ndarray]) -> int | None:
+    heads = [value.shape[0] for key, value in tensors.items() if key.endswith(".head.weight") and value.ndim == 2]
+    return heads[0] if heads else None
+
+
+def _resolve_config(args: argparse.Namespace, tensors: dict[str, np.ndarray], metadata) -> DVTConfig:
+    if metadata is not None:
+        config = metadata.config
+        if args.model is not None and args.model != config.name:
+            raise CommandError(f"{args.src} holds a {config.name} model, but --model {args.model} was given")
+        if args.num_classes is not None and args.num_classes != config.num_classes:
+            raise CommandError(
+                f"{args.src} holds {config.num_classes} classes, but --num-classes {args.num_classes} was given"
+            )
+        return config
+    if args.model is None:
+        raise CommandError(
+            f"{args.src} does not record its model: pass --model NAME (one of {', '.join(list_configs())})"
+        )
+    num_classes = args.num_classes if args.num_classes is not None else _head_classes(tensors)
+    try:
+        return get_config(args.model, num_classes=num_classes)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
+
+
+def _checked(config: DVTConfig, tensors: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """The tensors, validated against the model `config` describes, as float32 in the model's key order."""
+    from dvt_torch.convert import from_canonical, to_canonical
+    from dvt_torch.dvt import DVT
+
+    return to_canonical(from_canonical(DVT(config), tensors, source=source))
+
+
+def _write(path: str, kind: str, tensors: dict[str, np.ndarray], config: DVTConfig, metadata, flops) -> None:
+    if kind == "pth":
+        from dvt_torch.checkpoint import write_release_checkpoint
+
+        write_release_checkpoint(path, tensors, flops=flops)
+    elif kind == "safetensors":
+        from dvt_shared.flops import exit_gflops
+        from dvt_shared.weight_format import WeightMetadata, save_canonical
+
+        if metadata is None:
+            metadata = WeightMetadata(config=config, exit_flops=flops or list(exit_gflops(config)))
+        save_canonical(path, tensors, metadata)
+    else:
+        from dvt_mindspore.convert import save_ckpt
+
+        save_ckpt(tensors, path)
+
+
+def _convert(args: argparse.Namespace) -> None:
+    src_kind, dst_kind = weight_format(args.src), weight_format(args.dst)
+    tensors, metadata, flops = _read(args.src, src_kind)
+    config = _resolve_config(args, tensors, metadata)
+    tensors = _checked(config, tensors, source=args.src)
+    _write(args.dst, dst_kind, tensors, config, metadata, flops)
+    print(f"wrote {args.dst} ({config.name}, {len(tensors)} tensors)")
+
+
+def _add_convert(subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        parents=[common],
+        help="convert weights between the release .pth, canonical .safetensors and MindSpore .ckpt",
+        description=f"Convert DVT weights; formats follow the file extensions: {FORMAT_HELP}.",
+    )
+    parser.add_argument("src", help="weights to read")
+    parser.add_argument("dst", help="file to write (replaced atomically)")
+    parser.add_argument(
+        "--model", choices=list_configs(), metavar="NAME",
+        help=f"registered config of the weights, needed when SRC records none (.pth, .ckpt): {', '.join(list_configs())}",
+    )
+    parser.add_argument(
+        "--num-classes", type=int, help="classes of the heads (default: read from the weights' head)",
+    )
+    parser.set_defaults(handler=_convert)
+
+
+SUBCOMMANDS: tuple[Callable, ...] = (_add_convert,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    debug_help = "show the full traceback of an error"
+    parser = argparse.ArgumentParser(prog="dvt", description="Dynamic Vision Transformer tools.")
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    # Also accepted after the subcommand; SUPPRESS keeps a --debug given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(subparsers, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except Exception as exc:
+        if args.debug:
+            raise
+        # Multi-line messages (every mismatched tensor) are kept whole, on one line.
+        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+        print(f"dvt {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,197 @@
+"""The DVT cascade in MindSpore, the mirror image of `dvt_torch.dvt`.
+
+Parameter names equal the release's state-dict keys up to LayerNorm's gamma/beta, so
+`convert.py` maps weights 1:1. Every geometric choice comes from a `dvt_shared` config.
+`construct` is plain enough for graph mode (`ms.jit` or `ms.GRAPH_MODE`); input checks
+run in Python before it, so their messages stay readable.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import TruncatedNormal, initializer
+
+from dvt_shared.configs import DVTConfig, get_config
+from dvt_shared.token_schedule import relation_resample_matrix, resample_matrix
+
+from .layers import Block, PatchEmbed, T2TStem, dense, gelu, layer_norm, sinusoid_table
+
+_FLOAT_DTYPES = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
+
+
+class ReuseState(NamedTuple):
+    """What stage k hands to stage k+1.
+
+    features: (B, N, D) last-block tokens before the final norm, or None.
+    relations: (B, heads*depth, N, N) attention logits of every block (reused ones added), or None.
+    """
+
+    features: Tensor | None
+    relations: Tensor | None
+
+
+def check_images(x: Tensor, config: DVTConfig) -> None:
+    """Reject anything but a floating (B, C, H, W) batch of the config's size."""
+    expected = (config.in_chans, config.img_size, config.img_size)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"images must be a mindspore.Tensor, got {type(x).__name__}")
+    if x.ndim != 4 or tuple(x.shape[1:]) != expected or x.shape[0] < 1:
+        raise ValueError(
+            f"{config.name} expects images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}) with B >= 1, "
+            f"got {tuple(x.shape)}"
+        )
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"images must be floating point, got {x.dtype}")
+
+
+def _constant(matrix: np.ndarray) -> Tensor:
+    return Tensor(np.asarray(matrix, dtype=np.float32))
+
+
+class DVTStage(nn.Cell):
+    """One complete backbone of the cascade: stem, class token, positions, blocks, norm, head.
+
+    `construct(x, features, relations)` returns (logits, features, relations); the last two
+    are what the next stage reuses, None where it reuses nothing (and after the last stage).
+    """
+
+    def __init__(self, config: DVTConfig, index: int):
+        super().__init__()
+        stage = config.stages[index]
+        self.grid = config.grids[index]
+        self.feature_reuse, self.relation_reuse = config.stage_reuses(index)
+        has_next = index < config.num_exits - 1
+        self.keep_features = has_next and config.feature_reuse
+        self.keep_relations = has_next and config.relation_reuse
+        self.depth, self.num_heads = config.depth, config.num_heads
+        num_tokens = self.grid * self.grid + 1
+
+        self.is_t2t = stage.stem.kind == "t2t"
+        if self.is_t2t:
+            self.tokens_to_token = T2TStem(config, stage.stem)
+        else:
+            self.patch_embed = PatchEmbed(config, stage.stem)
+        dim = config.embed_dim
+        self.cls_token = Parameter(initializer(TruncatedNormal(sigma=0.02), (1, 1, dim), ms.float32), name="cls_token")
+        if config.pos_embed == "sinusoid":
+            table = Tensor(sinusoid_table(num_tokens, dim))
+            self.pos_embed = Parameter(table, name="pos_embed", requires_grad=False)
+        else:
+            self.pos_embed = Parameter(
+                initializer(TruncatedNormal(sigma=0.02), (1, num_tokens, dim), ms.float32), name="pos_embed"
+            )
+        self.pos_drop = nn.Dropout(p=config.drop_rate)
+        drop_path = np.linspace(0.0, config.drop_path_rate, config.depth)
+        self.blocks = nn.CellList([Block(config, self.feature_reuse, float(drop_path[i])) for i in range(config.depth)])
+        self.norm = layer_norm(dim, config.layernorm_eps)
+
+        previous_grid = config.grids[index - 1] if index else None
+        self.feature_resample = _constant(resample_matrix(previous_grid, self.grid)) if self.feature_reuse else None
+        if self.relation_reuse:
+            channels = config.relation_channels
+            hidden = channels * config.relation_expansion
+            self.relation_reuse_conv = nn.SequentialCell([
+                nn.Conv2d(channels, hidden, kernel_size=1, pad_mode="valid", has_bias=True),
+                gelu(),
+                nn.Conv2d(hidden, channels, kernel_size=1, pad_mode="valid", has_bias=True),
+            ])
+            matrix = relation_resample_matrix(previous_grid, self.grid)
+            self.relation_resample = _constant(matrix)
+            self.relation_resample_t = _constant(matrix.T)
+        self.head = dense(dim, config.num_classes)
+
+    def embed(self, x):
+        x = self.tokens_to_token(x) if self.is_t2t else self.patch_embed(x)
+        cls = ops.broadcast_to(self.cls_token, (x.shape[0], 1, x.shape[2]))
+        return self.pos_drop(ops.cat((cls, x), axis=1) + self.pos_embed)
+
+    def relation_biases(self, relations):
+        """Previous logits -> 1x1 convs -> both token axes resampled -> one (B, heads, N, N) bias per block."""
+        mixed = self.relation_reuse_conv(relations)
+        mixed = ops.matmul(ops.matmul(self.relation_resample, mixed), self.relation_resample_t)
+        return ops.chunk(mixed, self.depth, axis=1)
+
+    def construct(self, x, features=None, relations=None):
+        x = self.embed(x)
+        biases = self.relation_biases(relations) if self.relation_reuse else (None,) * self.depth
+        logits = ()
+        for block, bias in zip(self.blocks, biases):
+            x, block_logits = block(x, features, self.feature_resample, bias)
+            logits = logits + (block_logits,)
+        out = self.head(self.norm(x)[:, 0])
+        next_features = x if self.keep_features else None
+        next_relations = ops.cat(logits, axis=1) if self.keep_relations else None
+        return out, next_features, next_relations
+
+
+class DVT(nn.Cell):
+    """The cascade. `model(x)` returns the per-exit logits, fewest tokens first.
+
+    `forward_stage(k, x, state)` runs exit k alone given what exit k-1 returned; real
+    early exit is built on it.
+    """
+
+    def __init__(self, config: DVTConfig):
+        super().__init__()
+        self.config = config
+        self.stage_names = tuple(stage.name for stage in config.stages)
+        for index, name in enumerate(self.stage_names):
+            setattr(self, name, DVTStage(config, index))
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.stage_names)
+
+    def stage(self, index: int) -> DVTStage:
+        if not 0 <= index < self.num_exits:
+            raise IndexError(f"{self.config.name} has exits 0..{self.num_exits - 1}, got {index}")
+        return getattr(self, self.stage_names[index])
+
+    def forward_stage(self, index: int, x: Tensor, state: ReuseState | None = None) -> tuple[Tensor, ReuseState]:
+        """Logits of exit `index` and the reuse state the next exit needs."""
+        check_images(x, self.config)
+        return self.run_stage(index, x, state)
+
+    def run_stage(self, index: int, x: Tensor, state: ReuseState | None) -> tuple[Tensor, ReuseState]:
+        """`forward_stage` without input checks, for callers that validated the batch once."""
+        stage = self.stage(index)
+        if (stage.feature_reuse or stage.relation_reuse) and state is None:
+            raise ValueError("this stage reuses the previous stage's work: pass the ReuseState it returned")
+        state = state or ReuseState(None, None)
+        logits, features, relations = stage(x, state.features, state.relations)
+        return logits, ReuseState(features, relations)
+
+    def __call__(self, x):
+        # Checked here, in Python, so that graph mode compiles only the model itself.
+        check_images(x, self.config)
+        return super().__call__(x)
+
+    def construct(self, x):
+        outputs = ()
+        features, relations = None, None
+        for name in self.stage_names:
+            logits, features, relations = getattr(self, name)(x, features, relations)
+            outputs = outputs + (logits,)
+        return outputs
+
+
+def create_model(name: str, num_classes: int = 1000, **overrides) -> DVT:
+    """A DVT built from the registered `dvt_shared` config `name` (any field can be overridden)."""
+    return DVT(get_config(name, num_classes=num_classes, **overrides))
+
+
+def multi_exit_loss(
+    outputs: tuple[Tensor, ...], targets: Tensor, weights: tuple[float, ...] | None = None,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """The release's training loss: the (optionally weighted) sum of per-exit cross-entropies."""
+    weights = weights or (1.0,) * len(outputs)
+    if len(weights) != len(outputs):
+        raise ValueError(f"got {len(weights)} exit weights for {len(outputs)} exits")
+    loss = 0.0
+    for weight, logits in zip(weights, outputs):
+        loss = loss + weight * ops.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    return loss

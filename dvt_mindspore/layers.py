@@ -1,0 +1,205 @@
+"""Building blocks of a DVT stage in MindSpore, laid out so parameter names follow the release's keys.
+
+Attribute names equal the PyTorch module names; the only naming difference left is
+MindSpore's LayerNorm, whose parameters are `gamma`/`beta` (mapped in `convert.py`).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Orthogonal, TruncatedNormal, initializer
+
+from dvt_shared.configs import DVTConfig, StemSpec
+
+
+def dense(in_features: int, out_features: int, has_bias: bool = True) -> nn.Dense:
+    """A Linear with the release's initialisation: truncated normal (std 0.02) weight, zero bias."""
+    return nn.Dense(in_features, out_features, weight_init=TruncatedNormal(sigma=0.02), bias_init="zeros", has_bias=has_bias)
+
+
+def layer_norm(dim: int, eps: float) -> nn.LayerNorm:
+    # MindSpore's default epsilon is 1e-7; the release's norms use the config's.
+    return nn.LayerNorm((dim,), begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+
+
+def gelu() -> nn.GELU:
+    # MindSpore defaults to the tanh approximation; the release uses the exact (erf) GELU.
+    return nn.GELU(approximate=False)
+
+
+class DropPath(nn.Cell):
+    """Stochastic depth: in training, drop a sample's whole residual branch with probability `rate`."""
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.keep = 1.0 - rate
+
+    def construct(self, x):
+        if not self.training:
+            return x
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = (ops.rand(shape, dtype=x.dtype) < self.keep).astype(x.dtype)
+        return x / self.keep * mask
+
+
+class Mlp(nn.Cell):
+    """timm's Mlp (fc1, GELU, dropout, fc2, dropout) under timm's attribute names."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int, drop: float):
+        super().__init__()
+        self.fc1 = dense(in_features, hidden_features)
+        self.act = gelu()
+        self.drop1 = nn.Dropout(p=drop)
+        self.fc2 = dense(hidden_features, out_features)
+        self.drop2 = nn.Dropout(p=drop)
+
+    def construct(self, x):
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class TokenPerformer(nn.Cell):
+    """Performer token mixer of the T2T stem (linear attention with positive random features).
+
+    `w` is a fixed orthogonal random projection saved with the weights; `v` is the skip path.
+    """
+
+    def __init__(self, dim: int, emb: int, kernel_ratio: float, eps: float, norm_eps: float, drop: float):
+        super().__init__()
+        self.emb = emb
+        self.m = int(emb * kernel_ratio)
+        self.eps = eps
+        self.kqv = dense(dim, 3 * emb)
+        self.dp = nn.Dropout(p=drop)
+        self.proj = dense(emb, emb)
+        self.norm1 = layer_norm(dim, norm_eps)
+        self.norm2 = layer_norm(emb, norm_eps)
+        self.mlp = nn.SequentialCell([dense(emb, emb), gelu(), dense(emb, emb), nn.Dropout(p=drop)])
+        w = initializer(Orthogonal(), (self.m, emb), ms.float32).init_data().asnumpy() * math.sqrt(self.m)
+        self.w = Parameter(Tensor(w.astype(np.float32)), name="w", requires_grad=False)
+
+    def prm_exp(self, x):
+        # exp(w.x - |x|^2 / 2) / sqrt(m): positive random features of the softmax kernel
+        xd = (x * x).sum(axis=-1, keepdims=True) / 2
+        return ops.exp(ops.matmul(x, self.w.swapaxes(0, 1)) - xd) / math.sqrt(self.m)
+
+    def construct(self, x):
+        x = self.norm1(x)
+        k, q, v = ops.split(self.kqv(x), self.emb, axis=-1)
+        kp, qp = self.prm_exp(k), self.prm_exp(q)
+        normaliser = ops.matmul(qp, kp.sum(axis=1).expand_dims(-1))
+        kptv = ops.matmul(v.swapaxes(1, 2), kp)
+        y = ops.matmul(qp, kptv.swapaxes(1, 2)) / (normaliser + self.eps)
+        x = v + self.dp(self.proj(y))
+        return x + self.mlp(self.norm2(x))
+
+
+class T2TStem(nn.Cell):
+    """Tokens-to-Token stem: soft split (unfold), performer, reshape to a grid, repeat; then project."""
+
+    def __init__(self, config: DVTConfig, stem: StemSpec):
+        super().__init__()
+        self.sizes = stem.sizes(config.img_size)
+        self.splits = tuple(tuple(split) for split in stem.splits)
+        in_dims = [config.in_chans * stem.splits[0][0] ** 2] + [config.token_dim * k**2 for k, _, _ in stem.splits[1:]]
+        for i, dim in enumerate(in_dims[:-1], start=1):
+            performer = TokenPerformer(
+                dim, config.token_dim, config.performer_kernel_ratio, config.performer_eps,
+                config.stem_layernorm_eps, config.stem_drop_rate,
+            )
+            setattr(self, f"attention{i}", performer)
+        self.project = dense(in_dims[-1], config.embed_dim)
+
+    def construct(self, x):
+        kernel, stride, padding = self.splits[0]
+        x = ops.unfold(x, kernel, padding=padding, stride=stride).swapaxes(1, 2)
+        for i in range(1, len(self.splits)):
+            x = getattr(self, f"attention{i}")(x)
+            size = self.sizes[i - 1]
+            x = x.swapaxes(1, 2).reshape(x.shape[0], x.shape[2], size, size)
+            kernel, stride, padding = self.splits[i]
+            x = ops.unfold(x, kernel, padding=padding, stride=stride).swapaxes(1, 2)
+        return self.project(x)
+
+
+class PatchEmbed(nn.Cell):
+    """Strided convolution to tokens; it takes a padding (the release's 10x10 DeiT stem)."""
+
+    def __init__(self, config: DVTConfig, stem: StemSpec):
+        super().__init__()
+        kernel, stride, padding = stem.splits[0]
+        self.proj = nn.Conv2d(
+            config.in_chans, config.embed_dim, kernel_size=kernel, stride=stride, pad_mode="pad", padding=padding,
+            has_bias=True,
+        )
+
+    def construct(self, x):
+        x = self.proj(x)
+        return x.reshape(x.shape[0], x.shape[1], -1).swapaxes(1, 2)
+
+
+class Attention(nn.Cell):
+    """Multi-head self-attention that adds reused relations to its logits and returns them."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = dense(dim, dim * 3, has_bias=qkv_bias)
+        self.attn_drop = nn.Dropout(p=attn_drop)
+        self.proj = dense(dim, dim)
+        self.proj_drop = nn.Dropout(p=proj_drop)
+
+    def construct(self, x, relation_bias=None):
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        qkv = ops.transpose(qkv, (2, 0, 3, 1, 4))
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        logits = ops.matmul(q, k.swapaxes(-2, -1)) * self.scale
+        if relation_bias is not None:
+            logits = logits + relation_bias
+        attn = self.attn_drop(ops.softmax(logits, axis=-1))
+        x = ops.matmul(attn, v).swapaxes(1, 2).reshape(batch, tokens, dim)
+        return self.proj_drop(self.proj(x)), logits
+
+
+class Block(nn.Cell):
+    """Transformer block; with feature reuse its MLP also reads the previous stage's tokens."""
+
+    def __init__(self, config: DVTConfig, feature_reuse: bool, drop_path: float):
+        super().__init__()
+        dim, eps = config.embed_dim, config.layernorm_eps
+        mlp_in = dim + config.reuse_dim if feature_reuse else dim
+        self.norm1 = layer_norm(dim, eps)
+        self.attn = Attention(dim, config.num_heads, config.qkv_bias, config.attn_drop_rate, config.drop_rate)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = layer_norm(mlp_in, eps)
+        self.mlp = Mlp(mlp_in, config.mlp_hidden, dim, config.drop_rate)
+        self.feature_reuse = feature_reuse
+        if feature_reuse:
+            # release key spelling: feature_resuse_mlp
+            self.feature_resuse_mlp = nn.SequentialCell(
+                [layer_norm(dim, eps), Mlp(dim, config.reuse_hidden, config.reuse_dim, config.drop_rate)]
+            )
+
+    def construct(self, x, reused_features=None, feature_resample=None, relation_bias=None):
+        y, logits = self.attn(self.norm1(x), relation_bias)
+        x = x + self.drop_path(y)
+        mlp_in = x
+        if self.feature_reuse:
+            reused = self.feature_resuse_mlp(reused_features)[:, 1:]
+            reused = ops.matmul(feature_resample, reused)  # (t*t, s*s) @ (B, s*s, C): onto this stage's grid
+            reused = ops.pad(reused, (0, 0, 1, 0))  # the class token gets a zero row
+            mlp_in = ops.cat((x, reused), axis=2)
+        return x + self.drop_path(self.mlp(self.norm2(mlp_in))), logits
+
+
+def sinusoid_table(num_positions: int, dim: int) -> np.ndarray:
+    """The release's fixed sinusoid position table, (1, num_positions, dim) float32, computed in float64."""
+    position = np.arange(num_positions, dtype=np.float64)[:, None]
+    exponent = 2 * (np.arange(dim) // 2).astype(np.float64) / dim
+    angles = position / np.power(10000.0, exponent)
+    table = np.where(np.arange(dim) % 2 == 0, np.sin(angles), np.cos(angles))
+    return table.astype(np.float32)[None]

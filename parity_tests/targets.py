@@ -1,0 +1,85 @@
+"""Where the parity checks run, and every tolerance they use, in one place.
+
+A target pairs a PyTorch device with a MindSpore device. CPU is always present; the
+accelerators are pytest parameters that skip with the reason when absent. MindSpore fixes
+its device when its runtime starts, once per process, so an accelerator target runs only
+in a process whose MindSpore has not yet run on the CPU: `pytest parity_tests -k gpu`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+import pytest
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    torch_device: str
+    mindspore_device: str
+    # max |d logit| between the backends: small configs and release fixtures / release-size configs
+    logits_small: float
+    logits_release: float
+    # max |d weight| after one identical optimizer step
+    train_step: float
+    # confidences this close to a threshold may route either way: counted, not failed
+    decision_margin: float
+    # share of all samples that may be that close
+    max_borderline_share: float = 0.001
+
+    def logits_tolerance(self, release_size: bool) -> float:
+        return self.logits_release if release_size else self.logits_small
+
+    def missing(self) -> str | None:
+        """Why this target cannot run here, or None."""
+        if self.torch_device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                return "no CUDA device for PyTorch on this machine"
+        if self.mindspore_device == "Ascend" and not (os.environ.get("ASCEND_HOME_PATH") or shutil.which("npu-smi")):
+            return "no Ascend toolkit (ASCEND_HOME_PATH, npu-smi) on this machine"
+        if self.mindspore_device != "CPU":
+            import mindspore.hal
+
+            if not mindspore.hal.is_available(self.mindspore_device):
+                return f"this MindSpore build cannot run on {self.mindspore_device}"
+        return None
+
+    def activate(self) -> None:
+        """Put both frameworks on this target, or skip the calling test with the reason."""
+        reason = self.missing()
+        if reason:
+            pytest.skip(reason)
+        import mindspore as ms
+        import mindspore.hal
+
+        current = ms.get_context("device_target")
+        if current != self.mindspore_device:
+            if mindspore.hal.is_initialized(current):
+                pytest.skip(
+                    f"MindSpore already runs on {current} in this process and cannot move; "
+                    f"run `pytest parity_tests -k {self.name}` on its own"
+                )
+            ms.set_device(self.mindspore_device)
+        if self.torch_device == "cuda":
+            import torch
+
+            # TF32 would round matmul inputs to 10 mantissa bits; parity is measured in fp32.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+
+
+CPU = Target("cpu", "cpu", "CPU", logits_small=1e-5, logits_release=1e-4, train_step=1e-5, decision_margin=1e-5)
+# Different kernels (cuBLAS vs MindSpore's GPU ops) reorder fp32 sums: one decade looser.
+GPU = Target("gpu", "cuda", "GPU", logits_small=1e-4, logits_release=1e-3, train_step=1e-4, decision_margin=1e-4)
+# Ascend's cube unit multiplies in fp16 even for fp32 tensors (PyTorch stays on the CPU as reference).
+ASCEND = Target(
+    "ascend", "cpu", "Ascend", logits_small=5e-2, logits_release=1e-1, train_step=1e-3, decision_margin=1e-2,
+    max_borderline_share=0.01,
+)
+
+TARGETS = (CPU, GPU, ASCEND)
+TARGET_PARAMS = [pytest.param(target, id=target.name) for target in TARGETS]

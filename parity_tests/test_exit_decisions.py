@@ -1,0 +1,110 @@
+"""With the same thresholds, every sample leaves the cascade at the same exit in both backends.
+
+Thresholds come from the shared exit policy (the release's search with geometric shares)
+on a calibration set scored by PyTorch, and are applied to a separate test set, as the
+release does with held-out data. Only samples whose confidence lies within the target's
+margin of a threshold they meet on the way may route differently; they are counted.
+MindSpore runs in graph mode here, the mode a deployment would use.
+"""
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+from dvt_shared.exit_policy import confidences, exit_indices, exit_shares, find_thresholds, softmax
+from parity_tests import harness
+from parity_tests.report import record
+from parity_tests.targets import TARGET_PARAMS
+
+CASE = harness.Case("dvt_t2t_vit_fmnist")
+# Multiples of CHUNK, so MindSpore's graph mode compiles one shape only.
+CALIBRATION, TEST = 256, 768
+CHUNK = 256
+P = 1.5
+
+
+def structured_noise(count: int, size: int, seed: int) -> np.ndarray:
+    """Images with some structure: smooth random blobs plus stripes plus pixel noise, one channel."""
+    rng = np.random.default_rng(seed)
+    coords = np.linspace(-1.0, 1.0, size, dtype=np.float32)
+    yy, xx = np.meshgrid(coords, coords, indexing="ij")
+    centre = rng.uniform(-0.7, 0.7, (count, 2, 1, 1)).astype(np.float32)
+    width = rng.uniform(0.15, 0.6, (count, 1, 1)).astype(np.float32)
+    blob = np.exp(-((yy - centre[:, 0]) ** 2 + (xx - centre[:, 1]) ** 2) / (2 * width**2))
+    frequency = rng.uniform(1.0, 6.0, (count, 1, 1)).astype(np.float32)
+    angle = rng.uniform(0.0, np.pi, (count, 1, 1)).astype(np.float32)
+    stripes = np.sin(frequency * np.pi * (np.cos(angle) * xx + np.sin(angle) * yy))
+    pixels = 0.3 * rng.standard_normal((count, size, size)).astype(np.float32)
+    return (2.0 * blob + 0.5 * stripes + pixels).astype(np.float32)[:, None]
+
+
+def probabilities(run, x: np.ndarray) -> np.ndarray:
+    """(exits, samples, classes) softmax outputs, computed chunk by chunk."""
+    chunks = [np.stack(run(x[start:start + CHUNK])) for start in range(0, len(x), CHUNK)]
+    return softmax(np.concatenate(chunks, axis=1).astype(np.float32))
+
+
+@pytest.mark.parametrize("target", TARGET_PARAMS)
+def test_same_exit_for_every_sample(target):
+    target.activate()
+    # Strong noise makes the random model's confidences depend on the image and spread out; with
+    # the narrow spread of a freshly initialised model, many would crowd each threshold.
+    torch_model = harness.torch_model(CASE, seed=5, noise=0.1)
+    ms_model = harness.mindspore_twin(torch_model)
+    size = torch_model.config.img_size
+
+    calibration = structured_noise(CALIBRATION, size, seed=11)
+    thresholds = find_thresholds(
+        probabilities(lambda x: harness.torch_outputs(torch_model, x, target.torch_device), calibration),
+        exit_shares(P, torch_model.num_exits),
+    )
+
+    test = structured_noise(TEST, size, seed=12)
+    torch_probs = probabilities(lambda x: harness.torch_outputs(torch_model, x, target.torch_device), test)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        ms_probs = probabilities(lambda x: harness.mindspore_outputs(ms_model, x), test)
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    torch_conf, ms_conf = confidences(torch_probs), confidences(ms_probs)
+    torch_exit, ms_exit = exit_indices(torch_conf, thresholds), exit_indices(ms_conf, thresholds)
+
+    # Thresholds each sample met on its way in either backend (the last exit takes everyone).
+    passed = np.arange(torch_model.num_exits - 1)[:, None] <= np.maximum(torch_exit, ms_exit)[None]
+    gap = np.minimum(
+        np.abs(torch_conf[:-1] - thresholds[:-1, None]), np.abs(ms_conf[:-1] - thresholds[:-1, None])
+    )
+    borderline = ((gap <= target.decision_margin) & passed).any(axis=0)
+    differ = torch_exit != ms_exit
+    wrong = np.flatnonzero(differ & ~borderline)
+    share = borderline.sum() / TEST
+    conf_delta = harness.max_abs_delta(ms_conf, torch_conf)
+    counts = np.bincount(torch_exit, minlength=torch_model.num_exits).tolist()
+    record(
+        "decisions", CASE.name, target.name, f"{TEST} samples, exits {counts}",
+        f"{int(differ.sum())} differ, {int(borderline.sum())} borderline (margin {target.decision_margin:.0e}), "
+        f"max |dconf| {conf_delta:.1e}, closest to a threshold {float(gap[passed].min()):.1e}",
+        f"0 non-borderline, < {target.max_borderline_share:.1%}",
+        wrong.size == 0 and share < target.max_borderline_share and conf_delta <= 2 * target.decision_margin,
+    )
+    # A sample can only switch exits if a threshold lies between its two confidences, so within
+    # conf_delta / 2 of one: a margin of at least half the largest difference catches every switch.
+    assert conf_delta <= 2 * target.decision_margin, (
+        f"confidences differ by up to {conf_delta:.2e}, more than twice the margin {target.decision_margin:.0e}"
+    )
+    assert min(counts) > 0, f"thresholds {thresholds} route no sample to some exit: {counts}; the check would be vacuous"
+    if wrong.size:
+        where = harness.first_divergence(
+            torch_model, ms_model, test[wrong[:4]], target.logits_small, target.torch_device
+        )
+        pytest.fail(
+            f"{wrong.size} sample(s) leave at different exits although no confidence is within "
+            f"{target.decision_margin:.0e} of a threshold: samples {wrong[:10].tolist()}, PyTorch exits "
+            f"{torch_exit[wrong[:10]].tolist()}, MindSpore exits {ms_exit[wrong[:10]].tolist()}; "
+            f"first divergent layer on them: {where}"
+        )
+    assert share < target.max_borderline_share, (
+        f"{int(borderline.sum())} of {TEST} samples ({share:.2%}) lie within {target.decision_margin:.0e} "
+        f"of a threshold, more than {target.max_borderline_share:.1%}"
+    )
