@@ -15,9 +15,9 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import TruncatedNormal, initializer
 
 from dvt_shared.configs import DVTConfig, get_config
-from dvt_shared.token_schedule import relation_resample_matrix, resample_matrix
+from dvt_shared.token_schedule import resample_matrix_1d, sinusoid_table
 
-from .layers import Block, PatchEmbed, T2TStem, dense, gelu, layer_norm, sinusoid_table
+from .layers import Block, PatchEmbed, T2TStem, dense, gelu, layer_norm, resample_relations
 
 _FLOAT_DTYPES = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
 
@@ -88,8 +88,8 @@ class DVTStage(nn.Cell):
         self.blocks = nn.CellList([Block(config, self.feature_reuse, float(drop_path[i])) for i in range(config.depth)])
         self.norm = layer_norm(dim, config.layernorm_eps)
 
-        previous_grid = config.grids[index - 1] if index else None
-        self.feature_resample = _constant(resample_matrix(previous_grid, self.grid)) if self.feature_reuse else None
+        reuses = self.feature_reuse or self.relation_reuse
+        self.resample_t = _constant(resample_matrix_1d(config.grids[index - 1], self.grid).T) if reuses else None
         if self.relation_reuse:
             channels = config.relation_channels
             hidden = channels * config.relation_expansion
@@ -98,9 +98,6 @@ class DVTStage(nn.Cell):
                 gelu(),
                 nn.Conv2d(hidden, channels, kernel_size=1, pad_mode="valid", has_bias=True),
             ])
-            matrix = relation_resample_matrix(previous_grid, self.grid)
-            self.relation_resample = _constant(matrix)
-            self.relation_resample_t = _constant(matrix.T)
         self.head = dense(dim, config.num_classes)
 
     def embed(self, x):
@@ -110,8 +107,7 @@ class DVTStage(nn.Cell):
 
     def relation_biases(self, relations):
         """Previous logits -> 1x1 convs -> both token axes resampled -> one (B, heads, N, N) bias per block."""
-        mixed = self.relation_reuse_conv(relations)
-        mixed = ops.matmul(ops.matmul(self.relation_resample, mixed), self.relation_resample_t)
+        mixed = resample_relations(self.relation_reuse_conv(relations), self.resample_t)
         return ops.chunk(mixed, self.depth, axis=1)
 
     def construct(self, x, features=None, relations=None):
@@ -119,7 +115,7 @@ class DVTStage(nn.Cell):
         biases = self.relation_biases(relations) if self.relation_reuse else (None,) * self.depth
         logits = ()
         for block, bias in zip(self.blocks, biases):
-            x, block_logits = block(x, features, self.feature_resample, bias)
+            x, block_logits = block(x, features, self.resample_t, bias)
             logits = logits + (block_logits,)
         out = self.head(self.norm(x)[:, 0])
         next_features = x if self.keep_features else None

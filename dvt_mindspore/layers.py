@@ -184,22 +184,40 @@ class Block(nn.Cell):
                 [layer_norm(dim, eps), Mlp(dim, config.reuse_hidden, config.reuse_dim, config.drop_rate)]
             )
 
-    def construct(self, x, reused_features=None, feature_resample=None, relation_bias=None):
+    def construct(self, x, reused_features=None, resample_t=None, relation_bias=None):
         y, logits = self.attn(self.norm1(x), relation_bias)
         x = x + self.drop_path(y)
         mlp_in = x
         if self.feature_reuse:
             reused = self.feature_resuse_mlp(reused_features)[:, 1:]
-            reused = ops.matmul(feature_resample, reused)  # (t*t, s*s) @ (B, s*s, C): onto this stage's grid
-            reused = ops.pad(reused, (0, 0, 1, 0))  # the class token gets a zero row
+            batch, tokens, channels = reused.shape
+            src, dst = resample_t.shape
+            reused = resample_grid(reused.swapaxes(1, 2).reshape(batch, channels, src, src), resample_t)
+            reused = ops.pad(reused.reshape(batch, channels, dst * dst).swapaxes(1, 2), (0, 0, 1, 0))  # zero cls row
             mlp_in = ops.cat((x, reused), axis=2)
         return x + self.drop_path(self.mlp(self.norm2(mlp_in))), logits
 
 
-def sinusoid_table(num_positions: int, dim: int) -> np.ndarray:
-    """The release's fixed sinusoid position table, (1, num_positions, dim) float32, computed in float64."""
-    position = np.arange(num_positions, dtype=np.float64)[:, None]
-    exponent = 2 * (np.arange(dim) // 2).astype(np.float64) / dim
-    angles = position / np.power(10000.0, exponent)
-    table = np.where(np.arange(dim) % 2 == 0, np.sin(angles), np.cos(angles))
-    return table.astype(np.float32)[None]
+def resample_grid(x, resample_t):
+    """(..., s, s) -> (..., t, t) with the (s, t) transposed one-axis map of dvt_shared, applied to both axes."""
+    x = ops.matmul(x, resample_t)
+    return ops.matmul(x.swapaxes(-1, -2), resample_t).swapaxes(-1, -2)
+
+
+def resample_relations(relations, resample_t):
+    """(B, C, s*s+1, s*s+1) query x key logits -> (B, C, t*t+1, t*t+1); class row and column carried along.
+
+    Equal to E @ R @ E.T with E = dvt_shared.relation_resample_matrix, done axis by axis.
+    """
+    batch, channels, _, _ = relations.shape
+    src, dst = resample_t.shape
+    cls_cls = relations[:, :, :1, :1]
+    cls_row = resample_grid(relations[:, :, 0, 1:].reshape(batch, channels, src, src), resample_t)
+    cls_col = resample_grid(relations[:, :, 1:, 0].reshape(batch, channels, src, src), resample_t)
+    grid = relations[:, :, 1:, 1:].reshape(batch, channels, src * src, src, src)
+    grid = resample_grid(grid, resample_t).reshape(batch, channels, src * src, dst * dst)  # keys moved
+    grid = grid.swapaxes(2, 3).reshape(batch, channels, dst * dst, src, src)
+    grid = resample_grid(grid, resample_t).reshape(batch, channels, dst * dst, dst * dst).swapaxes(2, 3)  # queries
+    top = ops.cat((cls_cls, cls_row.reshape(batch, channels, 1, dst * dst)), axis=3)
+    rest = ops.cat((cls_col.reshape(batch, channels, dst * dst, 1), grid), axis=3)
+    return ops.cat((top, rest), axis=2)

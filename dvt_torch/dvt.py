@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dvt_shared.configs import DVTConfig, get_config
-from dvt_shared.token_schedule import resample_matrix_1d
+from dvt_shared.token_schedule import resample_matrix_1d, sinusoid_table
 
-from .layers import Block, PatchEmbed, T2TStem, init_weights, resample_relations, sinusoid_table
+from .layers import Block, PatchEmbed, T2TStem, init_weights, resample_relations
 from timm.layers import trunc_normal_
 
 
@@ -61,7 +61,7 @@ class DVTStage(nn.Module):
             self.patch_embed = PatchEmbed(config, stage.stem)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
         if config.pos_embed == "sinusoid":
-            self.register_buffer("pos_embed", sinusoid_table(num_tokens, config.embed_dim))
+            self.register_buffer("pos_embed", torch.from_numpy(sinusoid_table(num_tokens, config.embed_dim)))
         else:
             self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, config.embed_dim))
         self.pos_drop = nn.Dropout(config.drop_rate)

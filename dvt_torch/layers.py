@@ -194,15 +194,6 @@ def resample_relations(relations: torch.Tensor, resample_t: torch.Tensor) -> tor
     return torch.cat((top, rest), dim=2)
 
 
-def sinusoid_table(num_positions: int, dim: int) -> torch.Tensor:
-    """The release's fixed sinusoid position table, (1, num_positions, dim), computed in float64."""
-    position = torch.arange(num_positions, dtype=torch.float64)[:, None]
-    exponent = 2 * (torch.arange(dim) // 2).to(torch.float64) / dim
-    angles = position / torch.pow(torch.tensor(10000.0, dtype=torch.float64), exponent)
-    table = torch.where(torch.arange(dim) % 2 == 0, torch.sin(angles), torch.cos(angles))
-    return table.to(torch.float32).unsqueeze(0)
-
-
 def init_weights(module: nn.Module) -> None:
     """The release's initialisation: truncated normal linears, unit LayerNorms."""
     if isinstance(module, nn.Linear):

@@ -83,6 +83,14 @@ def relation_resample_matrix(src: int, dst: int) -> np.ndarray:
     return _relation_resample_matrix(src, dst)
 
 
+def sinusoid_table(num_positions: int, dim: int) -> np.ndarray:
+    """The release's fixed sinusoid position table, (1, num_positions, dim) float32, computed in float64."""
+    position = np.arange(num_positions, dtype=np.float64)[:, None]
+    angles = position / np.power(10000.0, 2 * (np.arange(dim) // 2) / dim)
+    table = np.where(np.arange(dim) % 2 == 0, np.sin(angles), np.cos(angles))
+    return table.astype(np.float32)[None]
+
+
 def _check_sizes(src: int, dst: int) -> None:
     for label, value in (("source", src), ("target", dst)):
         if not isinstance(value, (int, np.integer)) or value < 1:

@@ -63,5 +63,18 @@ def test_bad_sizes_rejected(bad):
 
 def test_every_registered_config_builds_a_schedule():
     for name in list_configs():
-        grids = token_grids(get_config(name))
-        assert len(grids) == 3 and list(grids) == sorted(grids)
+        config = get_config(name)
+        grids = token_grids(config)
+        assert len(grids) == config.num_exits and list(grids) == sorted(grids)
+
+
+def test_sinusoid_table_is_the_release_formula():
+    from dvt_shared.token_schedule import sinusoid_table
+
+    table = sinusoid_table(50, 64)
+    assert table.shape == (1, 50, 64) and table.dtype == np.float32
+    # the release's own per-element formula
+    expected = np.array([[pos / np.power(10000, 2 * (j // 2) / 64) for j in range(64)] for pos in range(50)])
+    expected[:, 0::2] = np.sin(expected[:, 0::2])
+    expected[:, 1::2] = np.cos(expected[:, 1::2])
+    np.testing.assert_array_equal(table[0], expected.astype(np.float32))
