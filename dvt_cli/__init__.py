@@ -56,25 +56,30 @@ def _head_classes(tensors: dict[str, np.ndarray]) -> int | None:
     return heads[0] if heads else None
 
 
-def _resolve_config(args: argparse.Namespace, tensors: dict[str, np.ndarray], metadata) -> DVTConfig:
+def _resolve_config(
+    src: str, model: str | None, num_classes: int | None, tensors: dict[str, np.ndarray], metadata
+) -> DVTConfig:
     if metadata is not None:
         config = metadata.config
-        if args.model is not None and args.model != config.name:
-            raise CommandError(f"{args.src} holds a {config.name} model, but --model {args.model} was given")
-        if args.num_classes is not None and args.num_classes != config.num_classes:
-            raise CommandError(
-                f"{args.src} holds {config.num_classes} classes, but --num-classes {args.num_classes} was given"
-            )
+        if model is not None and model != config.name:
+            raise CommandError(f"{src} holds a {config.name} model, but --model {model} was given")
+        if num_classes is not None and num_classes != config.num_classes:
+            raise CommandError(f"{src} holds {config.num_classes} classes, but --num-classes {num_classes} was given")
         return config
-    if args.model is None:
-        raise CommandError(
-            f"{args.src} does not record its model: pass --model NAME (one of {', '.join(list_configs())})"
-        )
-    num_classes = args.num_classes if args.num_classes is not None else _head_classes(tensors)
+    if model is None:
+        raise CommandError(f"{src} does not record its model: pass --model NAME (one of {', '.join(list_configs())})")
+    num_classes = num_classes if num_classes is not None else _head_classes(tensors)
     try:
-        return get_config(args.model, num_classes=num_classes)
+        return get_config(model, num_classes=num_classes)
     except ValueError as exc:
         raise CommandError(str(exc)) from exc
+
+
+def read_weights(path: str, model: str | None = None, num_classes: int | None = None):
+    """(config, checked tensors by release key, canonical metadata or None, cumulative GMACs or None) of any format."""
+    tensors, metadata, flops = _read(path, weight_format(path))
+    config = _resolve_config(path, model, num_classes, tensors, metadata)
+    return config, _checked(config, tensors, source=path), metadata, flops
 
 
 def _checked(config: DVTConfig, tensors: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
@@ -104,10 +109,8 @@ def _write(path: str, kind: str, tensors: dict[str, np.ndarray], config: DVTConf
 
 
 def _convert(args: argparse.Namespace) -> None:
-    src_kind, dst_kind = weight_format(args.src), weight_format(args.dst)
-    tensors, metadata, flops = _read(args.src, src_kind)
-    config = _resolve_config(args, tensors, metadata)
-    tensors = _checked(config, tensors, source=args.src)
+    dst_kind = weight_format(args.dst)
+    config, tensors, metadata, flops = read_weights(args.src, args.model, args.num_classes)
     _write(args.dst, dst_kind, tensors, config, metadata, flops)
     print(f"wrote {args.dst} ({config.name}, {len(tensors)} tensors)")
 
@@ -131,7 +134,10 @@ def _add_convert(subparsers, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_convert)
 
 
-SUBCOMMANDS: tuple[Callable, ...] = (_add_convert,)
+def _subcommands() -> tuple[Callable, ...]:
+    from .inference import add_calibrate, add_export, add_predict
+
+    return (_add_convert, add_calibrate, add_predict, add_export)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in SUBCOMMANDS:
+    for add in _subcommands():
         add(subparsers, common)
     return parser
 

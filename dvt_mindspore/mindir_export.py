@@ -59,7 +59,8 @@ def export_mindir(model: DVT, out_dir) -> Path:
         ms.export(StageGraph(model, index), *inputs, file_name=str(tmp_stem), file_format="MINDIR")
         path = out_dir / f"stage{index}.mindir"
         Path(f"{tmp_stem}.mindir").replace(path)
-        stages.append({"file": path.name, "inputs": ["images"] + reuse_tensor_names(config, index - 1),
+        previous = ["prev_" + name for name in reuse_tensor_names(config, index - 1)]
+        stages.append({"file": path.name, "inputs": ["images"] + previous,
                        "outputs": ["logits"] + reuse_tensor_names(config, index)})
     manifest = {"format": "dvt-mindir-v1", "config": config.to_dict(), "stages": stages}
     atomic_write_bytes(out_dir / MANIFEST, json.dumps(manifest, indent=1).encode())

@@ -52,7 +52,8 @@ class Prediction:
 def reuse_tensor_names(config: DVTConfig, index: int) -> list[str]:
     """Names of the reuse tensors stage `index` hands on (none before the first stage or after the last).
 
-    Exported stage graphs (ONNX, MindIR) take the previous stage's and give their own, in this order.
+    Exported stage graphs (ONNX, MindIR) take the previous stage's, named with a "prev_" prefix,
+    and give their own, in this order.
     """
     if index < 0 or index == config.num_exits - 1:
         return []

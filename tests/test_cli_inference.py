@@ -1,0 +1,82 @@
+"""`dvt calibrate`, `dvt predict` (three backends) and `dvt export`."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dvt_cli import main
+from dvt_shared import get_config
+from dvt_shared.datasets import DEFAULT_FASHION_MNIST_DIR
+from dvt_shared.flops import exit_gflops
+from dvt_shared.weight_format import WeightMetadata, load_canonical, save_canonical
+from dvt_torch import DVT
+from dvt_torch.convert import to_canonical
+
+TINY = dict(embed_dim=24, depth=1, num_heads=2, token_dim=8, num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(0)
+    model = DVT(get_config("dvt_t2t_vit_fmnist", **TINY))
+    with torch.no_grad():  # spread the confidences so that every exit gets images
+        for p in model.parameters():
+            if p.dim() >= 2 and p.requires_grad:
+                p.normal_(0, 1.5 / np.sqrt(p[0].numel()))
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_canonical(path, to_canonical(model), WeightMetadata(config=model.config, exit_flops=list(exit_gflops(model.config))))
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(6):
+        path = folder / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_calibrate_stores_thresholds(weights, tmp_path):
+    if not (DEFAULT_FASHION_MNIST_DIR and __import__("os").path.isdir(DEFAULT_FASHION_MNIST_DIR)):
+        pytest.skip("Fashion-MNIST (Debian package dataset-fashion-mnist) is not installed")
+    out = tmp_path / "calibrated.safetensors"
+    assert main(["calibrate", "--weights", str(weights), "--limit", "300", "--p", "1.5", "--out", str(out)]) == 0
+    tensors, metadata = load_canonical(out)
+    assert metadata.thresholds is not None and len(metadata.thresholds) == 3 and metadata.thresholds[-1] == -1e8
+    original, _ = load_canonical(weights)
+    assert all(np.array_equal(tensors[k], original[k]) for k in original)
+
+
+def test_predict_agrees_across_backends(weights, images, capsys):
+    outputs = {}
+    for backend in ("torch", "mindspore", "onnx"):
+        assert main(["predict", "--weights", str(weights), "--backend", backend, "--thresholds", "0.2,0.2,-1e8", *images]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        outputs[backend] = [line.split()[:3] for line in lines[1:-1]]  # image, class, exit
+        assert len(outputs[backend]) == len(images)
+    assert outputs["torch"] == outputs["mindspore"] == outputs["onnx"]
+
+
+def test_predict_without_thresholds_is_refused(weights, images, capsys):
+    assert main(["predict", "--weights", str(weights), images[0]]) == 1
+    assert "holds no thresholds" in capsys.readouterr().err
+
+
+def test_predict_missing_image(weights, capsys):
+    assert main(["predict", "--weights", str(weights), "--thresholds", "0.5,0.5,-1e8", "/nonexistent.png"]) == 1
+    assert "not an image file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt,suffix", [("onnx", ".onnx"), ("mindir", ".mindir")])
+def test_export_writes_one_graph_per_stage(weights, tmp_path, fmt, suffix):
+    assert main(["export", "--weights", str(weights), "--format", fmt, "--out", str(tmp_path)]) == 0
+    manifest = json.loads(next(tmp_path.glob("dvt_*.json")).read_text())
+    assert [s["file"] for s in manifest["stages"]] == [f"stage{k}{suffix}" for k in range(3)]
+    assert manifest["stages"][1]["inputs"] == ["images", "prev_features", "prev_relations"]
+    assert all((tmp_path / s["file"]).is_file() for s in manifest["stages"])
