@@ -54,7 +54,8 @@ def export_onnx(model: DVT, out_dir, opset: int = OPSET) -> Path:
     images = torch.zeros(2, config.in_chans, config.img_size, config.img_size)
     stages, state = [], None
     for index in range(model.num_exits):
-        graph = StageGraph(model, index)
+        # in eval mode: the exporter restores the wrapper's mode afterwards, and with it the model's
+        graph = StageGraph(model, index).eval()
         args = (images, *(t for t in (state or ()) if t is not None))
         path = out_dir / f"stage{index}.onnx"
         tmp = out_dir / f".stage{index}.onnx.tmp"

@@ -134,3 +134,11 @@ def test_bad_thresholds(thresholds, match):
 def test_wrong_images_rejected():
     with pytest.raises(ValueError, match=r"\(B, 1, 28, 28\)"):
         AdaptiveDVT(sharp_tiny_model(), [0.5, 0.5, -1e8]).predict(torch.randn(2, 3, 28, 28))
+
+
+def test_onnx_export_leaves_the_model_in_eval_mode(tmp_path):
+    from dvt_torch.onnx_export import export_onnx
+
+    model = sharp_tiny_model()
+    export_onnx(model, tmp_path)
+    assert not any(m.training for m in model.modules())

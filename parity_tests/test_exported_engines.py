@@ -1,0 +1,86 @@
+"""Exported stage graphs give PyTorch's logits and exit decisions: ONNX Runtime and MindIR.
+
+The graphs are exported per stage (ONNX from PyTorch, MindIR from the converted MindSpore
+model); each engine runs the shared early-exit loop over them. Per-exit logits are compared
+with PyTorch's stage-wise outputs, decisions with the PyTorch engine's (borderline samples
+within the CPU target's margin of a threshold are counted, not failed).
+"""
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+import pytest
+import torch
+
+from dvt_mindspore.mindir_export import MindIRAdaptiveDVT, export_mindir
+from dvt_shared.exit_policy import confidences, exit_indices, exit_shares, find_thresholds, softmax
+from dvt_torch.engine import AdaptiveDVT
+from dvt_torch.onnx_export import OnnxAdaptiveDVT, export_onnx
+from parity_tests import harness
+from parity_tests.report import record
+from parity_tests.targets import CPU
+from parity_tests.test_exit_decisions import structured_noise
+
+CASES = [harness.Case("dvt_t2t_vit_fmnist"), harness.Case("deit_mini", fixture=True)]
+SAMPLES = 256
+
+
+def engines(case: harness.Case, tmp_path):
+    model = harness.torch_model(case, seed=3, noise=0.1)
+    export_onnx(model, tmp_path / "onnx")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        export_mindir(harness.mindspore_twin(model), tmp_path / "mindir")
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    return model
+
+
+def inputs(config, count: int, seed: int) -> np.ndarray:
+    if config.in_chans == 1:
+        return structured_noise(count, config.img_size, seed)
+    return harness.images(config, count, seed)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("fmt", ["onnx", "mindir"])
+def test_exported_stages_match_pytorch(case, fmt, tmp_path):
+    CPU.activate()
+    model = engines(case, tmp_path)
+    config = model.config
+    count = SAMPLES if config.img_size <= 64 else 8
+    x = inputs(config, count, seed=21)
+    with torch.no_grad():
+        reference = np.stack([o.numpy() for o in model(torch.from_numpy(x))])
+    thresholds = find_thresholds(softmax(reference), exit_shares(1.5, model.num_exits))
+    never = [1e8] * (model.num_exits - 1) + [-1e8]
+
+    def build(thr):
+        if fmt == "onnx":
+            return OnnxAdaptiveDVT(tmp_path / "onnx", thr), x
+        ms.set_context(mode=ms.GRAPH_MODE)
+        return MindIRAdaptiveDVT(tmp_path / "mindir", thr), ms.Tensor(x)
+
+    # logits of every exit: force every image to every exit in turn
+    tolerance = CPU.logits_tolerance(case.release_size)
+    for k in range(model.num_exits):
+        forced = list(never)
+        forced[k] = -1e8
+        engine, images = build(forced)
+        got = engine.predict(images)
+        assert (got.exit_index == k).all()
+        delta = harness.max_abs_delta(got.logits, reference[k])
+        record(f"{fmt} logits", case.name, "cpu", f"exit {k}", f"{delta:.2e}", f"{tolerance:.0e}", delta <= tolerance)
+        assert delta <= tolerance, f"{fmt} exit {k}: max |dlogit| {delta:.2e}, worst sample {harness.worst_sample(got.logits, reference[k])}"
+
+    engine, images = build(thresholds)
+    got = engine.predict(images)
+    expected = AdaptiveDVT(model, thresholds).predict(torch.from_numpy(x))
+    conf = confidences(softmax(reference))
+    borderline = (np.abs(conf[:-1] - thresholds[:-1, None]) <= CPU.decision_margin).any(axis=0)
+    differ = got.exit_index != expected.exit_index
+    record(f"{fmt} decisions", case.name, "cpu", f"{count} samples, exits {np.bincount(expected.exit_index).tolist()}",
+           f"{int(differ.sum())} differ, {int(borderline.sum())} borderline", "0 non-borderline",
+           not (differ & ~borderline).any())
+    assert not (differ & ~borderline).any(), f"samples {np.flatnonzero(differ & ~borderline)[:10].tolist()} exit differently"
+    np.testing.assert_array_equal(exit_indices(softmax(reference), thresholds)[~borderline], got.exit_index[~borderline])
