@@ -134,10 +134,23 @@ def _add_convert(subparsers, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_convert)
 
 
+def _add_train(subparsers, common: argparse.ArgumentParser) -> None:
+    from dvt_torch.train import add_train_arguments, train
+
+    parser = subparsers.add_parser(
+        "train", parents=[common], help="train a DVT (PyTorch; multi-process with torchrun)",
+        description="Train with the multi-exit loss. On several processes: "
+                    "torchrun --nproc_per_node N -m dvt_torch.train ... (same options).",
+    )
+    add_train_arguments(parser)
+    parser.set_defaults(handler=train)
+
+
 def _subcommands() -> tuple[Callable, ...]:
+    from .evaluate import add_evaluate
     from .inference import add_calibrate, add_export, add_predict
 
-    return (_add_convert, add_calibrate, add_predict, add_export)
+    return (_add_convert, _add_train, add_calibrate, add_predict, add_export, add_evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:

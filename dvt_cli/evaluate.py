@@ -1,0 +1,221 @@
+"""`dvt evaluate` and `dvt demo`: per-exit accuracy, the accuracy-compute curve, both backends.
+
+Thresholds are always found on held-out training images and evaluated on the test set,
+as the release does. The report is written as Markdown, JSON and a PNG plot under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dvt_shared.configs import DVTConfig
+from dvt_shared.io_utils import atomic_write_bytes
+
+from . import CommandError, read_weights
+from .inference import all_exit_probs, torch_model
+
+BUDGET_FRACTIONS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.8)
+CALIBRATION_IMAGES = 10000
+
+
+@dataclass
+class Evaluated:
+    config: DVTConfig
+    tensors: dict
+    thresholds: list[float] | None
+    test_probs: np.ndarray
+    calib_probs: np.ndarray
+
+
+def fashion_mnist(data_dir: str | None) -> dict[str, np.ndarray]:
+    """Normalised float32 (n, 1, 28, 28) images and int64 labels: test, and a fixed held-out train sample."""
+    from dvt_shared.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
+
+    raw = load_fashion_mnist(data_dir)
+
+    def normalise(images):
+        return ((images.astype(np.float32)[:, None] / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD).astype(np.float32)
+
+    rows = np.random.default_rng(0).permutation(len(raw["train_images"]))[:CALIBRATION_IMAGES]
+    return {
+        "test_images": normalise(raw["test_images"]), "test_labels": raw["test_labels"].astype(np.int64),
+        "calib_images": normalise(raw["train_images"][rows]), "calib_labels": raw["train_labels"][rows].astype(np.int64),
+    }
+
+
+def score(path: str, data: dict) -> Evaluated:
+    config, tensors, metadata, _ = read_weights(path)
+    if config.in_chans != 1 or config.img_size != 28:
+        raise CommandError(f"{path}: {config.name} does not take Fashion-MNIST's 1x28x28 images")
+    model = torch_model(config, tensors)
+    return Evaluated(
+        config, tensors, metadata.thresholds if metadata is not None else None,
+        all_exit_probs(model, data["test_images"]), all_exit_probs(model, data["calib_images"]),
+    )
+
+
+def accuracy_compute_curve(dvt: Evaluated, labels: np.ndarray) -> dict:
+    """Per-exit accuracy, the release's p sweep and budget targets, thresholds from the held-out images."""
+    from dvt_shared import exit_policy
+    from dvt_shared.flops import exit_gflops
+
+    gflops = np.asarray(exit_gflops(dvt.config))
+    per_exit = (dvt.test_probs.argmax(-1) == labels[None]).mean(axis=1) * 100
+    sweep = [
+        {"p": point.p, "accuracy": point.accuracy, "gflops": point.expected_flops}
+        for point in exit_policy.release_sweep(dvt.test_probs, labels, gflops, calib_probs=dvt.calib_probs)
+    ]
+    budgets = []
+    for fraction in BUDGET_FRACTIONS:
+        budget = float(gflops[0] + fraction * (gflops[-1] - gflops[0]))
+        thresholds = exit_policy.thresholds_for_budget(dvt.calib_probs, gflops, budget)
+        result = exit_policy.dynamic_evaluate(dvt.test_probs, labels, gflops, thresholds)
+        budgets.append({"budget": budget, "accuracy": result.accuracy, "gflops": result.expected_flops,
+                        "exit_shares": (result.exit_counts / len(labels)).tolist(), "thresholds": thresholds.tolist()})
+    return {"model": dvt.config.name, "exit_gflops": gflops.tolist(), "exit_accuracy": per_exit.tolist(),
+            "p_sweep": sweep, "budgets": budgets}
+
+
+def baseline_point(static: Evaluated, labels: np.ndarray) -> dict:
+    from dvt_shared.flops import exit_gflops
+
+    return {"model": static.config.name, "gflops": exit_gflops(static.config)[-1],
+            "accuracy": float((static.test_probs[-1].argmax(-1) == labels).mean() * 100)}
+
+
+def matching_budget(curve: dict, baseline: dict) -> dict | None:
+    """The cheapest point of DVT's curve that reaches the baseline's accuracy."""
+    points = [p for p in curve["p_sweep"] + curve["budgets"] if p["accuracy"] >= baseline["accuracy"]]
+    return min(points, key=lambda p: p["gflops"]) if points else None
+
+
+def mindspore_agreement(dvt: Evaluated, images: np.ndarray, thresholds) -> dict:
+    """MindSpore (graph mode) on the same images: per-exit predictions and exit decisions vs PyTorch."""
+    import mindspore as ms
+    from tqdm import tqdm
+
+    from dvt_mindspore.convert import from_canonical
+    from dvt_mindspore.dvt import DVT
+    from dvt_shared.exit_policy import confidences, exit_indices, softmax
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    model = from_canonical(DVT(dvt.config), dvt.tensors)
+    model.set_train(False)
+    batch, chunks = 500, []
+    for start in tqdm(range(0, len(images), batch), desc="MindSpore", unit="batch", leave=False):
+        chunks.append(np.stack([o.asnumpy() for o in model(ms.Tensor(images[start:start + batch]))]))
+    ms_probs = softmax(np.concatenate(chunks, axis=1))
+    torch_conf, ms_conf = confidences(dvt.test_probs), confidences(ms_probs)
+    torch_exit, ms_exit = exit_indices(torch_conf, thresholds), exit_indices(ms_conf, thresholds)
+    margin = 1e-5
+    borderline = (np.abs(torch_conf[:-1] - np.asarray(thresholds)[:-1, None]) <= margin).any(axis=0)
+    same_class = dvt.test_probs.argmax(-1) == ms_probs.argmax(-1)
+    return {
+        "images": len(images),
+        "same_prediction_per_exit": same_class.sum(axis=1).tolist(),
+        "same_exit": int((torch_exit == ms_exit).sum()),
+        "borderline": int(borderline.sum()),
+        "differ_not_borderline": int(((torch_exit != ms_exit) & ~borderline).sum()),
+        "max_abs_prob_delta": float(np.abs(dvt.test_probs - ms_probs).max()),
+    }
+
+
+def plot(curve: dict, baseline: dict | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    sweep = sorted(curve["p_sweep"], key=lambda p: p["gflops"])
+    ax.plot([p["gflops"] * 1e3 for p in sweep], [p["accuracy"] for p in sweep], "-", color="tab:blue",
+            label="DVT, release p sweep")
+    ax.plot([p["gflops"] * 1e3 for p in curve["budgets"]], [p["accuracy"] for p in curve["budgets"]], "o",
+            color="tab:blue", label="DVT, budget targets")
+    ax.plot([g * 1e3 for g in curve["exit_gflops"]], curve["exit_accuracy"], "s--", color="tab:gray",
+            label="DVT, every image at exit k")
+    if baseline:
+        ax.plot([baseline["gflops"] * 1e3], [baseline["accuracy"]], "*", color="tab:red", markersize=14,
+                label="static baseline")
+    ax.set_xlabel("average MFLOPs (multiply-adds) per image")
+    ax.set_ylabel("Fashion-MNIST test accuracy (%)")
+    ax.set_title(f"{curve['model']}: accuracy vs compute")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def markdown(report: dict) -> str:
+    curve = report["dvt"]
+    lines = [f"# {curve['model']} on the Fashion-MNIST test set", "",
+             "| exit | cumulative MFLOPs | accuracy (%) |", "|---|---|---|"]
+    lines += [f"| {k} | {g * 1e3:.2f} | {a:.2f} |" for k, (g, a) in enumerate(zip(curve["exit_gflops"], curve["exit_accuracy"]))]
+    lines += ["", "Budgeted classification (thresholds from 10,000 held-out training images):", "",
+              "| budget MFLOPs | spent MFLOPs | accuracy (%) | exit shares |", "|---|---|---|---|"]
+    lines += [f"| {b['budget'] * 1e3:.2f} | {b['gflops'] * 1e3:.2f} | {b['accuracy']:.2f} | "
+              f"{' / '.join(f'{s:.0%}' for s in b['exit_shares'])} |" for b in curve["budgets"]]
+    baseline = report.get("baseline")
+    if baseline:
+        lines += ["", f"Static baseline {baseline['model']}: {baseline['accuracy']:.2f}% at {baseline['gflops'] * 1e3:.2f} MFLOPs."]
+        match = report.get("dvt_matching_baseline")
+        lines += [f"DVT reaches it at {match['gflops'] * 1e3:.2f} MFLOPs ({match['gflops'] / baseline['gflops']:.0%} of the "
+                  f"baseline's), accuracy {match['accuracy']:.2f}%." if match else
+                  "DVT does not reach the baseline's accuracy on this curve."]
+    agreement = report.get("mindspore")
+    if agreement:
+        lines += ["", f"MindSpore (graph mode) on the same {agreement['images']} images: same prediction per exit "
+                  f"{agreement['same_prediction_per_exit']}, same exit {agreement['same_exit']} "
+                  f"({agreement['borderline']} borderline within 1e-5 of a threshold, "
+                  f"{agreement['differ_not_borderline']} others differ), max |d prob| {agreement['max_abs_prob_delta']:.1e}."]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(weights: str, baseline: str | None, data_dir: str | None, out: Path, mindspore: bool) -> dict:
+    data = fashion_mnist(data_dir)
+    labels = data["test_labels"]
+    dvt = score(weights, data)
+    if dvt.config.num_exits < 2:
+        raise CommandError(f"{weights} holds a single-exit model; pass the DVT as --weights and it as --baseline")
+    report = {"dvt": accuracy_compute_curve(dvt, labels)}
+    if baseline:
+        report["baseline"] = baseline_point(score(baseline, data), labels)
+        report["dvt_matching_baseline"] = matching_budget(report["dvt"], report["baseline"])
+    if mindspore:
+        thresholds = dvt.thresholds or report["dvt"]["budgets"][len(BUDGET_FRACTIONS) // 2]["thresholds"]
+        report["mindspore"] = mindspore_agreement(dvt, data["test_images"], thresholds)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "evaluation.json", json.dumps(report, indent=1).encode())
+    atomic_write_bytes(out / "evaluation.md", markdown(report).encode())
+    plot(report["dvt"], report.get("baseline"), out / "accuracy_vs_gflops.png")
+    return report
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    report = evaluate(args.weights, args.baseline, args.data_dir, Path(args.out), not args.no_mindspore)
+    print(markdown(report))
+    print(f"wrote {args.out}/evaluation.md, evaluation.json, accuracy_vs_gflops.png in {time.perf_counter() - start:.0f} s")
+
+
+def add_evaluate(subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "evaluate", parents=[common], help="per-exit accuracy and the accuracy-compute curve on Fashion-MNIST",
+        description="Per-exit accuracy, the release's p sweep and budget targets (thresholds from held-out "
+                    "training images, evaluated on the test set), the static baseline's point, and MindSpore's "
+                    "agreement with PyTorch; written as Markdown, JSON and PNG under --out.",
+    )
+    parser.add_argument("--weights", required=True, help="DVT weights (.safetensors, .pth, .ckpt)")
+    parser.add_argument("--baseline", help="static baseline weights, for its point on the curve")
+    parser.add_argument("--data-dir", help="folder with the four Fashion-MNIST IDX files")
+    parser.add_argument("--out", default="out", help="report folder (default out/)")
+    parser.add_argument("--no-mindspore", action="store_true", help="skip the MindSpore agreement check")
+    parser.set_defaults(handler=_evaluate)
