@@ -17,7 +17,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) -m dvt_torch.demo
+	$(VENV)/bin/dvt demo
 
 test: setup
 	$(PY) -m pytest -q tests parity_tests

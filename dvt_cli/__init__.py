@@ -147,10 +147,11 @@ def _add_train(subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def _subcommands() -> tuple[Callable, ...]:
+    from .demo import add_demo
     from .evaluate import add_evaluate
     from .inference import add_calibrate, add_export, add_predict
 
-    return (_add_convert, _add_train, add_calibrate, add_predict, add_export, add_evaluate)
+    return (_add_convert, _add_train, add_calibrate, add_predict, add_export, add_evaluate, add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

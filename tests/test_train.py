@@ -1,0 +1,267 @@
+"""Training loop: augmentation, sharding, learning, exact resume, torchrun, static baseline.
+
+Runs use a tiny config override on a small synthetic Fashion-MNIST-shaped dataset whose
+classes are learnable (a bright bar whose row is the class), so the tests need neither
+the real data set nor more than a few seconds each. One torch thread: on a shared
+2-core machine, spinning OpenMP threads make tiny models many times slower.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dvt_shared.configs import get_config, static_baseline
+from dvt_shared.datasets import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_FILES, write_idx
+from dvt_shared.flops import exit_gflops
+from dvt_shared.weight_format import load_canonical
+from dvt_torch.data import (
+    BatchAugment,
+    epoch_indices,
+    normalise_uint8,
+    random_crop,
+    random_erase,
+    seeded_subset,
+)
+from dvt_torch.dvt import DVT
+from dvt_torch.train import add_train_arguments, load_checkpoint, train
+
+TINY = json.dumps({"embed_dim": 16, "depth": 1, "num_heads": 2, "token_dim": 8, "reuse_dim": 8, "reuse_hidden": 16})
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _synthetic_split(n, seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
+    for i, label in enumerate(labels):
+        images[i, 3 + 2 * label:5 + 2 * label, 4:24] = 250
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fmnist")
+    for split, n, seed in (("train", 256, 0), ("test", 100, 1)):
+        images, labels = _synthetic_split(n, seed)
+        write_idx(root / (FASHION_MNIST_FILES[f"{split}_images"] + ".gz"), images)
+        write_idx(root / FASHION_MNIST_FILES[f"{split}_labels"], labels)
+    return str(root)
+
+
+def _args(out, data_dir, *extra):
+    parser = add_train_arguments(argparse.ArgumentParser())
+    return parser.parse_args([
+        "--data-dir", data_dir, "--model-overrides", TINY, "--batch-size", "16", "--epochs", "2",
+        "--threads", "1", "--no-progress", "--out", str(out), *extra,
+    ])
+
+
+def _weights(path):
+    return load_canonical(path)[0]
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+# ------------------------------------------------------------- data pieces
+
+
+def test_random_crop_is_a_window_of_the_padded_image():
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).reshape(2, 3, 5, 5)
+    generator = torch.Generator().manual_seed(0)
+    out = random_crop(x, 2, -1.0, generator)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)
+    for b in range(2):
+        windows = [padded[b, :, i:i + 5, j:j + 5] for i in range(5) for j in range(5)]
+        assert any(torch.equal(out[b], w) for w in windows)
+    assert torch.equal(random_crop(x, 0, -1.0, generator), x)
+
+
+def test_augmentation_replays_from_generator_state():
+    x = normalise_uint8(np.random.default_rng(0).integers(0, 256, (8, 28, 28), dtype=np.uint8))
+    augment = BatchAugment(erase_prob=0.5)
+    generator = torch.Generator().manual_seed(3)
+    state = generator.get_state()
+    first = augment(x, generator)
+    generator.set_state(state)
+    assert torch.equal(augment(x, generator), first)
+    assert not torch.equal(first, x)
+
+
+def test_random_erase_blanks_one_rectangle():
+    x = torch.ones(64, 1, 28, 28)
+    out = random_erase(x, 1.0, torch.Generator().manual_seed(0))
+    for image in out[:, 0]:
+        rows, cols = torch.nonzero(image == 0, as_tuple=True)
+        assert len(rows) > 0
+        height, width = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+        assert len(rows) == height * width  # a full rectangle, nothing else
+    assert torch.equal(random_erase(x, 0.0, torch.Generator()), x)
+
+
+def test_epoch_indices_shard_disjointly_and_reshuffle():
+    shards = [epoch_indices(103, 0, seed=5, rank=r, world_size=2) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 51
+    assert not set(shards[0].tolist()) & set(shards[1].tolist())
+    assert torch.equal(epoch_indices(103, 0, seed=5, rank=1, world_size=2), shards[1])
+    assert not torch.equal(epoch_indices(103, 1, seed=5), epoch_indices(103, 0, seed=5))
+    assert seeded_subset(10, None, 0) is None and len(seeded_subset(10, 4, 0)) == 4
+
+
+# ------------------------------------------------------------- training runs
+
+
+def test_tiny_run_learns_and_writes_its_files(tmp_path, data_dir):
+    out = tmp_path / "run"
+    # Bars two rows apart: a shifting crop would blur the classes this tiny model can tell apart.
+    metrics = train(_args(out, data_dir, "--epochs", "4", "--lr", "1e-2", "--warmup-epochs", "0.5", "--crop-padding", "0"))
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4]
+    assert {"epoch", "step", "loss", "train_acc", "test_acc", "lr", "epoch_time_s", "elapsed_s"} <= set(log[0])
+    assert len(log[0]["train_acc"]) == len(log[0]["test_acc"]) == 3
+    assert log[-1]["loss"] < log[0]["loss"] - 0.5
+    assert max(log[-1]["test_acc"]) > 15.0  # chance is 10%
+    assert metrics["completed"] and metrics["steps"] == 4 * 16 and metrics["test_acc"] == log[-1]["test_acc"]
+
+    tensors, metadata = load_canonical(out / "final.safetensors")
+    config = get_config("dvt_t2t_vit_fmnist", num_classes=10, **json.loads(TINY))
+    assert metadata.config == config
+    assert metadata.exit_flops == pytest.approx(list(exit_gflops(config)))
+    assert json.loads(metadata.extra["test_acc"]) == log[-1]["test_acc"]
+    assert json.loads(metadata.provenance)["args"]["lr"] == 1e-2
+    model = DVT(config)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=True)
+
+    checkpoint = load_checkpoint(str(out / "last.pt"))  # weights_only=True inside
+    assert checkpoint["epoch"] == 4 and checkpoint["step"] == 64
+    torch.load(out / "last.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("stop_at", [12, 17], ids=["epoch-boundary", "mid-epoch"])
+def test_resume_is_bit_identical(tmp_path, data_dir, stop_at):
+    # every random source at once: dropout, crop/flip/erase, mixup/cutmix, EMA, clipping
+    recipe = ("--random-erase", "0.5", "--mixup", "0.4", "--cutmix", "1.0", "--ema", "--ema-decay", "0.9",
+              "--clip-grad", "1.0", "--train-subset", "200", "--seed", "3")
+    train(_args(tmp_path / "whole", data_dir, *recipe))
+    partial = train(_args(tmp_path / "split", data_dir, *recipe, "--max-steps", str(stop_at)))
+    assert not partial["completed"] and partial["steps"] == stop_at
+    assert not (tmp_path / "split" / "final.safetensors").exists()
+    resumed = train(_args(tmp_path / "split", data_dir, *recipe, "--resume"))
+    assert resumed["completed"] and resumed["steps"] == 24
+    for name in ("final.safetensors", "final_ema.safetensors"):
+        _assert_same_weights(_weights(tmp_path / "whole" / name), _weights(tmp_path / "split" / name))
+    whole_log = [json.loads(x) for x in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    split_log = [json.loads(x) for x in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("epoch_time_s", "elapsed_s")}  # noqa: E731
+    assert [strip(r) for r in whole_log] == [strip(r) for r in split_log]
+
+
+def test_resume_refuses_a_changed_recipe(tmp_path, data_dir):
+    train(_args(tmp_path, data_dir, "--max-steps", "2"))
+    with pytest.raises(ValueError, match=r"recipe differs .*lr: 0.001 -> 0.002"):
+        train(_args(tmp_path, data_dir, "--resume", "--lr", "2e-3"))
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(_args(tmp_path, data_dir))
+
+
+def test_bad_options_are_refused(tmp_path, data_dir):
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        train(_args(tmp_path / "a", data_dir, "--amp", "fp16", "--device", "cpu"))
+    with pytest.raises(ValueError, match="--exit-weights has 2 values but .* has 3 exits"):
+        train(_args(tmp_path / "b", data_dir, "--exit-weights", "1", "2"))
+    with pytest.raises(ValueError, match="do not fill one batch"):
+        train(_args(tmp_path / "c", data_dir, "--train-subset", "8"))
+    with pytest.raises(ValueError, match="unknown config field"):
+        train(_args(tmp_path / "d", data_dir, "--model-overrides", '{"width": 3}'))
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        train(_args(tmp_path / "e", str(tmp_path / "nowhere")))
+
+
+def test_static_baseline_config_and_training(tmp_path, data_dir):
+    base = get_config("dvt_t2t_vit_fmnist")
+    static = get_config("dvt_t2t_vit_fmnist_static")
+    assert static == static_baseline(base)
+    assert static.name == "dvt_t2t_vit_fmnist_static" and static.num_exits == 1 and static.reuse == "none"
+    assert static.stages == (base.stages[-1],) and static.grids == (base.grids[-1],)
+    assert (static.embed_dim, static.depth, static.num_heads) == (base.embed_dim, base.depth, base.num_heads)
+    assert exit_gflops(static)[0] < exit_gflops(base)[-1]
+    model = DVT(static)
+    assert len(model(torch.zeros(2, 1, 28, 28))) == 1
+    assert not any("reuse" in key for key in model.state_dict())
+
+    metrics = train(_args(tmp_path, data_dir, "--model", "dvt_t2t_vit_fmnist_static", "--epochs", "1"))
+    assert len(metrics["test_acc"]) == 1
+    assert load_canonical(tmp_path / "final.safetensors")[1].config.num_exits == 1
+
+
+def test_image_folder_run(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            os.makedirs(tmp_path / "images" / split / cls)
+            for i in range(8):
+                pixels = rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "images" / split / cls / f"{i}.jpg")
+    overrides = json.dumps({**json.loads(TINY), "in_chans": 3})
+    parser = add_train_arguments(argparse.ArgumentParser())
+    args = parser.parse_args([
+        "--data", str(tmp_path / "images"), "--model-overrides", overrides, "--batch-size", "4", "--epochs", "1",
+        "--workers", "0", "--threads", "1", "--no-progress", "--out", str(tmp_path / "run"),
+    ])
+    metrics = train(args)
+    assert metrics["completed"] and metrics["steps"] == 4
+    metadata = load_canonical(tmp_path / "run" / "final.safetensors")[1]
+    assert metadata.config.num_classes == 2 and metadata.config.in_chans == 3
+
+
+@pytest.mark.skipif(not os.path.isdir(DEFAULT_FASHION_MNIST_DIR), reason="dataset-fashion-mnist is not installed")
+def test_real_fashion_mnist_smoke(tmp_path):
+    parser = add_train_arguments(argparse.ArgumentParser())
+    args = parser.parse_args([
+        "--model-overrides", TINY, "--train-subset", "64", "--test-subset", "50", "--batch-size", "32", "--epochs", "1",
+        "--threads", "1", "--no-progress", "--out", str(tmp_path),
+    ])
+    metrics = train(args)
+    assert metrics["steps"] == 2 and len(metrics["test_acc"]) == 3
+
+
+def test_torchrun_two_ranks_agree(tmp_path, data_dir):
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "dvt_torch.train", "--data-dir", data_dir, "--model-overrides", TINY, "--batch-size", "16",
+        "--epochs", "2", "--train-subset", "128", "--threads", "1", "--no-progress", "--out", str(out),
+        "--dump-rank-weights", "--random-erase", "0.25",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [4, 8]  # 128 samples / 2 ranks / 16 per batch
+    rank0, rank1 = _weights(out / "final.safetensors"), _weights(out / "final.rank1.safetensors")
+    _assert_same_weights(rank0, rank1)
+    initial = DVT(get_config("dvt_t2t_vit_fmnist", num_classes=10, **json.loads(TINY))).state_dict()
+    assert any(not np.array_equal(rank0[k], initial[k].numpy()) for k in rank0)
+    assert len(load_checkpoint(str(out / "last.pt"))["ranks"]) == 2
+
+
+def test_dvt_train_command(tmp_path, data_dir):
+    from dvt_cli import main
+
+    argv = ["train", "--data-dir", data_dir, "--model-overrides", TINY, "--batch-size", "16", "--epochs", "1",
+            "--train-subset", "32", "--threads", "1", "--no-progress", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert main(argv + ["--max-steps", "1"]) == 1  # refuses to overwrite the finished run
+    recipe = json.loads(load_canonical(tmp_path / "final.safetensors")[1].provenance)
+    assert "handler" not in recipe["args"] and recipe["args"]["train_subset"] == 32
