@@ -233,10 +233,12 @@ def dvt_deit_small() -> DVTConfig:
 @register_config
 def dvt_t2t_vit_fmnist() -> DVTConfig:
     # 28x28 grey images: T2T soft splits to 3x3, 5x5 and 7x7 tokens, small enough for 2 CPU cores.
+    # Every first split is strided: stride-1 ones made performers run over 400 and 784 tokens, and
+    # those two stems took 1.3 s of a 2.3 s training step (batch 128, one CPU thread); now 0.3 of 1.4.
     stages = (
-        StageSpec("less_less_token", StemSpec("t2t", ((6, 2, 0), (3, 2, 1), (3, 2, 1)))),
-        StageSpec("less_token", StemSpec("t2t", ((9, 1, 0), (3, 2, 1), (3, 2, 1)))),
-        StageSpec("normal_token", StemSpec("t2t", ((3, 1, 1), (3, 2, 1), (3, 2, 1)))),
+        StageSpec("less_less_token", StemSpec("t2t", ((6, 2, 0), (3, 2, 1), (3, 2, 1)))),  # 28 -> 12 -> 6 -> 3
+        StageSpec("less_token", StemSpec("t2t", ((7, 3, 2), (3, 2, 1), (3, 1, 1)))),  # 28 -> 9 -> 5 -> 5
+        StageSpec("normal_token", StemSpec("t2t", ((5, 2, 2), (3, 2, 1), (3, 1, 1)))),  # 28 -> 14 -> 7 -> 7
     )
     return DVTConfig(
         name="dvt_t2t_vit_fmnist", family="t2t_vit", stages=stages, embed_dim=96, depth=4, num_heads=3,
@@ -244,6 +246,19 @@ def dvt_t2t_vit_fmnist() -> DVTConfig:
         num_classes=10, token_dim=32,
         description="small DVT for 28x28 one-channel images (Fashion-MNIST), 3x3 -> 5x5 -> 7x7 tokens",
     )
+
+
+def static_baseline(config: DVTConfig) -> DVTConfig:
+    """The static transformer DVT is measured against: the same backbone, one exit on the largest grid."""
+    return config.replace(
+        name=config.name + "_static", stages=(config.stages[-1],), reuse="none",
+        description=f"static baseline of {config.name}: its last exit alone ({config.grids[-1]}x{config.grids[-1]} tokens), no reuse",
+    )
+
+
+@register_config
+def dvt_t2t_vit_fmnist_static() -> DVTConfig:
+    return static_baseline(dvt_t2t_vit_fmnist())
 
 
 def list_configs() -> list[str]:
