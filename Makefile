@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp-install
 
-.PHONY: setup demo test test-fast parity bench clean
+.PHONY: setup data demo test test-fast parity bench clean
 
 setup: $(STAMP)
 
@@ -13,8 +13,17 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and alone: pip takes these exact wheels from the local disk.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 numpy==1.26.4
-	$(PY) -m pip install -q -e '.[torch,mindspore,dev]'
+	$(PY) -m pip install -q -e '.[torch,mindspore,onnx,dev]'
+	@$(MAKE) --no-print-directory data
 	touch $@
+
+# The embedded default data set: Debian's dataset-fashion-mnist, installed when missing and apt is usable.
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+data:
+	@test -d $(FMNIST_DIR) || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		(apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)); } || \
+		echo "Fashion-MNIST not found in $(FMNIST_DIR): run 'apt-get install dataset-fashion-mnist', or pass --data-dir DIR holding the four IDX files"
 
 demo: setup
 	$(VENV)/bin/dvt demo
