@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["dvt_t2t_vit_12", "dvt_t2t_vit_fmnist"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--backends", nargs="+", default=list(WORKERS), choices=list(WORKERS))
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--worker", choices=[*WORKERS, "prepare"], help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -164,7 +164,7 @@ def main() -> None:
         for name, batch in tqdm(jobs, desc="configs x batches", unit="case"):
             work = Path(tmp) / name
             work.mkdir(exist_ok=True)
-            count = 32 if batch == 1 else 4 * batch
+            count = 32 if batch == 1 else 2 * batch
             prepared = run_worker(__file__, "prepare", ["--config", name, "--work", str(work), "--count", str(count)])
             full_macs = prepared["cumulative_macs"][-1] * count
             common = ["--work", str(work), "--batch", str(batch), "--count", str(count),

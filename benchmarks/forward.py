@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(RELEASE_CONFIGS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--backends", nargs="+", default=list(WORKERS), choices=list(WORKERS))
-    parser.add_argument("--repeats", type=int, default=0, help="timed repeats (default: 10 at batch 1, 2 above)")
+    parser.add_argument("--repeats", type=int, default=0, help="timed repeats (default: 5 at batch 1, 1 above)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -107,7 +107,7 @@ def main() -> None:
     jobs = [(n, b, be) for n in args.configs for b in args.batches for be in args.backends]
     results = {}
     for name, batch, backend in tqdm(jobs, desc="timing", unit="run"):
-        repeats = args.repeats or (10 if batch == 1 else 2)
+        repeats = args.repeats or (5 if batch == 1 else 1)
         results[name, batch, backend] = run_worker(
             __file__, backend, ["--config", name, "--batch", str(batch), "--repeats", str(repeats)])
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .configs import DVTConfig
-from .exit_policy import softmax, stops_at_exit
+from .exit_policy import check_thresholds, softmax, stops_at_exit
 from .flops import cumulative_flops
 
 DEFAULT_MAX_BATCH = 256
@@ -58,15 +58,6 @@ def reuse_tensor_names(config: DVTConfig, index: int) -> list[str]:
     if index < 0 or index == config.num_exits - 1:
         return []
     return [n for n, on in (("features", config.feature_reuse), ("relations", config.relation_reuse)) if on]
-
-
-def check_thresholds(thresholds, num_exits: int) -> np.ndarray:
-    thr = np.asarray(thresholds, dtype=np.float64)
-    if thr.shape != (num_exits,):
-        raise ValueError(f"thresholds must hold one value per exit ({num_exits}), got shape {thr.shape}")
-    if np.isnan(thr).any():
-        raise ValueError(f"thresholds must not be NaN, got {thr.tolist()}")
-    return thr
 
 
 class AdaptiveEngine(ABC):

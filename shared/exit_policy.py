@@ -107,8 +107,11 @@ def _conf32(probs_or_conf) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-def _check_thresholds(thresholds, n_exits: int) -> np.ndarray:
-    # float64 holds every float32 threshold exactly, so comparisons stay the release's.
+def check_thresholds(thresholds, n_exits: int) -> np.ndarray:
+    """Thresholds as float64, one per exit, none NaN (ValueError otherwise).
+
+    float64 holds every float32 threshold exactly, so comparisons stay the release's.
+    """
     thr = np.asarray(thresholds, dtype=np.float64)
     if thr.shape != (n_exits,):
         raise ValueError(f"thresholds must have shape ({n_exits},), one per exit, got {thr.shape}")
@@ -242,7 +245,7 @@ def exit_indices(probs_or_conf, thresholds) -> np.ndarray:
     is met (possible only when the last threshold is not -1e8).
     """
     conf = _conf32(probs_or_conf)
-    return _route(conf, _check_thresholds(thresholds, conf.shape[0]))[0]
+    return _route(conf, check_thresholds(thresholds, conf.shape[0]))[0]
 
 
 def dynamic_evaluate(probs, targets, cumulative_flops, thresholds) -> DynamicResult:
@@ -252,7 +255,7 @@ def dynamic_evaluate(probs, targets, cumulative_flops, thresholds) -> DynamicRes
     targets = _check_targets(targets, n)
     flops = _check_flops(cumulative_flops, n_exits)
     conf = _conf32(probs)
-    index, stop = _route(conf, _check_thresholds(thresholds, n_exits))
+    index, stop = _route(conf, check_thresholds(thresholds, n_exits))
     decided = index >= 0
     undecided = int(n - decided.sum())
     if undecided:

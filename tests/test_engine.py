@@ -125,7 +125,7 @@ def test_nan_images_are_reported_not_assigned(backend):
     assert (got.exit_index[[0, 1, 3]] >= 0).all()
 
 
-@pytest.mark.parametrize("thresholds,match", [([0.5, 0.5], "one value per exit"), ([0.5, float("nan"), -1e8], "NaN")])
+@pytest.mark.parametrize("thresholds,match", [([0.5, 0.5], "one per exit"), ([0.5, float("nan"), -1e8], "NaN")])
 def test_bad_thresholds(thresholds, match):
     with pytest.raises(ValueError, match=match):
         AdaptiveDVT(sharp_tiny_model(), thresholds)
