@@ -58,7 +58,7 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 NO_WEIGHT_DECAY = ("*.cls_token", "*.pos_embed")
 # Options that do not change what is computed, so they may differ when resuming.
 RESUME_FREE_ARGS = frozenset(
-    {"resume", "max_steps", "out", "progress", "dump_rank_weights", "workers", "data_dir", "threads", "func"}
+    {"resume", "max_steps", "out", "progress", "dump_rank_weights", "workers", "data_dir", "threads"}
 )
 # Non-interactive logs (nohup) get a progress line this often instead of every refresh.
 LOG_PROGRESS_INTERVAL_S = 60.0
@@ -108,7 +108,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--amp", choices=sorted(AMP_DTYPES), default="none", help="autocast dtype (CUDA only)")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: cores / local processes)")
+    run.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (default: cores / local processes); on a CPU shared with other jobs, 1 thread "
+        "avoids OpenMP threads spin-waiting for a descheduled sibling, which can slow steps tenfold",
+    )
     run.add_argument("--out", default=None, help="output directory (default: out/train/MODEL)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     run.add_argument(
@@ -315,11 +319,17 @@ def _new_sums(num_exits: int) -> dict:
 # ---------------------------------------------------------------- files
 
 
+def _train_options() -> list[str]:
+    """The names of the options add_train_arguments registers, in order."""
+    return list(vars(add_train_arguments(argparse.ArgumentParser(add_help=False)).parse_args([])))
+
+
 def _recipe(args, dist_ctx: Dist, data: _Data, config: DVTConfig) -> dict:
     import timm
 
     return {
-        "args": {k: v for k, v in sorted(vars(args).items()) if k != "func"},
+        # Only the training options: a host command (`dvt train`) adds its own, such as its handler function.
+        "args": {k: getattr(args, k) for k in sorted(_train_options())},
         "world_size": dist_ctx.world_size,
         "dataset": data.describe(),
         "config": config.name,

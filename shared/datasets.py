@@ -30,7 +30,6 @@ FASHION_MNIST_FILES = {
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
-FASHION_MNIST_SIZES = {"train": 60000, "test": 10000}
 FASHION_MNIST_IMAGE_SIZE = 28
 # Per-pixel mean and standard deviation of the 60000 training images, scaled to [0, 1]
 # (computed by fashion_mnist_stats on the official files; a test recomputes them).
