@@ -29,7 +29,7 @@ class Evaluated:
     tensors: dict
     thresholds: list[float] | None
     test_probs: np.ndarray
-    calib_probs: np.ndarray
+    calib_probs: np.ndarray | None  # held-out training images, for thresholds (DVT only)
 
 
 def fashion_mnist(data_dir: str | None) -> dict[str, np.ndarray]:
@@ -48,14 +48,14 @@ def fashion_mnist(data_dir: str | None) -> dict[str, np.ndarray]:
     }
 
 
-def score(path: str, data: dict) -> Evaluated:
+def score(path: str, data: dict, calibrate: bool = True) -> Evaluated:
     config, tensors, metadata, _ = read_weights(path)
     if config.in_chans != 1 or config.img_size != 28:
         raise CommandError(f"{path}: {config.name} does not take Fashion-MNIST's 1x28x28 images")
     model = torch_model(config, tensors)
     return Evaluated(
         config, tensors, metadata.thresholds if metadata is not None else None,
-        all_exit_probs(model, data["test_images"]), all_exit_probs(model, data["calib_images"]),
+        all_exit_probs(model, data["test_images"]), all_exit_probs(model, data["calib_images"]) if calibrate else None,
     )
 
 
@@ -187,7 +187,7 @@ def evaluate(weights: str, baseline: str | None, data_dir: str | None, out: Path
         raise CommandError(f"{weights} holds a single-exit model; pass the DVT as --weights and it as --baseline")
     report = {"dvt": accuracy_compute_curve(dvt, labels)}
     if baseline:
-        report["baseline"] = baseline_point(score(baseline, data), labels)
+        report["baseline"] = baseline_point(score(baseline, data, calibrate=False), labels)
         report["dvt_matching_baseline"] = matching_budget(report["dvt"], report["baseline"])
     if mindspore:
         thresholds = dvt.thresholds or report["dvt"]["budgets"][len(BUDGET_FRACTIONS) // 2]["thresholds"]
