@@ -5,6 +5,7 @@ import pytest
 
 from dvt_cli import CommandError
 from dvt_cli import demo
+from dvt_shared import DVTConfig
 from dvt_shared.weight_format import load_canonical
 
 
@@ -16,7 +17,7 @@ def test_manifest_entries_match_their_files():
     for role, entry in manifest.items():
         path, _ = demo.shipped_weights(role)
         _, metadata = load_canonical(path)
-        assert metadata.config.to_dict() == entry["config"]
+        assert metadata.config == DVTConfig.from_dict(entry["config"])
     assert len(manifest["dvt"]["thresholds"]) == 3
     _, metadata = load_canonical(demo.shipped_weights("dvt")[0])
     assert metadata.thresholds == manifest["dvt"]["thresholds"]
