@@ -34,12 +34,9 @@ class Evaluated:
 
 def fashion_mnist(data_dir: str | None) -> dict[str, np.ndarray]:
     """Normalised float32 (n, 1, 28, 28) images and int64 labels: test, and a fixed held-out train sample."""
-    from dvt_shared.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
+    from dvt_shared.datasets import load_fashion_mnist, normalise_fashion_mnist as normalise
 
     raw = load_fashion_mnist(data_dir)
-
-    def normalise(images):
-        return ((images.astype(np.float32)[:, None] / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD).astype(np.float32)
 
     rows = np.random.default_rng(0).permutation(len(raw["train_images"]))[:CALIBRATION_IMAGES]
     return {

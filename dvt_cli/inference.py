@@ -32,7 +32,7 @@ def load_images(paths: list[str], config: DVTConfig) -> np.ndarray:
     """
     from PIL import Image
 
-    from dvt_shared.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    from dvt_shared.datasets import normalise_fashion_mnist
 
     batch = []
     for path in paths:
@@ -43,7 +43,7 @@ def load_images(paths: list[str], config: DVTConfig) -> np.ndarray:
                 image.load()
                 if config.in_chans == 1:
                     grey = image.convert("L").resize((config.img_size, config.img_size), Image.BILINEAR)
-                    array = (np.asarray(grey, dtype=np.float32)[None] / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+                    array = normalise_fashion_mnist(np.asarray(grey)[None])[0]
                 else:
                     rgb = image.convert("RGB")
                     short = round(config.img_size / 0.875)
@@ -71,13 +71,12 @@ def _calibration_images(args, config: DVTConfig) -> tuple[np.ndarray, np.ndarray
         raise CommandError(f"--data {args.data!r}: only 'fmnist' (the embedded default data set) is supported here")
     if config.in_chans != 1 or config.img_size != 28:
         raise CommandError(f"{config.name} takes {config.in_chans}x{config.img_size}x{config.img_size} images, not Fashion-MNIST's 1x28x28")
-    from dvt_shared.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
+    from dvt_shared.datasets import load_fashion_mnist, normalise_fashion_mnist
 
     data = load_fashion_mnist(args.data_dir)
     images, labels = data[f"{args.split}_images"], data[f"{args.split}_labels"]
     rows = np.random.default_rng(0).permutation(len(images))[: args.limit]
-    x = (images[rows].astype(np.float32)[:, None] / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
-    return x.astype(np.float32), labels[rows].astype(np.int64)
+    return normalise_fashion_mnist(images[rows]), labels[rows].astype(np.int64)
 
 
 def all_exit_probs(model, images: np.ndarray, batch: int = 256) -> np.ndarray:

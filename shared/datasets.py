@@ -151,6 +151,11 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> dict[str, n
     return out
 
 
+def normalise_fashion_mnist(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W) grey images -> float32 (N, 1, H, W) model input: scaled to [0, 1], then standardised."""
+    return ((np.asarray(images).astype(np.float32)[:, None] / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD).astype(np.float32)
+
+
 def fashion_mnist_stats(images: np.ndarray) -> tuple[float, float]:
     """(mean, std) of uint8 images scaled to [0, 1], over every pixel, in float64."""
     scaled = images.astype(np.float64) / 255.0
