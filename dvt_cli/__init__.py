@@ -1,7 +1,8 @@
 """The `dvt` command. Each subcommand is one `_add_*` function registering its parser and handler.
 
-Errors end the command with one line on stderr and exit code 1; `--debug` shows the
-traceback instead.
+Errors end the command with one line on stderr and exit code 1 (2 for a bad command line);
+`--debug` shows the traceback instead. Every path a command will write is checked before
+it starts, so a long run never fails at its last step for want of a writable folder.
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from dvt_shared.configs import DVTConfig, get_config, list_configs
+from dvt_shared.configs import DVTConfig
+from dvt_shared.models import get_model_config, list_model_names
+from dvt_shared.io_utils import check_writable_dir, check_writable_file
 
 # Weight formats by file extension, longest extension first so ".pth.tar" wins over ".tar".
 FORMATS = ((".pth.tar", "pth"), (".pth", "pth"), (".safetensors", "safetensors"), (".ckpt", "ckpt"))
@@ -21,6 +24,31 @@ FORMAT_HELP = ".pth / .pth.tar (release checkpoint), .safetensors (canonical), .
 
 class CommandError(Exception):
     """A failure to report as one line, without a traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line like every other error of the command."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    if not text.strip().lstrip("+").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not np.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
 
 
 def weight_format(path: str) -> str:
@@ -51,8 +79,15 @@ def _read(path: str, kind: str) -> tuple[dict[str, np.ndarray], object, list[flo
     return load_ckpt(path), None, None
 
 
+# Classifier weights: DVT stages' and VT-ResNet's `head`, a plain ResNet's `fc`, VT-FPN's 1x1 `classifier`.
+_HEAD_MODULES = ("head", "fc", "classifier")
+
+
 def _head_classes(tensors: dict[str, np.ndarray]) -> int | None:
-    heads = [value.shape[0] for key, value in tensors.items() if key.endswith(".head.weight") and value.ndim == 2]
+    heads = [
+        value.shape[0] for key, value in tensors.items()
+        if key.endswith(".weight") and key[: -len(".weight")].rpartition(".")[2] in _HEAD_MODULES and value.ndim in (2, 4)
+    ]
     return heads[0] if heads else None
 
 
@@ -67,10 +102,10 @@ def _resolve_config(
             raise CommandError(f"{src} holds {config.num_classes} classes, but --num-classes {num_classes} was given")
         return config
     if model is None:
-        raise CommandError(f"{src} does not record its model: pass --model NAME (one of {', '.join(list_configs())})")
+        raise CommandError(f"{src} does not record its model: pass --model NAME (one of {', '.join(list_model_names())})")
     num_classes = num_classes if num_classes is not None else _head_classes(tensors)
     try:
-        return get_config(model, num_classes=num_classes)
+        return get_model_config(model, num_classes=num_classes)
     except ValueError as exc:
         raise CommandError(str(exc)) from exc
 
@@ -85,9 +120,9 @@ def read_weights(path: str, model: str | None = None, num_classes: int | None = 
 def _checked(config: DVTConfig, tensors: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
     """The tensors, validated against the model `config` describes, as float32 in the model's key order."""
     from dvt_torch.convert import from_canonical, to_canonical
-    from dvt_torch.dvt import DVT
+    from dvt_torch.vt import build_model
 
-    return to_canonical(from_canonical(DVT(config), tensors, source=source))
+    return to_canonical(from_canonical(build_model(config), tensors, source=source))
 
 
 def _write(path: str, kind: str, tensors: dict[str, np.ndarray], config: DVTConfig, metadata, flops) -> None:
@@ -96,11 +131,11 @@ def _write(path: str, kind: str, tensors: dict[str, np.ndarray], config: DVTConf
 
         write_release_checkpoint(path, tensors, flops=flops)
     elif kind == "safetensors":
-        from dvt_shared.flops import exit_gflops
+        from dvt_shared.models import model_gflops
         from dvt_shared.weight_format import WeightMetadata, save_canonical
 
         if metadata is None:
-            metadata = WeightMetadata(config=config, exit_flops=flops or list(exit_gflops(config)))
+            metadata = WeightMetadata(config=config, exit_flops=flops or list(model_gflops(config)))
         save_canonical(path, tensors, metadata)
     else:
         from dvt_mindspore.convert import save_ckpt
@@ -125,11 +160,11 @@ def _add_convert(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="weights to read")
     parser.add_argument("dst", help="file to write (replaced atomically)")
     parser.add_argument(
-        "--model", choices=list_configs(), metavar="NAME",
-        help=f"registered config of the weights, needed when SRC records none (.pth, .ckpt): {', '.join(list_configs())}",
+        "--model", choices=list_model_names(), metavar="NAME",
+        help=f"registered config of the weights, needed when SRC records none (.pth, .ckpt): {', '.join(list_model_names())}",
     )
     parser.add_argument(
-        "--num-classes", type=int, help="classes of the heads (default: read from the weights' head)",
+        "--num-classes", type=positive_int, help="classes of the heads (default: read from the weights' head)",
     )
     parser.set_defaults(handler=_convert)
 
@@ -156,7 +191,7 @@ def _subcommands() -> tuple[Callable, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     debug_help = "show the full traceback of an error"
-    parser = argparse.ArgumentParser(prog="dvt", description="Dynamic Vision Transformer tools.")
+    parser = _Parser(prog="dvt", description="Dynamic Vision Transformer tools.")
     parser.add_argument("--debug", action="store_true", help=debug_help)
     # Also accepted after the subcommand; SUPPRESS keeps a --debug given before it.
     common = argparse.ArgumentParser(add_help=False)
@@ -167,9 +202,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _outputs(args: argparse.Namespace) -> list[tuple[str, Callable[[str], str]]]:
+    """Every path `args.command` will write, with the check it must pass first."""
+    if args.command == "convert":
+        return [(args.dst, check_writable_file)]
+    if args.command == "calibrate" and args.out:
+        return [(args.out, check_writable_file)]
+    if args.command in ("export", "evaluate", "demo") or (args.command == "train" and args.out):
+        return [(args.out, check_writable_dir)]
+    return []
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        for path, check in _outputs(args):
+            check(path)
         args.handler(args)
     except Exception as exc:
         if args.debug:

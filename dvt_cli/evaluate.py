@@ -1,11 +1,14 @@
 """`dvt evaluate` and `dvt demo`: per-exit accuracy, the accuracy-compute curve, both backends.
 
 Thresholds are always found on held-out training images and evaluated on the test set,
-as the release does. The report is written as Markdown, JSON and a PNG plot under --out.
+as the release does. A single-exit classifier (VT-ResNet, ResNet) gets its accuracy,
+GFLOPs and parameters instead, side by side with the baseline's when one is given. The
+report is written as Markdown, JSON and a PNG plot under --out.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import time
 from dataclasses import dataclass
@@ -30,6 +33,7 @@ class Evaluated:
     thresholds: list[float] | None
     test_probs: np.ndarray
     calib_probs: np.ndarray | None  # held-out training images, for thresholds (DVT only)
+    params: int  # trainable parameters
 
 
 def fashion_mnist(data_dir: str | None) -> dict[str, np.ndarray]:
@@ -50,9 +54,12 @@ def score(path: str, data: dict, calibrate: bool = True) -> Evaluated:
     if config.in_chans != 1 or config.img_size != 28:
         raise CommandError(f"{path}: {config.name} does not take Fashion-MNIST's 1x28x28 images")
     model = torch_model(config, tensors)
+    # Only a cascade has thresholds to find.
+    calibrate = calibrate and isinstance(config, DVTConfig)
     return Evaluated(
         config, tensors, metadata.thresholds if metadata is not None else None,
         all_exit_probs(model, data["test_images"]), all_exit_probs(model, data["calib_images"]) if calibrate else None,
+        sum(p.numel() for p in model.parameters()),
     )
 
 
@@ -79,10 +86,11 @@ def accuracy_compute_curve(dvt: Evaluated, labels: np.ndarray) -> dict:
 
 
 def baseline_point(static: Evaluated, labels: np.ndarray) -> dict:
-    from dvt_shared.flops import exit_gflops
+    """Accuracy (%), GFLOPs and parameters of a model's last exit."""
+    from dvt_shared.models import model_gflops
 
-    return {"model": static.config.name, "gflops": exit_gflops(static.config)[-1],
-            "accuracy": float((static.test_probs[-1].argmax(-1) == labels).mean() * 100)}
+    return {"model": static.config.name, "family": static.config.family, "gflops": model_gflops(static.config)[-1],
+            "accuracy": float((static.test_probs[-1].argmax(-1) == labels).mean() * 100), "params": static.params}
 
 
 def matching_budget(curve: dict, baseline: dict) -> dict | None:
@@ -122,6 +130,16 @@ def mindspore_agreement(dvt: Evaluated, images: np.ndarray, thresholds) -> dict:
     }
 
 
+def _save_figure(fig, path: Path) -> None:
+    """PNG bytes rendered in memory, then written atomically: a failed render leaves nothing behind."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def plot(curve: dict, baseline: dict | None, path: Path) -> None:
     import matplotlib
 
@@ -145,10 +163,7 @@ def plot(curve: dict, baseline: dict | None, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    _save_figure(fig, path)
 
 
 def markdown(report: dict) -> str:
@@ -176,10 +191,62 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate(weights: str, baseline: str | None, data_dir: str | None, out: Path, mindspore: bool) -> dict:
-    data = fashion_mnist(data_dir)
+def classifier_agreement(evaluated: Evaluated, images: np.ndarray) -> dict:
+    """MindSpore (graph mode) on the same images: predictions and probabilities vs PyTorch."""
+    import mindspore as ms
+    from tqdm import tqdm
+
+    from dvt_mindspore.convert import from_canonical
+    from dvt_mindspore.vt import build_model
+    from dvt_shared.exit_policy import softmax
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    model = from_canonical(build_model(evaluated.config), evaluated.tensors)
+    model.set_train(False)
+    batch, chunks = 500, []
+    for start in tqdm(range(0, len(images), batch), desc="MindSpore", unit="batch", leave=False):
+        chunks.append(model(ms.Tensor(images[start:start + batch])).asnumpy())
+    ms_probs, torch_probs = softmax(np.concatenate(chunks)), evaluated.test_probs[-1]
+    return {
+        "images": len(images),
+        "same_prediction": int((torch_probs.argmax(-1) == ms_probs.argmax(-1)).sum()),
+        "max_abs_prob_delta": float(np.abs(torch_probs - ms_probs).max()),
+    }
+
+
+def classifier_plot(points: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for point, colour in zip(points, ("tab:blue", "tab:red", "tab:green", "tab:gray")):
+        ax.plot([point["gflops"] * 1e3], [point["accuracy"]], "o", color=colour, markersize=9,
+                label=f"{point['model']} ({point['params'] / 1e6:.2f}M parameters)")
+    ax.set_xlabel("MFLOPs (multiply-adds) per image")
+    ax.set_ylabel("Fashion-MNIST test accuracy (%)")
+    ax.set_title("accuracy vs compute")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def classifier_markdown(report: dict) -> str:
+    lines = ["# Fashion-MNIST test set", "", "| model | family | accuracy (%) | MFLOPs | parameters (M) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {p['model']} | {p['family']} | {p['accuracy']:.2f} | {p['gflops'] * 1e3:.2f} | {p['params'] / 1e6:.3f} |"
+              for p in report["classifiers"]]
+    agreement = report.get("mindspore")
+    if agreement:
+        lines += ["", f"MindSpore (graph mode) on the same {agreement['images']} images ({report['classifiers'][0]['model']}): "
+                  f"same prediction {agreement['same_prediction']}, max |d prob| {agreement['max_abs_prob_delta']:.1e}."]
+    return "\n".join(lines) + "\n"
+
+
+def _cascade_report(dvt: Evaluated, weights: str, baseline: str | None, data: dict, mindspore: bool) -> dict:
     labels = data["test_labels"]
-    dvt = score(weights, data)
     if dvt.config.num_exits < 2:
         raise CommandError(f"{weights} holds a single-exit model; pass the DVT as --weights and it as --baseline")
     report = {"dvt": accuracy_compute_curve(dvt, labels)}
@@ -189,17 +256,46 @@ def evaluate(weights: str, baseline: str | None, data_dir: str | None, out: Path
     if mindspore:
         thresholds = dvt.thresholds or report["dvt"]["budgets"][len(BUDGET_FRACTIONS) // 2]["thresholds"]
         report["mindspore"] = mindspore_agreement(dvt, data["test_images"], thresholds)
+    return report
+
+
+def _classifier_report(model: Evaluated, baseline: str | None, data: dict, mindspore: bool) -> dict:
+    labels = data["test_labels"]
+    points = [baseline_point(model, labels)]
+    if baseline:
+        points.append(baseline_point(score(baseline, data, calibrate=False), labels))
+    report = {"classifiers": points}
+    if mindspore:
+        report["mindspore"] = classifier_agreement(model, data["test_images"])
+    return report
+
+
+def render(report: dict) -> str:
+    """The report as Markdown, for a cascade or for single-exit classifiers."""
+    return classifier_markdown(report) if "classifiers" in report else markdown(report)
+
+
+def evaluate(weights: str, baseline: str | None, data_dir: str | None, out: Path, mindspore: bool) -> dict:
+    data = fashion_mnist(data_dir)
+    evaluated = score(weights, data)
+    if isinstance(evaluated.config, DVTConfig):
+        report = _cascade_report(evaluated, weights, baseline, data, mindspore)
+    else:
+        report = _classifier_report(evaluated, baseline, data, mindspore)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "evaluation.json", json.dumps(report, indent=1).encode())
-    atomic_write_bytes(out / "evaluation.md", markdown(report).encode())
-    plot(report["dvt"], report.get("baseline"), out / "accuracy_vs_gflops.png")
+    atomic_write_bytes(out / "evaluation.md", render(report).encode())
+    if "classifiers" in report:
+        classifier_plot(report["classifiers"], out / "accuracy_vs_gflops.png")
+    else:
+        plot(report["dvt"], report.get("baseline"), out / "accuracy_vs_gflops.png")
     return report
 
 
 def _evaluate(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     report = evaluate(args.weights, args.baseline, args.data_dir, Path(args.out), not args.no_mindspore)
-    print(markdown(report))
+    print(render(report))
     print(f"wrote {args.out}/evaluation.md, evaluation.json, accuracy_vs_gflops.png in {time.perf_counter() - start:.0f} s")
 
 
@@ -208,10 +304,11 @@ def add_evaluate(subparsers, common: argparse.ArgumentParser) -> None:
         "evaluate", parents=[common], help="per-exit accuracy and the accuracy-compute curve on Fashion-MNIST",
         description="Per-exit accuracy, the release's p sweep and budget targets (thresholds from held-out "
                     "training images, evaluated on the test set), the static baseline's point, and MindSpore's "
-                    "agreement with PyTorch; written as Markdown, JSON and PNG under --out.",
+                    "agreement with PyTorch; for a VT-ResNet or ResNet, its accuracy, GFLOPs and parameters beside "
+                    "the baseline's; written as Markdown, JSON and PNG under --out.",
     )
-    parser.add_argument("--weights", required=True, help="DVT weights (.safetensors, .pth, .ckpt)")
-    parser.add_argument("--baseline", help="static baseline weights, for its point on the curve")
+    parser.add_argument("--weights", required=True, help="DVT, VT-ResNet or ResNet weights (.safetensors, .pth, .ckpt)")
+    parser.add_argument("--baseline", help="baseline weights (the DVT's static baseline, or any classifier), for comparison")
     parser.add_argument("--data-dir", help="folder with the four Fashion-MNIST IDX files")
     parser.add_argument("--out", default="out", help="report folder (default out/)")
     parser.add_argument("--no-mindspore", action="store_true", help="skip the MindSpore agreement check")

@@ -9,18 +9,19 @@ import numpy as np
 
 from dvt_shared.configs import DVTConfig
 
-from . import CommandError, read_weights
+from . import CommandError, positive_float, positive_int, read_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKENDS = ("torch", "mindspore", "onnx")
 
 
-def torch_model(config: DVTConfig, tensors):
+def torch_model(config, tensors):
+    """The PyTorch model `config` describes (DVT or VT), holding `tensors`, in eval mode."""
     from dvt_torch.convert import from_canonical
-    from dvt_torch.dvt import DVT
+    from dvt_torch.vt import build_model
 
-    return from_canonical(DVT(config), tensors).eval()
+    return from_canonical(build_model(config), tensors).eval()
 
 
 def load_images(paths: list[str], config: DVTConfig) -> np.ndarray:
@@ -80,16 +81,18 @@ def _calibration_images(args, config: DVTConfig) -> tuple[np.ndarray, np.ndarray
 
 
 def all_exit_probs(model, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    """(exits, n, classes) softmax outputs of every exit, PyTorch, in batches with a progress bar."""
+    """(exits, n, classes) softmax outputs of every exit (one for a VT model), PyTorch, in batches with a progress bar."""
     import torch
     from tqdm import tqdm
 
     from dvt_shared.exit_policy import softmax
+    from dvt_torch.vt import exit_logits
 
     chunks = []
     with torch.inference_mode():
         for start in tqdm(range(0, len(images), batch), desc="scoring", unit="batch", leave=False):
-            chunks.append(np.stack([o.numpy() for o in model(torch.from_numpy(images[start:start + batch]))]))
+            outputs = exit_logits(model(torch.from_numpy(images[start:start + batch])))
+            chunks.append(np.stack([o.numpy() for o in outputs]))
     return softmax(np.concatenate(chunks, axis=1))
 
 
@@ -101,9 +104,16 @@ def _calibrate(args: argparse.Namespace) -> None:
     if not args.weights.endswith(".safetensors"):
         raise CommandError("calibrate stores thresholds in a canonical .safetensors file; convert the weights first")
     config, tensors, metadata, _ = read_weights(args.weights)
+    gflops = np.asarray(exit_gflops(config))
+    # Checked before the images are scored, which is the slow part.
+    if args.budget is not None and not gflops[0] <= args.budget <= gflops[-1]:
+        raise CommandError(
+            f"--budget {args.budget} is outside [{gflops[0]:.6g}, {gflops[-1]:.6g}], the GFLOPs of the first "
+            f"and of the last exit of {config.name}"
+        )
     images, labels = _calibration_images(args, config)
     probs = all_exit_probs(torch_model(config, tensors), images)
-    gflops = np.asarray(exit_gflops(config))
+    exit_policy.check_calibration_data(probs, labels)
     if args.budget is not None:
         thresholds = exit_policy.thresholds_for_budget(probs, gflops, args.budget)
     elif args.accuracy is not None:
@@ -130,11 +140,12 @@ def add_calibrate(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="folder with the four Fashion-MNIST IDX files")
     parser.add_argument("--split", choices=("train", "test"), default="train",
                         help="split to calibrate on (default train, as the release does; never tune on test)")
-    parser.add_argument("--limit", type=int, default=10000, help="images to use (default 10000)")
+    parser.add_argument("--limit", type=positive_int, default=10000, help="images to use (default 10000)")
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--p", type=float, default=1.0, help="release's geometric exit shares proportional to p^k")
-    target.add_argument("--budget", type=float, help="target average GFLOPs per image")
-    target.add_argument("--accuracy", type=float, help="target accuracy in %%")
+    target.add_argument("--p", type=positive_float, default=1.0,
+                        help="release's geometric exit shares proportional to p^k")
+    target.add_argument("--budget", type=positive_float, help="target average GFLOPs per image")
+    target.add_argument("--accuracy", type=positive_float, help="target accuracy in %%")
     parser.add_argument("--out", help="write here instead of updating --weights in place")
     parser.set_defaults(handler=_calibrate)
 
@@ -201,7 +212,7 @@ def add_predict(subparsers, common: argparse.ArgumentParser) -> None:
                         "(default: the calibrated ones stored with the weights)")
     parser.add_argument("--onnx-dir", help="graphs from `dvt export --format onnx` (default: export to a temp dir)")
     parser.add_argument("--model", help="registered config, for weights that record none")
-    parser.add_argument("--num-classes", type=int)
+    parser.add_argument("--num-classes", type=positive_int)
     parser.set_defaults(handler=_predict)
 
 
@@ -233,5 +244,5 @@ def add_export(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("onnx", "mindir"), required=True)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--model", help="registered config, for weights that record none")
-    parser.add_argument("--num-classes", type=int)
+    parser.add_argument("--num-classes", type=positive_int)
     parser.set_defaults(handler=_export)

@@ -1,10 +1,14 @@
-"""Put two finished training runs (DVT and its static baseline) into weights/ with a manifest.
+"""Put two finished training runs into weights/ with a manifest: DVT and its static baseline,
+or (--vt) the VT-ResNet and its plain ResNet.
 
     python -m dvt_cli.ship runs/dvt_fmnist runs/dvt_fmnist_static
+    python -m dvt_cli.ship --vt runs/vt_resnet_fmnist runs/resnet_fmnist
 
 The DVT's thresholds are calibrated on held-out training images for an average budget of
 half the static baseline's cost, stored in its metadata, and everything a user compares
-(sha256, config, recipe, epochs, wall time, test metrics) goes into weights/manifest.json.
+(sha256, config, recipe, epochs, wall time, test metrics; GFLOPs and parameters) goes into
+weights/manifest.json under the roles "dvt" and "static", or "vt" and "resnet". Shipping
+one pair keeps the other pair's entries.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from dvt_shared.io_utils import atomic_write_bytes, sha256_file
 from dvt_shared.weight_format import load_canonical, save_canonical
 
 from .demo import MANIFEST, WEIGHTS_DIR
-from .evaluate import fashion_mnist, score
+from .evaluate import baseline_point, fashion_mnist, score
 
 
 def run_summary(run: Path) -> dict:
@@ -59,16 +63,44 @@ def ship(dvt_run: Path, static_run: Path) -> dict:
         "test_exit_shares": (result.exit_counts / len(labels)).tolist(),
         "calibration": "10,000 held-out training images (seeded sample), budget = half the static baseline's GFLOPs",
     })
+    return write_manifest(manifest)
+
+
+def write_manifest(entries: dict) -> dict:
+    """weights/manifest.json with `entries` added or replaced by role, the other roles kept."""
+    manifest = json.loads(MANIFEST.read_text()) if MANIFEST.is_file() else {}
+    manifest.update(entries)
     atomic_write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
 
 
+def ship_classifiers(vt_run: Path, resnet_run: Path) -> dict:
+    """Ship a VT-ResNet run and its plain-ResNet run with test accuracy, GFLOPs and parameters."""
+    data = fashion_mnist(None)
+    entries = {}
+    for role, run in (("vt", vt_run), ("resnet", resnet_run)):
+        tensors, metadata = load_canonical(run / "final.safetensors")
+        target = WEIGHTS_DIR / f"{metadata.config.name}.safetensors"
+        save_canonical(target, tensors, metadata)
+        point = baseline_point(score(str(target), data, calibrate=False), data["test_labels"])
+        entries[role] = {
+            "file": target.name, "sha256": sha256_file(target), "config": metadata.config.to_dict(),
+            "recipe": json.loads(metadata.provenance), **run_summary(run),
+            "test_accuracy": point["accuracy"], "gflops": point["gflops"], "params": point["params"],
+        }
+    return write_manifest(entries)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dvt_run", type=Path)
-    parser.add_argument("static_run", type=Path)
+    parser.add_argument("--vt", action="store_true", help="the runs are a VT-ResNet and its plain ResNet")
+    parser.add_argument("model_run", type=Path, help="the DVT's run (with --vt: the VT-ResNet's)")
+    parser.add_argument("baseline_run", type=Path, help="the static baseline's run (with --vt: the ResNet's)")
     args = parser.parse_args()
-    manifest = ship(args.dvt_run, args.static_run)
+    if args.vt:
+        manifest = ship_classifiers(args.model_run, args.baseline_run)
+    else:
+        manifest = ship(args.model_run, args.baseline_run)
     print(json.dumps({role: {k: v for k, v in entry.items() if k not in ("config", "recipe")}
                       for role, entry in manifest.items()}, indent=1))
 

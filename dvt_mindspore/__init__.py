@@ -1,6 +1,18 @@
-"""The DVT cascade in MindSpore, parameter for parameter the PyTorch backend's twin."""
+"""The DVT cascade and VT in MindSpore, parameter for parameter the PyTorch backend's twin."""
 from .dvt import DVT, DVTStage, ReuseState, check_images, create_model, multi_exit_loss
 from .layers import Attention, Block, PatchEmbed, T2TStem, TokenPerformer
+from .vt import (
+    VTFPN,
+    FilterTokenizer,
+    Projector,
+    RecurrentTokenizer,
+    ResNet,
+    VTModule,
+    VTResNet,
+    VTTransformer,
+    build_model,
+    create_vt_model,
+)
 
 __all__ = [
     "Attention",
@@ -14,4 +26,14 @@ __all__ = [
     "check_images",
     "create_model",
     "multi_exit_loss",
+    "FilterTokenizer",
+    "Projector",
+    "RecurrentTokenizer",
+    "ResNet",
+    "VTFPN",
+    "VTModule",
+    "VTResNet",
+    "VTTransformer",
+    "build_model",
+    "create_vt_model",
 ]

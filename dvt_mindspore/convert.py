@@ -1,28 +1,31 @@
 """MindSpore model <-> canonical tensors (release key names, float32 NumPy arrays), and `.ckpt` files.
 
 MindSpore names parameters by attribute path, and the attributes carry the PyTorch module
-names, so a name differs from its release key in one way only: LayerNorm's parameters
-are `gamma`/`beta` where the release has `weight`/`bias`. `release_key` and
-`mindspore_names` are that mapping, one direction each.
+names, so a name differs from its release key in one way only: normalisation layers'
+parameters are `gamma`/`beta` where PyTorch has `weight`/`bias`, and BatchNorm's running
+statistics are `moving_mean`/`moving_variance` where PyTorch has `running_mean`/`running_var`.
+`release_key` and `mindspore_names` are that mapping, one direction each.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
+import zlib
 from typing import Any, Mapping
 
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
 
+from dvt_shared.io_utils import atomic_path
 from dvt_shared.weight_format import check_state_dict
 
-_MINDSPORE_NORM_NAMES = {"gamma": "weight", "beta": "bias"}
+_MINDSPORE_NORM_NAMES = {
+    "gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var",
+}
 
 
 def release_key(name: str) -> str:
-    """The release key of MindSpore parameter `name` (gamma/beta -> weight/bias)."""
+    """The release key of MindSpore parameter `name` (gamma/beta -> weight/bias, moving_* -> running_*)."""
     prefix, _, leaf = name.rpartition(".")
     if leaf in _MINDSPORE_NORM_NAMES:
         return f"{prefix}.{_MINDSPORE_NORM_NAMES[leaf]}" if prefix else _MINDSPORE_NORM_NAMES[leaf]
@@ -32,8 +35,9 @@ def release_key(name: str) -> str:
 def mindspore_names(tensors: Mapping[str, Any]) -> dict[str, str]:
     """MindSpore parameter name of every release key in `tensors` (arrays or shapes).
 
-    In this architecture only normalisation layers have a one-dimensional `weight`;
-    their `weight`/`bias` become `gamma`/`beta`, every other key stays as it is.
+    In these architectures only normalisation layers have a one-dimensional `weight`;
+    their `weight`/`bias` become `gamma`/`beta` and their `running_mean`/`running_var`
+    `moving_mean`/`moving_variance`; every other key stays as it is.
     """
     norms = {
         key[: -len(".weight")] for key, value in tensors.items()
@@ -75,25 +79,50 @@ def from_canonical(model: nn.Cell, tensors: Mapping[str, np.ndarray], source: st
 def save_ckpt(model_or_tensors: nn.Cell | Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
     """Write a model, or canonical tensors, as a MindSpore `.ckpt` under MindSpore's own names.
 
-    The file loads with `mindspore.load_checkpoint(path, net)`. It is written to a
-    temporary name beside `path` and renamed over it, so `path` is never half-written.
+    The file loads with `mindspore.load_checkpoint(path, net)` and carries a CRC32 that
+    `load_ckpt` checks. It is written to a temporary name beside `path` and renamed over
+    it, so `path` is never half-written.
     """
     tensors = to_canonical(model_or_tensors) if isinstance(model_or_tensors, nn.Cell) else model_or_tensors
     names = mindspore_names(tensors)
     entries = [{"name": names[key], "data": Tensor(np.asarray(value))} for key, value in tensors.items()]
-    path = os.fspath(path)
-    parent, base = os.path.split(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(f"cannot write {path}: directory {parent} does not exist")
     # MindSpore appends .ckpt to any other name, so the temporary name ends in it.
-    tmp = os.path.join(parent, f".{base}.{secrets.token_hex(8)}.tmp.ckpt")
-    try:
-        ms.save_checkpoint(entries, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path, suffix=".ckpt") as tmp:
+        ms.save_checkpoint(entries, tmp, crc_check=True)
+
+
+# MindSpore ends a checkpoint saved with crc_check=True with this marker and the CRC32 of
+# everything before it, as 10 big-endian bytes.
+_CRC_MARKER = b"crc_num"
+_CRC_BYTES = 10
+_CHUNK_BYTES = 1 << 20
+
+
+def _check_crc(path: str) -> None:
+    """ValueError if the checkpoint carries a CRC32 (save_ckpt's do) that its contents do not match.
+
+    Checked here rather than by MindSpore, which reports a mismatch as a permission problem.
+    """
+    size = os.path.getsize(path)
+    trailer = len(_CRC_MARKER) + _CRC_BYTES
+    with open(path, "rb") as handle:
+        handle.seek(max(0, size - trailer))
+        tail = handle.read()
+        if not tail.startswith(_CRC_MARKER):
+            return
+        handle.seek(0)
+        actual, remaining = 0, size - trailer
+        while remaining > 0:
+            chunk = handle.read(min(_CHUNK_BYTES, remaining))
+            if not chunk:
+                break
+            actual = zlib.crc32(chunk, actual)
+            remaining -= len(chunk)
+    recorded = int.from_bytes(tail[len(_CRC_MARKER):], "big")
+    if actual != recorded:
+        raise ValueError(
+            f"{path} is damaged: the CRC32 of its contents is {actual:#010x}, it was {recorded:#010x} when written"
+        )
 
 
 def load_ckpt(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -103,6 +132,7 @@ def load_ckpt(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise IsADirectoryError(f"{path} is a directory, not a checkpoint")
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    _check_crc(path)
     try:
         params = ms.load_checkpoint(path)
     except (ValueError, RuntimeError, TypeError) as exc:

@@ -15,6 +15,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import TruncatedNormal, initializer
 
 from dvt_shared.configs import DVTConfig, get_config
+from dvt_shared.image_checks import check_finite, check_image_dtype, check_image_shape
 from dvt_shared.token_schedule import resample_matrix_1d, sinusoid_table
 
 from .layers import Block, PatchEmbed, T2TStem, dense, gelu, layer_norm, resample_relations
@@ -33,18 +34,16 @@ class ReuseState(NamedTuple):
     relations: Tensor | None
 
 
-def check_images(x: Tensor, config: DVTConfig) -> None:
-    """Reject anything but a floating (B, C, H, W) batch of the config's size."""
-    expected = (config.in_chans, config.img_size, config.img_size)
+def check_images(x: Tensor, config: DVTConfig, dtype=None) -> None:
+    """Reject anything but a finite floating (B, C, H, W) batch of the config's size (in `dtype`, if given)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"images must be a mindspore.Tensor, got {type(x).__name__}")
-    if x.ndim != 4 or tuple(x.shape[1:]) != expected or x.shape[0] < 1:
-        raise ValueError(
-            f"{config.name} expects images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}) with B >= 1, "
-            f"got {tuple(x.shape)}"
-        )
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"images must be floating point, got {x.dtype}")
+    check_image_shape(x.shape, config)
+    check_image_dtype(x.dtype, x.dtype in _FLOAT_DTYPES, dtype)
+    # One reduction in the common case; the per-image scan only to word the error.
+    finite = ops.isfinite(x)
+    if not bool(finite.all()):
+        check_finite(finite.reshape(x.shape[0], -1).all(axis=1).asnumpy())
 
 
 def _constant(matrix: np.ndarray) -> Tensor:
@@ -141,6 +140,11 @@ class DVT(nn.Cell):
     def num_exits(self) -> int:
         return len(self.stage_names)
 
+    @property
+    def dtype(self):
+        """The dtype the model computes in, which its input must have."""
+        return self.stage(0).cls_token.dtype
+
     def stage(self, index: int) -> DVTStage:
         if not 0 <= index < self.num_exits:
             raise IndexError(f"{self.config.name} has exits 0..{self.num_exits - 1}, got {index}")
@@ -148,7 +152,7 @@ class DVT(nn.Cell):
 
     def forward_stage(self, index: int, x: Tensor, state: ReuseState | None = None) -> tuple[Tensor, ReuseState]:
         """Logits of exit `index` and the reuse state the next exit needs."""
-        check_images(x, self.config)
+        check_images(x, self.config, self.dtype)
         return self.run_stage(index, x, state)
 
     def run_stage(self, index: int, x: Tensor, state: ReuseState | None) -> tuple[Tensor, ReuseState]:
@@ -162,7 +166,7 @@ class DVT(nn.Cell):
 
     def __call__(self, x):
         # Checked here, in Python, so that graph mode compiles only the model itself.
-        check_images(x, self.config)
+        check_images(x, self.config, self.dtype)
         return super().__call__(x)
 
     def construct(self, x):

@@ -35,8 +35,11 @@ def dynamic_stage_inputs(model: DVT, index: int) -> tuple:
 class MindSporeEngine(AdaptiveEngine):
     """Batch handling of the early-exit loop on MindSpore tensors; subclasses run the stages."""
 
+    # The dtype the stages compute in; exported graphs are float32.
+    input_dtype = ms.float32
+
     def _num_images(self, images: Tensor) -> int:
-        check_images(images, self.config)
+        check_images(images, self.config, self.input_dtype)
         return images.shape[0]
 
     def _take(self, images: Tensor, rows: np.ndarray) -> Tensor:
@@ -54,6 +57,7 @@ class AdaptiveDVT(MindSporeEngine):
     def __init__(self, model: DVT, thresholds, max_batch: int = DEFAULT_MAX_BATCH):
         super().__init__(model.config, thresholds, max_batch)
         self.model = model
+        self.input_dtype = model.dtype
         model.set_train(False)
         if ms.get_context("mode") == ms.GRAPH_MODE:
             for index in range(model.num_exits):

@@ -6,7 +6,6 @@ k+1 needs. `ms.load` + `nn.GraphCell` run them, on CPU here and on Ascend for se
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mindspore as ms
@@ -14,13 +13,14 @@ import numpy as np
 from mindspore import Tensor, nn
 
 from dvt_shared.adaptive import DEFAULT_MAX_BATCH, reuse_tensor_names
-from dvt_shared.configs import DVTConfig
-from dvt_shared.io_utils import atomic_write_bytes
+from dvt_shared.export_manifest import read_manifest, stage_entry, write_manifest
+from dvt_shared.io_utils import atomic_path, check_writable_dir
 
 from .dvt import DVT
 from .engine import MindSporeEngine, dynamic_stage_inputs
 
 MANIFEST = "dvt_mindir.json"
+FORMAT = "dvt-mindir-v1"
 
 
 class StageGraph(nn.Cell):
@@ -48,23 +48,20 @@ class StageGraph(nn.Cell):
 
 def export_mindir(model: DVT, out_dir) -> Path:
     """Write one MindIR graph per stage and the manifest into `out_dir`; returns the manifest path."""
-    out_dir = Path(out_dir)
+    out_dir = Path(check_writable_dir(out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     model.set_train(False)
     config = model.config
     stages = []
     for index in range(model.num_exits):
         inputs = tuple(t for t in dynamic_stage_inputs(model, index) if t is not None)
-        tmp_stem = out_dir / f".stage{index}.tmp"
-        ms.export(StageGraph(model, index), *inputs, file_name=str(tmp_stem), file_format="MINDIR")
         path = out_dir / f"stage{index}.mindir"
-        Path(f"{tmp_stem}.mindir").replace(path)
+        # ms.export appends .mindir to any name lacking it
+        with atomic_path(path, suffix=".mindir") as tmp:
+            ms.export(StageGraph(model, index), *inputs, file_name=tmp, file_format="MINDIR")
         previous = ["prev_" + name for name in reuse_tensor_names(config, index - 1)]
-        stages.append({"file": path.name, "inputs": ["images"] + previous,
-                       "outputs": ["logits"] + reuse_tensor_names(config, index)})
-    manifest = {"format": "dvt-mindir-v1", "config": config.to_dict(), "stages": stages}
-    atomic_write_bytes(out_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
-    return out_dir / MANIFEST
+        stages.append(stage_entry(path, ["images"] + previous, ["logits"] + reuse_tensor_names(config, index)))
+    return write_manifest(out_dir, MANIFEST, {"format": FORMAT, "config": config.to_dict(), "stages": stages})
 
 
 class MindIRAdaptiveDVT(MindSporeEngine):
@@ -72,12 +69,9 @@ class MindIRAdaptiveDVT(MindSporeEngine):
 
     def __init__(self, mindir_dir, thresholds, max_batch: int = DEFAULT_MAX_BATCH):
         mindir_dir = Path(mindir_dir)
-        manifest_path = mindir_dir / MANIFEST
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{manifest_path} not found: export with `dvt export --format mindir` first")
-        manifest = json.loads(manifest_path.read_text())
-        super().__init__(DVTConfig.from_dict(manifest["config"]), thresholds, max_batch)
-        self.graphs = [nn.GraphCell(ms.load(str(mindir_dir / stage["file"]))) for stage in manifest["stages"]]
+        config, stages = read_manifest(mindir_dir, MANIFEST, FORMAT, "dvt export --format mindir")
+        super().__init__(config, thresholds, max_batch)
+        self.graphs = [nn.GraphCell(ms.load(str(mindir_dir / stage["file"]))) for stage in stages]
 
     def _run_stage(self, index: int, images: Tensor, state):
         outputs = self.graphs[index](images, *(state or ()))

@@ -91,11 +91,19 @@ def _unpickler_reason(exc: pickle.UnpicklingError) -> str:
     marker = "WeightsUnpickler error:"
     if marker in text:
         text = text.split(marker, 1)[1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # torch wraps the reason in lines that name weights_only: advice to turn it off, and a link.
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line]
     return lines[0] if lines else type(exc).__name__
 
 
-def _load(path: str) -> Any:
+def load_weights_only(path: str | os.PathLike) -> Any:
+    """What `torch.save` stored in `path`, rebuilt by torch's weights-only unpickler.
+
+    Tensors and plain containers only: a file that would run code when unpickled is refused
+    with a ValueError (without torch's advice to load it unsafely), and so is a truncated
+    or corrupt one. For release checkpoints and training checkpoints alike.
+    """
+    path = os.fspath(path)
     kind = _sniff(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -158,7 +166,7 @@ def read_release_checkpoint(path: str | os.PathLike) -> ReleaseCheckpoint:
     with `state_dict` or `model`, or a flat dict of tensors.
     """
     path = os.fspath(path)
-    obj = _load(path)
+    obj = load_weights_only(path)
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a dict of tensors or a checkpoint dict")
     weights_key = next((k for k in STATE_DICT_KEYS if isinstance(obj.get(k), Mapping)), None)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dvt_shared.configs import DVTConfig, get_config
+from dvt_shared.image_checks import check_finite, check_image_dtype, check_image_shape
 from dvt_shared.token_schedule import resample_matrix_1d, sinusoid_table
 
 from .layers import Block, PatchEmbed, T2TStem, init_weights, resample_relations
@@ -30,18 +31,18 @@ class ReuseState(NamedTuple):
     relations: torch.Tensor | None
 
 
-def check_images(x: torch.Tensor, config: DVTConfig) -> None:
-    """Reject anything but a floating (B, C, H, W) batch of the config's size."""
-    expected = (config.in_chans, config.img_size, config.img_size)
+def check_images(x: torch.Tensor, config: DVTConfig, dtype: torch.dtype | None = None) -> None:
+    """Reject anything but a finite floating (B, C, H, W) batch of the config's size (in `dtype`, if given).
+
+    Any memory layout is accepted (channels-last, strided views): every layer reads by index.
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4 or tuple(x.shape[1:]) != expected or x.shape[0] < 1:
-        raise ValueError(
-            f"{config.name} expects images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}) with B >= 1, "
-            f"got {tuple(x.shape)}"
-        )
-    if not x.is_floating_point():
-        raise TypeError(f"images must be floating point, got {x.dtype}")
+    check_image_shape(x.shape, config)
+    check_image_dtype(x.dtype, x.is_floating_point(), dtype)
+    # One reduction in the common case; the per-image scan only to word the error.
+    if not bool(torch.isfinite(x).all()):
+        check_finite(torch.isfinite(x).flatten(1).all(dim=1).cpu().numpy())
 
 
 class DVTStage(nn.Module):
@@ -133,6 +134,11 @@ class DVT(nn.Module):
     def num_exits(self) -> int:
         return len(self.stage_names)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in, which its input must have."""
+        return self.stage(0).cls_token.dtype
+
     def stage(self, index: int) -> DVTStage:
         if not 0 <= index < self.num_exits:
             raise IndexError(f"{self.config.name} has exits 0..{self.num_exits - 1}, got {index}")
@@ -142,7 +148,7 @@ class DVT(nn.Module):
         self, index: int, x: torch.Tensor, state: ReuseState | None = None
     ) -> tuple[torch.Tensor, ReuseState]:
         """Logits of exit `index` and the reuse state the next exit needs."""
-        check_images(x, self.config)
+        check_images(x, self.config, self.dtype)
         return self.run_stage(index, x, state)
 
     def run_stage(self, index: int, x: torch.Tensor, state: ReuseState | None) -> tuple[torch.Tensor, ReuseState]:
@@ -157,7 +163,7 @@ class DVT(nn.Module):
         return logits, new_state
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        check_images(x, self.config)
+        check_images(x, self.config, self.dtype)
         outputs, state = [], None
         for index in range(self.num_exits):
             logits, state = self.run_stage(index, x, state)

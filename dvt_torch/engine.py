@@ -20,7 +20,7 @@ class AdaptiveDVT(AdaptiveEngine):
         self.device = next(model.parameters()).device
 
     def _num_images(self, images: torch.Tensor) -> int:
-        check_images(images, self.config)
+        check_images(images, self.config, self.model.dtype)
         return images.shape[0]
 
     @torch.inference_mode()

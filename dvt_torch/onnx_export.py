@@ -6,7 +6,6 @@ beside the graphs names them, their inputs and outputs, and carries the config.
 """
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -15,12 +14,14 @@ import torch
 from torch import nn
 
 from dvt_shared.adaptive import DEFAULT_MAX_BATCH, AdaptiveEngine, reuse_tensor_names
-from dvt_shared.configs import DVTConfig
-from dvt_shared.io_utils import atomic_write_bytes
+from dvt_shared.export_manifest import read_manifest, stage_entry, write_manifest
+from dvt_shared.image_checks import check_finite, check_image_dtype, check_image_shape
+from dvt_shared.io_utils import atomic_path, check_writable_dir
 
 from .dvt import DVT, ReuseState
 
 MANIFEST = "dvt_onnx.json"
+FORMAT = "dvt-onnx-v1"
 OPSET = 17
 
 
@@ -49,7 +50,7 @@ def export_onnx(model: DVT, out_dir, opset: int = OPSET) -> Path:
 
     model = model.eval()
     config = model.config
-    out_dir = Path(out_dir)
+    out_dir = Path(check_writable_dir(out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     images = torch.zeros(2, config.in_chans, config.img_size, config.img_size)
     stages, state = [], None
@@ -58,21 +59,18 @@ def export_onnx(model: DVT, out_dir, opset: int = OPSET) -> Path:
         graph = StageGraph(model, index).eval()
         args = (images, *(t for t in (state or ()) if t is not None))
         path = out_dir / f"stage{index}.onnx"
-        tmp = out_dir / f".stage{index}.onnx.tmp"
-        with warnings.catch_warnings(), torch.no_grad():
+        with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                graph, args, str(tmp), dynamo=False, opset_version=opset, input_names=graph.inputs,
+                graph, args, tmp, dynamo=False, opset_version=opset, input_names=graph.inputs,
                 output_names=graph.outputs, dynamic_axes={name: {0: "batch"} for name in graph.inputs + graph.outputs},
             )
-        onnx.checker.check_model(str(tmp), full_check=True)
-        tmp.replace(path)
-        stages.append({"file": path.name, "inputs": graph.inputs, "outputs": graph.outputs})
+            onnx.checker.check_model(tmp, full_check=True)
+        stages.append(stage_entry(path, graph.inputs, graph.outputs))
         with torch.no_grad():
             _, state = model.run_stage(index, images, state)
-    manifest = {"format": "dvt-onnx-v1", "opset": opset, "config": config.to_dict(), "stages": stages}
-    atomic_write_bytes(out_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
-    return out_dir / MANIFEST
+    manifest = {"format": FORMAT, "opset": opset, "config": config.to_dict(), "stages": stages}
+    return write_manifest(out_dir, MANIFEST, manifest)
 
 
 class OnnxAdaptiveDVT(AdaptiveEngine):
@@ -82,30 +80,27 @@ class OnnxAdaptiveDVT(AdaptiveEngine):
         import onnxruntime as ort
 
         onnx_dir = Path(onnx_dir)
-        manifest_path = onnx_dir / MANIFEST
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{manifest_path} not found: export with `dvt export --format onnx` first")
-        manifest = json.loads(manifest_path.read_text())
-        config = DVTConfig.from_dict(manifest["config"])
+        config, self.stages = read_manifest(onnx_dir, MANIFEST, FORMAT, "dvt export --format onnx")
         super().__init__(config, thresholds, max_batch)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         self.sessions = [
             ort.InferenceSession(str(onnx_dir / stage["file"]), options, providers=["CPUExecutionProvider"])
-            for stage in manifest["stages"]
+            for stage in self.stages
         ]
-        self.stages = manifest["stages"]
 
     def _num_images(self, images: np.ndarray) -> int:
-        expected = (self.config.in_chans, self.config.img_size, self.config.img_size)
-        if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[1:] != expected or not len(images):
-            shape = getattr(images, "shape", type(images).__name__)
-            raise ValueError(f"{self.config.name} expects a float32 numpy array (B, {', '.join(map(str, expected))}), got {shape}")
+        if not isinstance(images, np.ndarray):
+            raise TypeError(f"images must be a numpy array, got {type(images).__name__}")
+        check_image_shape(images.shape, self.config)
+        check_image_dtype(images.dtype, images.dtype.kind == "f", np.dtype(np.float32))
+        check_finite(np.isfinite(images).reshape(len(images), -1).all(axis=1))
         return images.shape[0]
 
     def _run_stage(self, index: int, images: np.ndarray, state):
-        feeds = {"images": np.ascontiguousarray(images, dtype=np.float32)}
+        # ONNX Runtime reads a dense buffer: strided views (channels-last) are copied once here.
+        feeds = {"images": np.ascontiguousarray(images)}
         feeds.update(state or {})
         outputs = self.sessions[index].run(None, feeds)
         names = self.stages[index]["outputs"]

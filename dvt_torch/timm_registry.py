@@ -1,4 +1,5 @@
-"""Every registered DVT name as a timm model: `timm.create_model("dvt_t2t_vit_12")` works.
+"""Every registered DVT and VT name as a timm model: `timm.create_model("dvt_t2t_vit_12")` and
+`timm.create_model("vt_resnet18")` work.
 
 No weights are ever fetched: `pretrained=True` is refused with a pointer to local loading.
 """
@@ -7,15 +8,17 @@ from __future__ import annotations
 from timm.models import register_model
 
 from dvt_shared.configs import list_configs
+from dvt_shared.vt import list_vt_configs
 
-from .dvt import DVT, create_model
+from .dvt import create_model
+from .vt import create_vt_model
 
 # keyword arguments timm's factory adds that a DVT has no use for
 _TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
-def _entrypoint(name: str):
-    def build(pretrained: bool = False, num_classes: int = 1000, **kwargs) -> DVT:
+def _entrypoint(name: str, factory):
+    def build(pretrained: bool = False, num_classes: int = 1000, **kwargs):
         if pretrained:
             raise ValueError(
                 f"{name}: weights are never downloaded; build the model, then load a local file "
@@ -23,14 +26,16 @@ def _entrypoint(name: str):
             )
         for key in _TIMM_ONLY_KWARGS:
             kwargs.pop(key, None)
-        return create_model(name, num_classes=num_classes, **kwargs)
+        return factory(name, num_classes=num_classes, **kwargs)
 
     build.__name__ = name
     build.__qualname__ = name
     build.__module__ = __name__
-    build.__doc__ = f"timm entry point of the DVT config {name!r} (see dvt_shared.get_config)."
+    build.__doc__ = f"timm entry point of the registered config {name!r} (see dvt_shared.models.get_model_config)."
     return build
 
 
 for _name in list_configs():
-    globals()[_name] = register_model(_entrypoint(_name))
+    globals()[_name] = register_model(_entrypoint(_name, create_model))
+for _name in list_vt_configs():
+    globals()[_name] = register_model(_entrypoint(_name, create_vt_model))

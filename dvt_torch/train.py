@@ -1,9 +1,12 @@
-"""Training of DVT cascades (and their static baselines) on Fashion-MNIST or an image folder.
+"""Training of DVT cascades (and their static baselines) and of the VT classifiers (VT-ResNet
+and its plain ResNet) on Fashion-MNIST or an image folder.
 
     python -m dvt_torch.train --model dvt_t2t_vit_fmnist --epochs 30 --out runs/dvt_fmnist
+    python -m dvt_torch.train --model vt_resnet_fmnist --epochs 6 --out runs/vt_fmnist
     torchrun --nproc_per_node 2 -m dvt_torch.train ...        # data-parallel, one process per device
 
-The loss is the release's: the (optionally weighted) sum of the per-exit cross-entropies.
+The loss is the release's: the (optionally weighted) sum of the per-exit cross-entropies; a
+VT model or ResNet has one exit, so its loss is the plain cross-entropy.
 Every epoch ends with a test evaluation of every exit, a line in OUT/log.jsonl and the
 checkpoint OUT/last.pt, written atomically. The checkpoint holds only tensors and plain
 containers (torch.load(weights_only=True) reads it) and every random state, so --resume
@@ -29,10 +32,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from dvt_shared.configs import DVTConfig, get_config, list_configs
+from dvt_shared.configs import DVTConfig
 from dvt_shared.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_IMAGE_SIZE
-from dvt_shared.flops import exit_gflops
 from dvt_shared.io_utils import atomic_writer
+from dvt_shared.models import ModelConfig, get_model_config, list_model_names, model_gflops
+from dvt_shared.vt import VTFPNConfig
 from dvt_shared.weight_format import WeightMetadata, save_canonical
 
 from .data import (
@@ -46,7 +50,10 @@ from .data import (
     tensor_batches,
     train_transform,
 )
-from .dvt import DVT, multi_exit_loss
+from .checkpoint import load_weights_only
+from .convert import to_canonical
+from .dvt import multi_exit_loss
+from .vt import build_model, exit_logits
 
 CHECKPOINT_NAME = "last.pt"
 FINAL_NAME = "final.safetensors"
@@ -67,7 +74,7 @@ LOG_PROGRESS_INTERVAL_S = 60.0
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Register every training option on `parser` (used by `dvt train` and `python -m dvt_torch.train`)."""
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="dvt_t2t_vit_fmnist", help=f"registered config: {', '.join(list_configs())}")
+    model.add_argument("--model", default="dvt_t2t_vit_fmnist", help=f"registered config: {', '.join(list_model_names())}")
     model.add_argument(
         "--model-overrides", default=None, metavar="JSON",
         help='JSON object of config fields to override, e.g. \'{"embed_dim": 32, "depth": 1}\'',
@@ -188,16 +195,19 @@ def _parse_overrides(text: str | None) -> dict:
     return overrides
 
 
-def _build_config(args, num_classes: int) -> DVTConfig:
-    """The registered config with --model-overrides applied; `stages` may be given in to_dict's JSON form."""
-    config = get_config(args.model, num_classes=num_classes)
+def _build_config(args, num_classes: int) -> ModelConfig:
+    """The registered config with --model-overrides applied; `stages` (DVT) and `trunk`/`vt` (VT)
+    may be given in to_dict's JSON form, the latter as partial objects merged into the registered ones."""
+    config = get_model_config(args.model, num_classes=num_classes)
     overrides = _parse_overrides(args.model_overrides)
     fields = config.to_dict()
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
         raise ValueError(f"unknown config field(s) {unknown} in --model-overrides; known fields: {sorted(fields)}")
     try:
-        return DVTConfig.from_dict({**fields, **overrides})
+        if isinstance(config, DVTConfig):
+            return DVTConfig.from_dict({**fields, **overrides})
+        return config.replace(**overrides)
     except (TypeError, KeyError) as exc:
         raise ValueError(f"--model-overrides does not describe a valid config ({exc})") from exc
 
@@ -324,7 +334,7 @@ def _train_options() -> list[str]:
     return list(vars(add_train_arguments(argparse.ArgumentParser(add_help=False)).parse_args([])))
 
 
-def _recipe(args, dist_ctx: Dist, data: _Data, config: DVTConfig) -> dict:
+def _recipe(args, dist_ctx: Dist, data: _Data, config: ModelConfig) -> dict:
     import timm
 
     return {
@@ -359,7 +369,7 @@ def load_checkpoint(path: str) -> dict:
     """A training checkpoint, read with weights_only=True (tensors and plain containers only)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"cannot resume: {path} does not exist (run without --resume first)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights_only(path)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} training checkpoint")
     return state
@@ -370,13 +380,12 @@ def _write_log(path: str, records: list[dict]) -> None:
         handle.writelines(json.dumps(r) + "\n" for r in records)
 
 
-def _save_weights(path: str, model: DVT, config: DVTConfig, recipe: dict, metrics: dict) -> None:
-    tensors = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+def _save_weights(path: str, model: torch.nn.Module, config: ModelConfig, recipe: dict, metrics: dict) -> None:
     metadata = WeightMetadata(
-        config=config, exit_flops=list(exit_gflops(config)), provenance=json.dumps(recipe, sort_keys=True),
+        config=config, exit_flops=list(model_gflops(config)), provenance=json.dumps(recipe, sort_keys=True),
         extra={k: json.dumps(v) for k, v in metrics.items()},
     )
-    save_canonical(path, tensors, metadata)
+    save_canonical(path, to_canonical(model), metadata)
 
 
 # ---------------------------------------------------------------- loop
@@ -403,7 +412,7 @@ def evaluate(model: torch.nn.Module, batches, device: torch.device, num_exits: i
     for images, labels in batches:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast():
-            outputs = model(images)
+            outputs = exit_logits(model(images))
         correct += torch.stack([(o.argmax(dim=1) == labels).sum() for o in outputs]).cpu()
         seen += labels.numel()
     correct, seen = _all_reduce(dist_ctx, correct, seen)
@@ -444,6 +453,8 @@ def _train(args: argparse.Namespace, dist_ctx: Dist) -> dict:
 
     data = _Data(args, dist_ctx)
     config = _build_config(args, num_classes=len(data.classes))
+    if isinstance(config, VTFPNConfig):
+        raise ValueError(f"{config.name} is a segmentation model; this project has no segmentation data to train it on")
     if data.kind == "fmnist" and (config.in_chans, config.img_size) != (1, FASHION_MNIST_IMAGE_SIZE):
         raise ValueError(
             f"{config.name} takes {config.in_chans}-channel {config.img_size}x{config.img_size} images; Fashion-MNIST "
@@ -457,7 +468,7 @@ def _train(args: argparse.Namespace, dist_ctx: Dist) -> dict:
 
     # The same seed on every rank gives every rank the same initial weights.
     torch.manual_seed(args.seed)
-    model = DVT(config).to(device)
+    model = build_model(config).to(device)
     optimizer = create_optimizer_v2(
         model, "adamw", lr=args.lr, weight_decay=args.weight_decay,
         param_group_fn=lambda m: param_groups_weight_decay(m, args.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY),
@@ -534,7 +545,7 @@ def _train(args: argparse.Namespace, dist_ctx: Dist) -> dict:
     if dist_ctx.is_main:
         print(
             f"training {config.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, "
-            f"{config.num_exits} exits, grids {config.grids}) on {recipe['dataset']['train_samples']} samples, "
+            f"{config.num_exits} exit(s){f', grids {config.grids}' if isinstance(config, DVTConfig) else ''}) on {recipe['dataset']['train_samples']} samples, "
             f"{dist_ctx.world_size} process(es) on {device}, {steps_per_epoch} steps/epoch x {args.epochs} epochs",
             flush=True,
         )
@@ -555,7 +566,7 @@ def _train(args: argparse.Namespace, dist_ctx: Dist) -> dict:
             if mixup is not None:
                 images, targets = mixup(images, labels)
             with autocast():
-                outputs = train_model(images)
+                outputs = exit_logits(train_model(images))
                 loss = multi_exit_loss(outputs, targets, exit_weights, label_smoothing=loss_smoothing)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -653,7 +664,7 @@ def _metrics(history: list[dict], step: int, completed: bool, elapsed: float) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dvt_torch.train", description="Train a DVT cascade (see the module docstring).",
+        prog="python -m dvt_torch.train", description="Train a DVT cascade or a VT classifier (see the module docstring).",
     )
     add_train_arguments(parser)
     args = parser.parse_args(argv)

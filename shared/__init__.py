@@ -11,6 +11,7 @@ from .configs import (
 from .exit_policy import (
     DynamicResult,
     SweepPoint,
+    check_calibration_data,
     confidences,
     dynamic_evaluate,
     exit_indices,
@@ -62,6 +63,7 @@ __all__ = [
     "save_canonical",
     "DynamicResult",
     "SweepPoint",
+    "check_calibration_data",
     "confidences",
     "dynamic_evaluate",
     "exit_indices",

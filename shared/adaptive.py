@@ -64,8 +64,8 @@ class AdaptiveEngine(ABC):
     """Early-exit classifier over a DVT of any backend; subclasses adapt one framework."""
 
     def __init__(self, config: DVTConfig, thresholds, max_batch: int = DEFAULT_MAX_BATCH):
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.config = config
         self.thresholds = check_thresholds(thresholds, config.num_exits)
         self.max_batch = max_batch
@@ -123,7 +123,8 @@ class AdaptiveEngine(ABC):
             going_on = np.flatnonzero(~stops)
             if going_on.size == 0:
                 break
-            active = active[going_on]
-            images = self._take(images, going_on)
-            state = self._take_state(state, going_on)
+            if going_on.size < stops.size:  # nobody left: the batch goes on as it is, no copy
+                active = active[going_on]
+                images = self._take(images, going_on)
+                state = self._take_state(state, going_on)
         return Prediction(logits_out, exit_index, confidence, macs)

@@ -24,6 +24,9 @@ ALL_EXIT = np.float32(-1e8)
 # Shares are float32 in the release, so their sum is 1 only to float32 precision.
 SHARE_SUM_TOL = 1e-5
 
+# Fewest samples a threshold search of this module accepts: one sample separates nothing.
+MIN_CALIBRATION_SAMPLES = 2
+
 # Budget search over the geometric family, in t = log p: a coarse grid on [-12, 12]
 # (beyond it the shares barely move for realistic sample counts), then refinement of
 # the widest cost gaps, capped so that ImageNet-sized sets stay at a few seconds.
@@ -81,6 +84,32 @@ def _check_probs(probs, name: str = "probs") -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float64)
     return arr
+
+
+def check_calibration_data(probs, targets=None) -> None:
+    """ValueError unless `probs` (and `targets`, if given) can calibrate thresholds.
+
+    A threshold is a confidence that separates samples, so calibration needs at least
+    MIN_CALIBRATION_SAMPLES samples, a classifier over at least two classes (with one, every
+    confidence is 1), and labels of more than one class (thresholds tuned on a single class
+    say nothing about the others). The release's own search (`find_thresholds`) runs on
+    anything, as the release does; the searches of this module and `dvt calibrate` check.
+    """
+    arr = _check_probs(probs)
+    _, n, classes = arr.shape
+    if n < MIN_CALIBRATION_SAMPLES:
+        raise ValueError(f"calibration needs at least {MIN_CALIBRATION_SAMPLES} samples, got {n}")
+    if classes < 2:
+        raise ValueError(
+            f"calibration probs have {classes} class: every confidence is 1, so no threshold separates samples"
+        )
+    if targets is not None:
+        labels = np.unique(_check_targets(targets, n))
+        if labels.size < 2:
+            raise ValueError(
+                f"calibration labels hold a single class ({labels[0]}) in {n} samples; "
+                "thresholds tuned on one class do not transfer to the others"
+            )
 
 
 def confidences(probs) -> np.ndarray:
@@ -335,6 +364,7 @@ def thresholds_for_budget(probs, cumulative_flops, budget: float) -> np.ndarray:
     decrease as the budget grows; it is the best of that set, not of all thresholds.
     The cost holds on `probs`; on other data the same thresholds may cost more or less.
     """
+    check_calibration_data(probs)
     conf = _conf32(_check_probs(probs))
     if np.isnan(conf).any():
         raise ValueError("probs give NaN confidences; cannot search thresholds on them")
@@ -357,6 +387,7 @@ def thresholds_for_accuracy(probs, targets, cumulative_flops, accuracy: float) -
 
     Searched over the same budget-independent candidates as `thresholds_for_budget`.
     """
+    check_calibration_data(probs, targets)
     probs = _check_probs(probs)
     conf = _conf32(probs)
     if np.isnan(conf).any():

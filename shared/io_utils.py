@@ -16,8 +16,10 @@ from typing import IO, Iterator
 _WRITE_MODES = ("wb", "w")
 
 
-def _check_target(path: str) -> str:
-    """The file to replace (symlinks followed, so a link keeps pointing at the new file)."""
+def check_writable_file(path: str | os.PathLike) -> str:
+    """The file a write to `path` would replace (symlinks followed, so a link keeps pointing at
+    the new file), after checking that it can be written; OSError subclasses naming the problem."""
+    path = os.fspath(path)
     target = os.path.realpath(path)
     if os.path.isdir(target):
         raise IsADirectoryError(f"cannot write {path}: it is a directory")
@@ -29,7 +31,32 @@ def _check_target(path: str) -> str:
     # The rename would silently replace a read-only file; honour the read-only bit instead.
     if os.path.exists(target) and not os.access(target, os.W_OK):
         raise PermissionError(f"cannot write {path}: the file is read-only")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {path}: no permission to create files in {parent}")
     return target
+
+
+def check_writable_dir(path: str | os.PathLike) -> str:
+    """The absolute path of folder `path` after checking that it is, or can be created as, a
+    writable folder; OSError subclasses naming the problem."""
+    path = os.fspath(path)
+    folder = os.path.realpath(path)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(f"cannot write into {path}: it is a file, not a folder")
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"cannot create folder {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write into {path}: no permission to write in {existing}")
+    return folder
+
+
+def _temporary_name(target: str, suffix: str = "") -> str:
+    """A fresh name beside `target`: os.replace is only atomic within one file system."""
+    parent, name = os.path.split(target)
+    return os.path.join(parent, f".{name}.{secrets.token_hex(8)}.tmp{suffix}")
 
 
 def _fsync_directory(directory: str) -> None:
@@ -56,10 +83,9 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     if mode not in _WRITE_MODES:
         raise ValueError(f"atomic_writer mode must be one of {_WRITE_MODES}, got {mode!r}")
     path = os.fspath(path)
-    target = _check_target(path)
-    parent, name = os.path.split(target)
-    # Same directory as the target: os.replace is only atomic within one file system.
-    tmp = os.path.join(parent, f".{name}.{secrets.token_hex(8)}.tmp")
+    target = check_writable_file(path)
+    parent = os.path.dirname(target)
+    tmp = _temporary_name(target)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     try:
         # Mode 0o666 lets the umask decide permissions, as for a file opened with open().
@@ -73,6 +99,42 @@ def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(parent)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
+    """Yield a temporary file name beside `path` for a library that writes by file name
+    (MindSpore, the ONNX exporter); the file is renamed over `path` only if the block
+    completes, and removed otherwise.
+
+    `suffix` ends the temporary name, for writers that append their own extension to any
+    name lacking it.
+    """
+    path = os.fspath(path)
+    target = check_writable_file(path)
+    parent = os.path.dirname(target)
+    tmp = _temporary_name(target, suffix)
+    try:
+        # Created here, empty, to claim the name and to learn the mode open() would give it:
+        # some writers make their files read-only, which would block the next write.
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except PermissionError as exc:
+        raise PermissionError(f"cannot write {path}: no permission to create files in {parent}") from exc
+    mode = stat.S_IMODE(os.stat(target if os.path.exists(target) else tmp).st_mode)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -3,7 +3,9 @@
 A canonical file is a safetensors file: its tensors are named by the release's state-dict
 keys, and its string metadata holds `format: dvt-canonical-v1` plus one JSON value per
 `dvt.*` key (the model config, cumulative GMACs per exit, exit thresholds, provenance and
-free-form extras). safetensors holds no code, so loading a file can never run any.
+free-form extras). The config's `family` names the model kind: a DVT cascade ("t2t_vit",
+"deit") or a VT model ("vt_resnet", "resnet", "vt_fpn", one exit each). safetensors holds
+no code, so loading a file can never run any.
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from .configs import DVTConfig
 from .io_utils import atomic_write_bytes
+from .models import MODEL_CONFIG_TYPES, ModelConfig, config_from_dict
+from .vt import VT_FAMILIES
 
 FORMAT_KEY = "format"
 FORMAT_VERSION = "dvt-canonical-v1"
@@ -46,15 +49,15 @@ class WeightMetadata:
     extra: any further strings, e.g. metrics serialised as JSON.
     """
 
-    config: DVTConfig
+    config: ModelConfig
     exit_flops: list[float] = field(default_factory=list)
     thresholds: list[float] | None = None
     provenance: str = ""
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
-        if not isinstance(self.config, DVTConfig):
-            raise TypeError(f"config must be a DVTConfig, got {type(self.config).__name__}")
+        if not isinstance(self.config, MODEL_CONFIG_TYPES):
+            raise TypeError(f"config must be a DVTConfig or a VT config, got {type(self.config).__name__}")
         self.exit_flops = [float(x) for x in self.exit_flops]
         if self.exit_flops and len(self.exit_flops) != self.config.num_exits:
             raise ValueError(
@@ -109,10 +112,12 @@ class WeightMetadata:
                 values[key] = json.loads(strings[key])
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{source}: metadata {key} is not valid JSON ({exc})") from exc
+        stored = values[CONFIG_KEY]
+        kind = "VT config" if isinstance(stored, dict) and stored.get("family") in VT_FAMILIES else "DVTConfig"
         try:
-            config = DVTConfig.from_dict(values[CONFIG_KEY])
+            config = config_from_dict(stored)
         except (TypeError, KeyError, ValueError, AttributeError) as exc:
-            raise ValueError(f"{source}: metadata {CONFIG_KEY} is not a valid DVTConfig ({exc})") from exc
+            raise ValueError(f"{source}: metadata {CONFIG_KEY} is not a valid {kind} ({exc})") from exc
         try:
             return cls(
                 config=config,

@@ -23,6 +23,13 @@ class TouchOnLoad:
         return pathlib.Path.touch, (self.marker,)
 
 
+class ShellOnLoad(TouchOnLoad):
+    """Unpickling this runs a shell command (os.system) that creates marker."""
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
 def _state_dict(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
@@ -112,11 +119,12 @@ def test_bfloat16_is_widened_exactly(tmp_path):
     assert np.array_equal(read.state_dict["w"], value.float().numpy())
 
 
+@pytest.mark.parametrize("payload", [TouchOnLoad, ShellOnLoad], ids=["python-call", "shell-command"])
 @pytest.mark.parametrize("legacy", [False, True])
-def test_malicious_pickle_is_refused_without_running(tmp_path, legacy):
+def test_malicious_pickle_is_refused_without_running(tmp_path, legacy, payload):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
-    torch.save({"model_state_dict": _torch_state_dict(), "payload": TouchOnLoad(marker)}, path,
+    torch.save({"model_state_dict": _torch_state_dict(), "payload": payload(marker)}, path,
                _use_new_zipfile_serialization=not legacy)
     assert not marker.exists()
     if not legacy:
@@ -128,6 +136,24 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, legacy):
         read_release_checkpoint(path)
     assert f"refused to load {path}: {REFUSED}" in str(info.value)
     assert not marker.exists()
+
+
+def test_every_loader_refuses_a_command_on_unpickling(tmp_path, capsys):
+    """The same crafted file through `dvt convert` and as a training checkpoint for --resume."""
+    from dvt_cli import main
+    from dvt_torch.train import load_checkpoint
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"model_state_dict": _torch_state_dict(), "format": "dvt-train-checkpoint-v1",
+                "payload": ShellOnLoad(marker)}, path)
+    assert main(["convert", str(path), str(tmp_path / "out.safetensors"), "--model", "dvt_t2t_vit_fmnist"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and REFUSED in err
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(str(path))
+    assert REFUSED in str(info.value) and "weights_only=False" not in str(info.value)
+    assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
 
 
 def test_loader_only_ever_uses_weights_only(tmp_path, monkeypatch):

@@ -116,24 +116,16 @@ def test_work_really_stops():
     hook.remove()
 
 
-def test_nan_images_are_reported_not_assigned(backend):
+def test_nan_logits_are_reported_not_assigned(backend):
+    """An image the model overflows on (finite, but far out of range) gets NaN logits: it is
+    reported as undecided (-1), never assigned to an exit. Images holding NaN themselves are
+    refused before the model runs (test_bad_input)."""
     model = sharp_tiny_model()
     images = torch.randn(4, 1, 28, 28)
-    images[2] = float("nan")
+    images[2] = images[2].sign() * 3e38  # finite, but the first norm's variance overflows
     got = backend.engine(model, [0.5, 0.5, -1e8]).predict(backend.images(images))
-    assert got.exit_index[2] == -1 and got.undecided == 1
+    assert np.isnan(got.confidence[2]) and got.exit_index[2] == -1 and got.undecided == 1
     assert (got.exit_index[[0, 1, 3]] >= 0).all()
-
-
-@pytest.mark.parametrize("thresholds,match", [([0.5, 0.5], "one per exit"), ([0.5, float("nan"), -1e8], "NaN")])
-def test_bad_thresholds(thresholds, match):
-    with pytest.raises(ValueError, match=match):
-        AdaptiveDVT(sharp_tiny_model(), thresholds)
-
-
-def test_wrong_images_rejected():
-    with pytest.raises(ValueError, match=r"\(B, 1, 28, 28\)"):
-        AdaptiveDVT(sharp_tiny_model(), [0.5, 0.5, -1e8]).predict(torch.randn(2, 3, 28, 28))
 
 
 def test_onnx_export_leaves_the_model_in_eval_mode(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 
 from dvt_cli import CommandError
 from dvt_cli import demo
-from dvt_shared import DVTConfig
+from dvt_shared.models import config_from_dict, model_gflops
 from dvt_shared.weight_format import load_canonical
 
 
@@ -13,14 +13,19 @@ def test_manifest_entries_match_their_files():
     if not demo.MANIFEST.is_file():
         pytest.skip("no shipped weights yet")
     manifest = json.loads(demo.MANIFEST.read_text())
-    assert set(manifest) == {"dvt", "static"}
+    assert set(manifest) == {"dvt", "static", "vt", "resnet"}
     for role, entry in manifest.items():
         path, _ = demo.shipped_weights(role)
         _, metadata = load_canonical(path)
-        assert metadata.config == DVTConfig.from_dict(entry["config"])
+        assert metadata.config == config_from_dict(entry["config"])
     assert len(manifest["dvt"]["thresholds"]) == 3
     _, metadata = load_canonical(demo.shipped_weights("dvt")[0])
     assert metadata.thresholds == manifest["dvt"]["thresholds"]
+    assert (manifest["vt"]["config"]["family"], manifest["resnet"]["config"]["family"]) == ("vt_resnet", "resnet")
+    for role in ("vt", "resnet"):
+        entry = manifest[role]
+        assert entry["gflops"] == model_gflops(config_from_dict(entry["config"]))[0]
+        assert entry["params"] > 0 and 10.0 < entry["test_accuracy"] <= 100.0
 
 
 def test_sha256_mismatch_is_refused(tmp_path, monkeypatch):

@@ -8,8 +8,10 @@ the real data set nor more than a few seconds each. One torch thread: on a share
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -53,12 +55,15 @@ def data_dir(tmp_path_factory):
     return str(root)
 
 
-def _args(out, data_dir, *extra):
-    parser = add_train_arguments(argparse.ArgumentParser())
-    return parser.parse_args([
+def _args_list(out, data_dir, *extra):
+    return [
         "--data-dir", data_dir, "--model-overrides", TINY, "--batch-size", "16", "--epochs", "2",
         "--threads", "1", "--no-progress", "--out", str(out), *extra,
-    ])
+    ]
+
+
+def _args(out, data_dir, *extra):
+    return add_train_arguments(argparse.ArgumentParser()).parse_args(_args_list(out, data_dir, *extra))
 
 
 def _weights(path):
@@ -146,23 +151,72 @@ def test_tiny_run_learns_and_writes_its_files(tmp_path, data_dir):
     torch.load(out / "last.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("stop_at", [12, 17], ids=["epoch-boundary", "mid-epoch"])
-def test_resume_is_bit_identical(tmp_path, data_dir, stop_at):
-    # every random source at once: dropout, crop/flip/erase, mixup/cutmix, EMA, clipping
-    recipe = ("--random-erase", "0.5", "--mixup", "0.4", "--cutmix", "1.0", "--ema", "--ema-decay", "0.9",
-              "--clip-grad", "1.0", "--train-subset", "200", "--seed", "3")
-    train(_args(tmp_path / "whole", data_dir, *recipe))
-    partial = train(_args(tmp_path / "split", data_dir, *recipe, "--max-steps", str(stop_at)))
-    assert not partial["completed"] and partial["steps"] == stop_at
-    assert not (tmp_path / "split" / "final.safetensors").exists()
-    resumed = train(_args(tmp_path / "split", data_dir, *recipe, "--resume"))
-    assert resumed["completed"] and resumed["steps"] == 24
+# every random source at once: dropout, crop/flip/erase, mixup/cutmix, EMA, clipping
+RESUME_RECIPE = ("--random-erase", "0.5", "--mixup", "0.4", "--cutmix", "1.0", "--ema", "--ema-decay", "0.9",
+                 "--clip-grad", "1.0", "--train-subset", "200", "--seed", "3")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+    """The run every interrupted one must reproduce: 2 epochs of 12 steps."""
+    out = tmp_path_factory.mktemp("whole")
+    train(_args(out, data_dir, *RESUME_RECIPE))
+    return out
+
+
+def _assert_same_run(whole, split):
     for name in ("final.safetensors", "final_ema.safetensors"):
-        _assert_same_weights(_weights(tmp_path / "whole" / name), _weights(tmp_path / "split" / name))
-    whole_log = [json.loads(x) for x in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
-    split_log = [json.loads(x) for x in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+        _assert_same_weights(_weights(whole / name), _weights(split / name))
+    whole_log = [json.loads(x) for x in (whole / "log.jsonl").read_text().splitlines()]
+    split_log = [json.loads(x) for x in (split / "log.jsonl").read_text().splitlines()]
     strip = lambda r: {k: v for k, v in r.items() if k not in ("epoch_time_s", "elapsed_s")}  # noqa: E731
     assert [strip(r) for r in whole_log] == [strip(r) for r in split_log]
+
+
+@pytest.mark.parametrize(
+    "stop_at", [12, 17, random.Random().randrange(1, 24)], ids=["epoch-boundary", "mid-epoch", "random-step"]
+)
+def test_resume_is_bit_identical(tmp_path, data_dir, uninterrupted, stop_at):
+    print(f"interrupted after step {stop_at}")
+    partial = train(_args(tmp_path, data_dir, *RESUME_RECIPE, "--max-steps", str(stop_at)))
+    assert not partial["completed"] and partial["steps"] == stop_at
+    assert not (tmp_path / "final.safetensors").exists()
+    resumed = train(_args(tmp_path, data_dir, *RESUME_RECIPE, "--resume"))
+    assert resumed["completed"] and resumed["steps"] == 24
+    _assert_same_run(uninterrupted, tmp_path)
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path, data_dir):
+    """A real training process killed with SIGKILL at a random moment after its first
+    checkpoint (mid-step, mid-evaluation or mid-write of last.pt alike), then resumed,
+    ends with the uninterrupted run's weights and log."""
+    recipe = (*RESUME_RECIPE, "--epochs", "4")
+    train(_args(tmp_path / "whole", data_dir, *recipe))
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "dvt_torch.train", *map(str, _args_list(out, data_dir, *recipe))]
+    stderr = tmp_path / "stderr.txt"
+    with open(stderr, "wb") as sink:
+        process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                   stdout=subprocess.DEVNULL, stderr=sink)
+    try:
+        started = time.monotonic()
+        while not (out / "last.pt").exists():
+            assert process.poll() is None, stderr.read_text()[-3000:]
+            assert time.monotonic() - started < 120, "no checkpoint after 2 minutes"
+            time.sleep(0.01)
+        # anywhere in the second and third of four epochs, each about as long as the first
+        epoch_s = json.loads((out / "log.jsonl").read_text().splitlines()[0])["epoch_time_s"]
+        # a generator of its own: pytest plugins may seed the global one
+        delay = random.Random().uniform(0.0, 2 * epoch_s)
+        print(f"killed {delay:.2f} s after the first checkpoint (epochs take {epoch_s} s)")
+        time.sleep(delay)
+    finally:
+        process.kill()
+        process.wait()
+    assert not (out / "final.safetensors").exists(), "the run finished before it could be killed"
+    resumed = train(_args(out, data_dir, *recipe, "--resume"))
+    assert resumed["completed"] and resumed["steps"] == 48
+    _assert_same_run(tmp_path / "whole", out)
 
 
 def test_resume_refuses_a_changed_recipe(tmp_path, data_dir):

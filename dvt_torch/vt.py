@@ -1,0 +1,297 @@
+"""Visual Transformer (VT) in PyTorch: tokenizers, transformer, projector, VT-ResNet, VT-FPN.
+
+Feature maps travel between VT layers as (B, HW, C): X of the paper, one row per
+position. Every softmax names its axis. The ResNet trunks are timm's own blocks
+(`timm.models.resnet.make_blocks`) under timm's key layout, so a timm ResNet's
+`conv1`..`layer3` weights load unchanged. Every width comes from a `dvt_shared.vt` config.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.models.resnet import BasicBlock, Bottleneck, make_blocks
+from torch import nn
+
+from dvt_shared.configs import DVTConfig
+from dvt_shared.vt import (
+    STEM_GEOMETRY,
+    ResNetSpec,
+    VTFPNConfig,
+    VTResNetConfig,
+    VTSpec,
+    check_vt_image_shape,
+    get_vt_config,
+)
+
+_BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+def _linear(in_features: int, out_features: int) -> nn.Linear:
+    """A bias-free weight matrix, as every VT equation has; truncated normal (std 0.02) like ViT's."""
+    layer = nn.Linear(in_features, out_features, bias=False)
+    trunc_normal_(layer.weight, std=0.02)
+    return layer
+
+
+def to_positions(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, HW, C): a transpose of the flattened map, not a reshape, which would mix channels."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def to_map(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, HW, C) -> (B, C, H, W), the inverse of to_positions."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], height, width)
+
+
+class FilterTokenizer(nn.Module):
+    """T = softmax_HW(X W_A)^T X, then the value projection C -> C_T when the widths differ.
+
+    The projection is applied to the L tokens rather than to the HW positions before the
+    average: the result is the same, (A^T X) W_V = A^T (X W_V), at a fraction of the cost.
+    """
+
+    def __init__(self, channels: int, vt: VTSpec):
+        super().__init__()
+        self.attention = _linear(channels, vt.tokens)  # W_A
+        self.value = _linear(channels, vt.token_dim) if vt.projects_values(channels) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attention = torch.softmax(self.attention(x), dim=1)  # (B, HW, L), each token's weights over the positions
+        tokens = attention.transpose(1, 2) @ x
+        return self.value(tokens) if self.value is not None else tokens
+
+
+class RecurrentTokenizer(nn.Module):
+    """W_R = T_in W_{T->R} (one C-wide filter per token), T = softmax_HW(X W_R^T)^T X, then the value projection."""
+
+    def __init__(self, channels: int, vt: VTSpec):
+        super().__init__()
+        self.token_to_filter = _linear(vt.token_dim, channels)  # W_{T->R}
+        self.value = _linear(channels, vt.token_dim) if vt.projects_values(channels) else None
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        filters = self.token_to_filter(tokens)  # (B, L, C)
+        attention = torch.softmax(x @ filters.transpose(1, 2), dim=1)  # (B, HW, L), over the positions
+        tokens = attention.transpose(1, 2) @ x
+        return self.value(tokens) if self.value is not None else tokens
+
+
+class VTTransformer(nn.Module):
+    """T' = T + softmax_L((T K)(T Q)^T) T, T_out = T' + ReLU(T' F1) F2.
+
+    Row i of (T K)(T Q)^T scores every token j for token i; the softmax runs over j, the
+    last axis, so that token i receives a weighted average of the tokens.
+    """
+
+    def __init__(self, vt: VTSpec):
+        super().__init__()
+        self.key = _linear(vt.token_dim, vt.qk_dim)
+        self.query = _linear(vt.token_dim, vt.qk_dim)
+        self.ff1 = _linear(vt.token_dim, vt.mlp_hidden)
+        self.ff2 = _linear(vt.mlp_hidden, vt.token_dim)
+        self.scale = vt.scale(vt.qk_dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        logits = (self.key(tokens) @ self.query(tokens).transpose(1, 2)) * self.scale
+        tokens = tokens + torch.softmax(logits, dim=-1) @ tokens
+        return tokens + self.ff2(torch.relu(self.ff1(tokens)))
+
+
+class Projector(nn.Module):
+    """X_out = X_in + softmax_L((X_in W_Q)(T W_K)^T) T, with the value projection C_T -> C when the widths differ.
+
+    (X W_Q)(T W_K)^T is evaluated as X (T W_K W_Q^T)^T: L filters of width C, then one
+    product per position, instead of mapping every position through W_Q. The two are
+    equal; the second costs HW*C*L instead of HW*C*d multiply-adds.
+    """
+
+    def __init__(self, channels: int, vt: VTSpec):
+        super().__init__()
+        qk_dim = vt.projector_qk_dim(channels)
+        self.query = _linear(channels, qk_dim)  # W_Q, used through its weight (see the class docstring)
+        self.key = _linear(vt.token_dim, qk_dim)
+        self.value = _linear(vt.token_dim, channels) if vt.projects_values(channels) else None
+        self.scale = vt.scale(qk_dim)
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        filters = self.key(tokens) @ self.query.weight  # (B, L, C)
+        attention = torch.softmax((x @ filters.transpose(1, 2)) * self.scale, dim=-1)  # (B, HW, L), over the tokens
+        values = self.value(tokens) if self.value is not None else tokens
+        return x + attention @ values
+
+
+class VTModule(nn.Module):
+    """Tokenizer (filter-based first, recurrent after), transformer, and a projector unless its output would go unused."""
+
+    def __init__(self, channels: int, vt: VTSpec, recurrent: bool, project: bool):
+        super().__init__()
+        self.recurrent = recurrent
+        self.tokenizer = RecurrentTokenizer(channels, vt) if recurrent else FilterTokenizer(channels, vt)
+        self.transformer = VTTransformer(vt)
+        self.projector = Projector(channels, vt) if project else None
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.tokenizer(x, tokens) if self.recurrent else self.tokenizer(x)
+        tokens = self.transformer(tokens)
+        if self.projector is not None:
+            x = self.projector(x, tokens)
+        return x, tokens
+
+
+def resnet_trunk(trunk: ResNetSpec, in_chans: int, stages: int) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the stem and the first `stages` stages, initialised as timm's ResNet is."""
+    (kernel, stride, padding), pool = STEM_GEOMETRY[trunk.stem]
+    norm = partial(nn.BatchNorm2d, eps=trunk.batchnorm_eps, momentum=trunk.batchnorm_momentum)
+    block = _BLOCKS[trunk.block]
+    layers, _ = make_blocks(
+        (block,) * stages, trunk.channels[:stages], trunk.layers[:stages], inplanes=trunk.stem_width, norm_layer=norm,
+    )
+    modules = [
+        ("conv1", nn.Conv2d(in_chans, trunk.stem_width, kernel, stride=stride, padding=padding, bias=False)),
+        ("bn1", norm(trunk.stem_width)),
+        ("act1", nn.ReLU(inplace=True)),
+        ("maxpool", nn.MaxPool2d(*pool) if pool else nn.Identity()),
+        *layers,
+    ]
+    for _, module in modules:
+        for part in module.modules():
+            if isinstance(part, nn.Conv2d):
+                nn.init.kaiming_normal_(part.weight, mode="fan_out", nonlinearity="relu")
+            if hasattr(part, "zero_init_last"):
+                part.zero_init_last()
+    return modules
+
+
+def check_vt_images(x: torch.Tensor, config: VTResNetConfig | VTFPNConfig) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
+    check_vt_image_shape(x.shape, config)
+    if not x.is_floating_point():
+        raise TypeError(f"images must be floating point, got {x.dtype}; normalise them first")
+
+
+class _Trunk(nn.Module):
+    def _add_trunk(self, config, stages: int) -> None:
+        for name, module in resnet_trunk(config.trunk, config.in_chans, stages):
+            self.add_module(name, module)
+        self.trunk_stages = stages
+
+    def run_trunk(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every stage's output."""
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        outputs = []
+        for index in range(1, self.trunk_stages + 1):
+            x = getattr(self, f"layer{index}")(x)
+            outputs.append(x)
+        return outputs
+
+
+class ResNet(_Trunk):
+    """The plain ResNet of a trunk: timm's ResNet keys and computation (average pool, `fc`)."""
+
+    def __init__(self, config: VTResNetConfig):
+        super().__init__()
+        if config.family != "resnet":
+            raise ValueError(f"{config.name} is a {config.family}; build it with VTResNet")
+        self.config = config
+        self._add_trunk(config, stages=4)
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(config.trunk.stage_channels[3], config.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_vt_images(x, self.config)
+        return self.fc(self.global_pool(self.run_trunk(x)[-1]).flatten(1))
+
+
+class VTResNet(_Trunk):
+    """A ResNet's first three stages, VT modules at the third stage's resolution, and a
+    head that averages the last module's tokens and applies a linear map."""
+
+    def __init__(self, config: VTResNetConfig):
+        super().__init__()
+        if config.family != "vt_resnet":
+            raise ValueError(f"{config.name} is a {config.family}; build it with ResNet")
+        self.config = config
+        self._add_trunk(config, stages=3)
+        channels, count = config.feature_channels, config.vt_modules
+        self.vt = nn.ModuleList(
+            VTModule(channels, config.vt, recurrent=i > 0, project=i < count - 1) for i in range(count)
+        )
+        self.head = nn.Linear(config.vt.token_dim, config.num_classes)
+        trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The last module's tokens (B, L, C_T)."""
+        features, tokens = to_positions(self.run_trunk(x)[-1]), None
+        for module in self.vt:
+            features, tokens = module(features, tokens)
+        return tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_vt_images(x, self.config)
+        return self.head(self.forward_tokens(x).mean(dim=1))
+
+
+class VTFPN(_Trunk):
+    """ResNet trunk, FPN lateral 1x1 convolutions, VT in place of the FPN's output convolutions.
+
+    `model(x)` returns (logits, levels): per-pixel logits at stride 4 and the four FPN
+    outputs (B, fpn_channels, h, w), finest first.
+    """
+
+    def __init__(self, config: VTFPNConfig):
+        super().__init__()
+        self.config = config
+        self._add_trunk(config, stages=4)
+        channels, vt = config.fpn_channels, config.vt
+        self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in config.trunk.stage_channels)
+        self.tokenizers = nn.ModuleList(FilterTokenizer(channels, vt) for _ in range(config.num_levels))
+        self.transformer = VTTransformer(vt)
+        self.projectors = nn.ModuleList(Projector(channels, vt) for _ in range(config.num_levels))
+        self.classifier = nn.Conv2d(channels, config.num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        check_vt_images(x, self.config)
+        maps = [lateral(f) for lateral, f in zip(self.lateral, self.run_trunk(x))]
+        positions = [to_positions(m) for m in maps]
+        tokens = self.transformer(torch.cat([tok(p) for tok, p in zip(self.tokenizers, positions)], dim=1))
+        if self.config.projector_tokens == "own_level":
+            level_tokens = tokens.split(self.config.vt.tokens, dim=1)
+        else:
+            level_tokens = (tokens,) * self.config.num_levels
+        levels = tuple(
+            to_map(projector(p, t), *m.shape[-2:])
+            for projector, p, t, m in zip(self.projectors, positions, level_tokens, maps)
+        )
+        finest = levels[0].shape[-2:]
+        merged = levels[0]
+        for level in levels[1:]:
+            merged = merged + F.interpolate(level, size=finest, mode="nearest")
+        return self.classifier(merged), levels
+
+
+def build_model(config) -> nn.Module:
+    """The PyTorch model a config describes: DVT, plain ResNet, VT-ResNet or VT-FPN."""
+    if isinstance(config, DVTConfig):
+        from .dvt import DVT
+
+        return DVT(config)
+    if isinstance(config, VTFPNConfig):
+        return VTFPN(config)
+    if isinstance(config, VTResNetConfig):
+        return VTResNet(config) if config.family == "vt_resnet" else ResNet(config)
+    raise TypeError(f"no model for a {type(config).__name__}")
+
+
+def create_vt_model(name: str, num_classes: int | None = None, **overrides) -> nn.Module:
+    """The VT model (or plain ResNet baseline) of the registered config `name`, fields overridden."""
+    return build_model(get_vt_config(name, num_classes=num_classes, **overrides))
+
+
+def exit_logits(outputs) -> tuple[torch.Tensor, ...]:
+    """A model's outputs as per-exit logits: DVT's tuple as it is, a classifier's one tensor as a 1-tuple."""
+    return (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
