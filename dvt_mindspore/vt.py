@@ -13,13 +13,13 @@ from mindspore import Tensor, nn, ops
 from mindspore.common.initializer import HeNormal, TruncatedNormal
 
 from dvt_shared.configs import DVTConfig
+from dvt_shared.image_checks import check_image_dtype, check_image_shape
 from dvt_shared.vt import (
     STEM_GEOMETRY,
     ResNetSpec,
     VTFPNConfig,
     VTResNetConfig,
     VTSpec,
-    check_vt_image_shape,
     get_vt_config,
 )
 
@@ -240,9 +240,8 @@ class _Trunk(nn.Cell):
         # Checked here, in Python, so that graph mode compiles only the model itself.
         if not isinstance(x, Tensor):
             raise TypeError(f"images must be a mindspore.Tensor, got {type(x).__name__}")
-        check_vt_image_shape(x.shape, self.config)
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"images must be floating point, got {x.dtype}; normalise them first")
+        check_image_shape(x.shape, self.config)
+        check_image_dtype(x.dtype, x.dtype in _FLOAT_DTYPES)
         return super().__call__(x)
 
 

@@ -16,13 +16,13 @@ from timm.models.resnet import BasicBlock, Bottleneck, make_blocks
 from torch import nn
 
 from dvt_shared.configs import DVTConfig
+from dvt_shared.image_checks import check_image_dtype, check_image_shape
 from dvt_shared.vt import (
     STEM_GEOMETRY,
     ResNetSpec,
     VTFPNConfig,
     VTResNetConfig,
     VTSpec,
-    check_vt_image_shape,
     get_vt_config,
 )
 
@@ -168,9 +168,8 @@ def resnet_trunk(trunk: ResNetSpec, in_chans: int, stages: int) -> list[tuple[st
 def check_vt_images(x: torch.Tensor, config: VTResNetConfig | VTFPNConfig) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
-    check_vt_image_shape(x.shape, config)
-    if not x.is_floating_point():
-        raise TypeError(f"images must be floating point, got {x.dtype}; normalise them first")
+    check_image_shape(x.shape, config)
+    check_image_dtype(x.dtype, x.is_floating_point())
 
 
 class _Trunk(nn.Module):

@@ -10,25 +10,28 @@ from typing import Sequence
 
 import numpy as np
 
-from .configs import DVTConfig
 
 
-def check_image_shape(shape: Sequence[int], config: DVTConfig) -> None:
-    """ValueError unless `shape` is (B, C, H, W) with B >= 1 and the config's C, H, W."""
+def check_image_shape(shape: Sequence[int], config) -> None:
+    """ValueError unless `shape` is (B, C, H, W) with B >= 1 and the config's C, H, W.
+
+    `config` is any model config: a square `img_size` (DVT, VT-ResNet) or a (height, width) pair (VT-FPN).
+    """
     shape = tuple(int(d) for d in shape)
-    channels, size = config.in_chans, config.img_size
+    channels = config.in_chans
+    height, width = config.img_size if isinstance(config.img_size, tuple) else (config.img_size, config.img_size)
     if len(shape) != 4:
         problem = f"{len(shape)} dimensions instead of 4"
     elif shape[0] < 1:
         problem = "an empty batch"
     elif shape[1] != channels:
         problem = f"{shape[1]} channels instead of {channels}"
-    elif shape[2:] != (size, size):
-        problem = f"{shape[2]}x{shape[3]} pixels instead of {size}x{size}"
+    elif shape[2:] != (height, width):
+        problem = f"{shape[2]}x{shape[3]} pixels instead of {height}x{width}"
     else:
         return
     raise ValueError(
-        f"{config.name} expects images of shape (B, {channels}, {size}, {size}) with B >= 1, got {shape}: {problem}"
+        f"{config.name} expects images of shape (B, {channels}, {height}, {width}) with B >= 1, got {shape}: {problem}"
     )
 
 

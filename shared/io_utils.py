@@ -74,40 +74,6 @@ def _fsync_directory(directory: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Yield a file object whose contents replace `path` only if the block completes.
-
-    On any exception the temporary file is removed and `path` is left as it was.
-    `mode` is "wb" (bytes) or "w" (UTF-8 text).
-    """
-    if mode not in _WRITE_MODES:
-        raise ValueError(f"atomic_writer mode must be one of {_WRITE_MODES}, got {mode!r}")
-    path = os.fspath(path)
-    target = check_writable_file(path)
-    parent = os.path.dirname(target)
-    tmp = _temporary_name(target)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    try:
-        # Mode 0o666 lets the umask decide permissions, as for a file opened with open().
-        fd = os.open(tmp, flags, 0o666)
-    except PermissionError as exc:
-        raise PermissionError(f"cannot write {path}: no permission to create files in {parent}") from exc
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
-            if os.path.exists(target):
-                os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(parent)
-
-
-@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
     """Yield a temporary file name beside `path` for a library that writes by file name
     (MindSpore, the ONNX exporter); the file is renamed over `path` only if the block
@@ -141,6 +107,19 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
             os.unlink(tmp)
         raise
     _fsync_directory(parent)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Yield a file object whose contents replace `path` only if the block completes.
+
+    On any exception the temporary file is removed and `path` is left as it was.
+    `mode` is "wb" (bytes) or "w" (UTF-8 text).
+    """
+    if mode not in _WRITE_MODES:
+        raise ValueError(f"atomic_writer mode must be one of {_WRITE_MODES}, got {mode!r}")
+    with atomic_path(path) as tmp, open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+        yield handle
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

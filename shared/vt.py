@@ -396,24 +396,6 @@ def get_vt_config(name: str, num_classes: int | None = None, **overrides) -> VTR
     return config.replace(**overrides) if overrides else config
 
 
-def check_vt_image_shape(shape, config: VTResNetConfig | VTFPNConfig) -> None:
-    """ValueError unless `shape` is (B, C, H, W) with B >= 1 and the config's C, H, W."""
-    shape = tuple(int(d) for d in shape)
-    height, width = config.img_size if isinstance(config, VTFPNConfig) else (config.img_size, config.img_size)
-    expected = f"(B, {config.in_chans}, {height}, {width}) with B >= 1"
-    if len(shape) != 4:
-        problem = f"{len(shape)} dimensions instead of 4"
-    elif shape[0] < 1:
-        problem = "an empty batch"
-    elif shape[1] != config.in_chans:
-        problem = f"{shape[1]} channels instead of {config.in_chans}"
-    elif shape[2:] != (height, width):
-        problem = f"{shape[2]}x{shape[3]} pixels instead of {height}x{width}"
-    else:
-        return
-    raise ValueError(f"{config.name} expects images of shape {expected}, got {shape}: {problem}")
-
-
 def vt_config_from_dict(data: dict) -> VTResNetConfig | VTFPNConfig:
     family = data.get("family")
     if family == "vt_fpn":
