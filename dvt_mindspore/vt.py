@@ -23,6 +23,8 @@ from dvt_shared.vt import (
     get_vt_config,
 )
 
+from .layers import batch_matmul, matmul_last
+
 _FLOAT_DTYPES = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
 
 
@@ -51,7 +53,7 @@ class FilterTokenizer(nn.Cell):
 
     def construct(self, x):
         attention = ops.softmax(self.attention(x), axis=1)  # (B, HW, L), each token's weights over the positions
-        tokens = ops.matmul(attention.swapaxes(1, 2), x)
+        tokens = batch_matmul(attention.swapaxes(1, 2), x)
         if self.value is not None:
             tokens = self.value(tokens)
         return tokens
@@ -67,8 +69,8 @@ class RecurrentTokenizer(nn.Cell):
 
     def construct(self, x, tokens):
         filters = self.token_to_filter(tokens)
-        attention = ops.softmax(ops.matmul(x, filters.swapaxes(1, 2)), axis=1)  # over the positions
-        tokens = ops.matmul(attention.swapaxes(1, 2), x)
+        attention = ops.softmax(batch_matmul(x, filters, transpose_b=True), axis=1)  # over the positions
+        tokens = batch_matmul(attention.swapaxes(1, 2), x)
         if self.value is not None:
             tokens = self.value(tokens)
         return tokens
@@ -86,8 +88,8 @@ class VTTransformer(nn.Cell):
         self.scale = vt.scale(vt.qk_dim)
 
     def construct(self, tokens):
-        logits = ops.matmul(self.key(tokens), self.query(tokens).swapaxes(1, 2)) * self.scale
-        tokens = tokens + ops.matmul(ops.softmax(logits, axis=-1), tokens)
+        logits = batch_matmul(self.key(tokens), self.query(tokens), transpose_b=True) * self.scale
+        tokens = tokens + batch_matmul(ops.softmax(logits, axis=-1), tokens)
         return tokens + self.ff2(ops.relu(self.ff1(tokens)))
 
 
@@ -103,12 +105,12 @@ class Projector(nn.Cell):
         self.scale = vt.scale(qk_dim)
 
     def construct(self, x, tokens):
-        filters = ops.matmul(self.key(tokens), self.query.weight)  # (B, L, C)
-        attention = ops.softmax(ops.matmul(x, filters.swapaxes(1, 2)) * self.scale, axis=-1)  # over the tokens
+        filters = matmul_last(self.key(tokens), self.query.weight)  # (B, L, C)
+        attention = ops.softmax(batch_matmul(x, filters, transpose_b=True) * self.scale, axis=-1)  # over the tokens
         values = tokens
         if self.value is not None:
             values = self.value(tokens)
-        return x + ops.matmul(attention, values)
+        return x + batch_matmul(attention, values)
 
 
 class VTModule(nn.Cell):
