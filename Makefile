@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp-install
 
-.PHONY: setup data demo test test-fast parity bench clean
+.PHONY: setup data demo test test-fast test-explore parity bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests parity_tests
+
+# Property tests with fresh random examples (make test replays a fixed set).
+test-explore: setup
+	HYPOTHESIS_PROFILE=explore $(PY) -m pytest -q -p no:cacheprovider tests/test_properties.py tests/test_exit_policy.py
 
 parity: setup
 	$(PY) -m pytest -q -rs parity_tests

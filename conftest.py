@@ -1,7 +1,15 @@
 """Fixtures for tests/ and parity_tests/ alike."""
+import os
 import sys
 
 import pytest
+from hypothesis import settings
+
+# `make test` and CI replay the same examples every run (derandomized, no example database);
+# `make test-explore` draws new ones. A test's own @settings still sets its example count.
+settings.register_profile("repeatable", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ from dvt_shared.flops import exit_gflops, stage_flops
 
 from .dvt import DVT, create_model
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "official_dvt"
+REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "release"
 
 
 def check_release_fixtures() -> None:

@@ -171,8 +171,9 @@ class DVT(nn.Module):
         return tuple(outputs)
 
 
-def create_model(name: str, num_classes: int = 1000, **overrides) -> DVT:
-    """A DVT built from the registered `dvt_shared` config `name` (any field can be overridden)."""
+def create_model(name: str, num_classes: int | None = None, **overrides) -> DVT:
+    """A DVT built from the registered `dvt_shared` config `name`; its class count stands unless
+    `num_classes` (or any other field) is overridden."""
     return DVT(get_config(name, num_classes=num_classes, **overrides))
 
 

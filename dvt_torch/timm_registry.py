@@ -18,7 +18,7 @@ _TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
 def _entrypoint(name: str, factory):
-    def build(pretrained: bool = False, num_classes: int = 1000, **kwargs):
+    def build(pretrained: bool = False, num_classes: int | None = None, **kwargs):
         if pretrained:
             raise ValueError(
                 f"{name}: weights are never downloaded; build the model, then load a local file "

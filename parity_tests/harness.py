@@ -7,25 +7,21 @@ relation convs, blocks, final norms and heads, and names the first that differs.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 import mindspore as ms
-from dvt_shared.configs import DVTConfig, config_from_release_json, get_config, list_configs
+from dvt_shared.configs import DVTConfig, get_config, list_configs
 from dvt_mindspore import DVT as MsDVT
 from dvt_mindspore.convert import from_canonical as ms_from_canonical
 from dvt_torch import DVT as TorchDVT
 from dvt_torch.convert import from_canonical as torch_from_canonical
 from dvt_torch.convert import to_canonical as torch_to_canonical
+from tests.release_fixtures import CASCADES, cascade_config, release_npz
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "official_dvt"
-FIXTURES = ("t2t_mini", "deit_mini")
 # Modules whose outputs are compared, in the order they run inside a stage.
 TRACED = re.compile(r"^[^.]+\.(tokens_to_token|patch_embed|relation_reuse_conv|blocks\.\d+|norm|head)$")
 
@@ -48,24 +44,16 @@ class Case:
 
     def config(self, **overrides) -> DVTConfig:
         if self.fixture:
-            data = json.loads(_reference(f"{self.name}_config.json").read_text())
-            return config_from_release_json(data, self.name).replace(**overrides)
+            return cascade_config(self.name).replace(**overrides)
         return get_config(self.name, **overrides)
 
 
 def cases() -> list[Case]:
-    return [Case(name) for name in list_configs()] + [Case(name, fixture=True) for name in FIXTURES]
-
-
-def _reference(file_name: str) -> Path:
-    path = REFERENCE / file_name
-    if not path.exists():
-        pytest.skip(f"release reference data not found at {path}")
-    return path
+    return [Case(name) for name in list_configs()] + [Case(name, fixture=True) for name in CASCADES]
 
 
 def fixture_io(name: str) -> dict[str, np.ndarray]:
-    return dict(np.load(_reference(f"{name}_io.npz")))
+    return release_npz(f"{name}_io.npz")
 
 
 def perturb(model: torch.nn.Module, seed: int, scale: float = 0.02) -> None:
@@ -82,7 +70,7 @@ def torch_model(case: Case, seed: int = 0, noise: float = 0.02, **overrides) -> 
     torch.manual_seed(seed)
     model = TorchDVT(config)
     if case.fixture:
-        weights = dict(np.load(_reference(f"{case.name}_weights.npz")))
+        weights = release_npz(f"{case.name}_weights.npz")
         torch_from_canonical(model, weights, source=f"{case.name}_weights.npz")
     else:
         perturb(model, seed, noise)

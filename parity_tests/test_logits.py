@@ -44,7 +44,7 @@ def test_exit_logits(case, target, record_property):
 
 
 @pytest.mark.parametrize("target", TARGET_PARAMS)
-@pytest.mark.parametrize("name", harness.FIXTURES)
+@pytest.mark.parametrize("name", harness.CASCADES)
 def test_fixture_matches_release_logits(name, target):
     """The MindSpore backend alone reproduces the logits the release itself computed."""
     target.activate()

@@ -24,6 +24,9 @@ ALL_EXIT = np.float32(-1e8)
 # Shares are float32 in the release, so their sum is 1 only to float32 precision.
 SHARE_SUM_TOL = 1e-5
 
+# Softmax rows sum to 1 up to rounding; fp16 outputs are off by up to ~1e-3 over 1000 classes.
+PROB_SUM_TOL = 1e-2
+
 # Fewest samples a threshold search of this module accepts: one sample separates nothing.
 MIN_CALIBRATION_SAMPLES = 2
 
@@ -84,6 +87,25 @@ def _check_probs(probs, name: str = "probs") -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float64)
     return arr
+
+
+def _check_distributions(probs: np.ndarray, name: str = "probs") -> np.ndarray:
+    """`probs`, unless some row is not a probability distribution (logits passed by mistake).
+
+    Rows with a NaN are left to the NaN handling of the caller.
+    """
+    finite = ~np.isnan(probs).any(axis=-1)
+    rows = probs[finite]
+    sums = rows.sum(axis=-1, dtype=np.float64)
+    bad = (np.abs(sums - 1.0) > PROB_SUM_TOL) | (rows < 0).any(axis=-1) | (rows > 1).any(axis=-1)
+    if bad.any():
+        first = np.flatnonzero(bad)[0]
+        raise ValueError(
+            f"{name} must hold softmax probabilities (each row in [0, 1], summing to 1), but "
+            f"{int(bad.sum())} row(s) do not, e.g. one summing to {sums[first]:.4g}: "
+            "pass softmax(logits), not logits"
+        )
+    return probs
 
 
 def check_calibration_data(probs, targets=None) -> None:
@@ -233,7 +255,7 @@ def find_thresholds(probs, shares) -> np.ndarray:
     its threshold is the confidence of the floor(n * share)-th most confident of them (ties
     at that confidence all leave), or 1e8 when that count is 0 or exceeds those present.
     """
-    conf = _conf32(_check_probs(probs))
+    conf = _conf32(_check_distributions(_check_probs(probs)))
     if np.isnan(conf).any():
         bad = np.isnan(conf).any(axis=0).sum()
         raise ValueError(f"probs give NaN confidences for {bad} sample(s); thresholds would be undefined")
@@ -365,18 +387,21 @@ def thresholds_for_budget(probs, cumulative_flops, budget: float) -> np.ndarray:
     The cost holds on `probs`; on other data the same thresholds may cost more or less.
     """
     check_calibration_data(probs)
-    conf = _conf32(_check_probs(probs))
+    conf = _conf32(_check_distributions(_check_probs(probs)))
     if np.isnan(conf).any():
         raise ValueError("probs give NaN confidences; cannot search thresholds on them")
     flops = _check_flops(cumulative_flops, conf.shape[0])
     budget = float(budget)
     if np.isnan(budget):
         raise ValueError("budget is NaN")
-    if not flops[0] <= budget <= flops[-1]:
+    if budget < flops[0]:
         raise ValueError(
-            f"budget {budget!r} is outside [{flops[0]!r}, {flops[-1]!r}]: the first exit's cost "
-            "is the least and the last exit's cost the most any policy can spend per sample"
+            f"budget {budget!r} is below the first exit's cost {flops[0]!r}, the least any policy "
+            "can spend per sample"
         )
+    # At or above the last exit's cost every sample may run to the end; the cumulative costs
+    # are sums of floats, so a budget equal to their exact total may exceed them by rounding.
+    budget = min(budget, float(flops[-1]))
     costs, found = _budget_candidates(conf, flops)
     best = int(np.argmax(np.where(costs <= budget, costs, -np.inf)))
     return found[best].copy()
@@ -388,7 +413,7 @@ def thresholds_for_accuracy(probs, targets, cumulative_flops, accuracy: float) -
     Searched over the same budget-independent candidates as `thresholds_for_budget`.
     """
     check_calibration_data(probs, targets)
-    probs = _check_probs(probs)
+    probs = _check_distributions(_check_probs(probs))
     conf = _conf32(probs)
     if np.isnan(conf).any():
         raise ValueError("probs give NaN confidences; cannot search thresholds on them")

@@ -33,7 +33,19 @@ def check_writable_file(path: str | os.PathLike) -> str:
         raise PermissionError(f"cannot write {path}: the file is read-only")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write {path}: no permission to create files in {parent}")
+    _probe(path, _temporary_name(target))
     return target
+
+
+def _probe(path: str, probe: str) -> None:
+    """Create and remove `probe`: os.access passes for root and says nothing of name lengths or
+    file systems that refuse new files (/proc), so only a real file proves a later write works."""
+    try:
+        with open(probe, "xb"):
+            pass
+    except OSError as exc:
+        raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror}") from None
+    os.unlink(probe)
 
 
 def check_writable_dir(path: str | os.PathLike) -> str:
@@ -50,6 +62,11 @@ def check_writable_dir(path: str | os.PathLike) -> str:
         raise NotADirectoryError(f"cannot create folder {path}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write into {path}: no permission to write in {existing}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise type(exc)(exc.errno, f"cannot create folder {path}: {exc.strerror}") from None
+    _probe(path, _temporary_name(os.path.join(folder, "probe")))
     return folder
 
 

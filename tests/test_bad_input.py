@@ -13,6 +13,7 @@ the exits' costs and NaN logits in the policy (test_exit_policy), NaN logits in 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import mindspore as ms
@@ -497,8 +498,8 @@ def test_calibrate_bad_option_value(weights, capsys, option, value, message):
 
 
 def test_calibrate_budget_outside_the_exits(weights, data_dir, capsys):
-    err = fails(capsys, ["calibrate", "--weights", weights, "--data-dir", data_dir, "--budget", "5"])
-    assert "--budget 5.0 is outside [" in err and "the GFLOPs of the first and of the last exit" in err
+    err = fails(capsys, ["calibrate", "--weights", weights, "--data-dir", data_dir, "--budget", "1e-6"])
+    assert "--budget 1e-06 is below " in err and "the GFLOPs of the first exit" in err
 
 
 def test_calibrate_on_one_image_or_one_class(weights, data_dir, tmp_path, capsys):
@@ -610,3 +611,28 @@ def test_debug_shows_the_traceback_instead(weights, data_dir, tmp_path):
     with pytest.raises(ValueError, match="calibration needs at least 2 samples"):
         main(["--debug", "calibrate", "--weights", str(weights), "--data-dir", data_dir, "--limit", "1",
               "--out", str(tmp_path / "c.safetensors")])
+
+
+@pytest.mark.parametrize("where", ["proc", "long name"])
+def test_unwritable_outputs_are_found_before_any_work(weights, tmp_path, capsys, monkeypatch, where):
+    """os.access passes for root under /proc and for over-long names: only creating a file tells."""
+    import dvt_cli.evaluate
+
+    monkeypatch.setattr(dvt_cli.evaluate, "_evaluate", lambda args: pytest.fail("scored before checking --out"))
+    out = Path("/proc/dvt-report") if where == "proc" else tmp_path / ("r" * 300)
+    assert "cannot create folder" in fails(capsys, ["evaluate", "--weights", weights, "--out", out])
+    # 252 characters fit a file name, but not the atomic writer's temporary name beside it.
+    target = Path("/proc/c.safetensors") if where == "proc" else tmp_path / ("c" * 240 + ".safetensors")
+    assert "cannot write" in fails(capsys, ["convert", weights, target])
+    assert target.name not in os.listdir(target.parent)
+
+
+def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
+    from dvt_cli.inference import load_images
+
+    pixels = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "eight.png")
+    Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")
+    assert Image.open(tmp_path / "sixteen.png").mode.startswith("I")
+    eight, sixteen = load_images([str(tmp_path / "eight.png"), str(tmp_path / "sixteen.png")], CONFIG)
+    np.testing.assert_array_equal(sixteen, eight)

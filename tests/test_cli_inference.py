@@ -53,14 +53,37 @@ def test_calibrate_stores_thresholds(weights, tmp_path):
     assert all(np.array_equal(tensors[k], original[k]) for k in original)
 
 
+def spread_thresholds(weights, images) -> str:
+    """Thresholds half-way between confidences (no backend's rounding can flip a decision) that
+    send half of `images` out at exit 0 and one more at exit 1."""
+    from dvt_cli.inference import load_images
+    from dvt_shared import confidences, softmax
+    from dvt_torch.convert import from_canonical
+
+    tensors, metadata = load_canonical(weights)
+    model = from_canonical(DVT(metadata.config), tensors).eval()
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(load_images(images, metadata.config)))
+    conf = confidences(softmax(np.stack([o.numpy() for o in logits])))
+    first = np.sort(conf[0])[::-1]
+    half = len(first) // 2
+    thr0 = (first[half - 1] + first[half]) / 2
+    second = np.sort(conf[1][conf[0] < thr0])[::-1]
+    thr1 = (second[0] + second[1]) / 2
+    return f"{thr0!r},{thr1!r},-1e8"
+
+
 def test_predict_agrees_across_backends(weights, images, capsys):
     outputs = {}
+    thresholds = spread_thresholds(weights, images)
     for backend in ("torch", "mindspore", "onnx"):
-        assert main(["predict", "--weights", str(weights), "--backend", backend, "--thresholds", "0.2,0.2,-1e8", *images]) == 0
+        assert main(["predict", "--weights", str(weights), "--backend", backend, "--thresholds", thresholds, *images]) == 0
         lines = capsys.readouterr().out.strip().splitlines()
         outputs[backend] = [line.split()[:3] for line in lines[1:-1]]  # image, class, exit
         assert len(outputs[backend]) == len(images)
     assert outputs["torch"] == outputs["mindspore"] == outputs["onnx"]
+    exits = {exit_index for _, _, exit_index in outputs["torch"]}
+    assert len(exits) > 1, f"every image left at exit {exits}: the thresholds test no early exit"
 
 
 def test_predict_without_thresholds_is_refused(weights, images, capsys):

@@ -11,7 +11,7 @@ import dvt_torch
 from dvt_mindspore import convert as ms_convert
 from dvt_shared import get_config
 from dvt_torch import convert as torch_convert
-from tests.conftest import load_fixture
+from tests.release_fixtures import load_cascade
 
 CONFIG = get_config("dvt_t2t_vit_fmnist", depth=1, embed_dim=24, num_heads=2, token_dim=8, num_classes=5)
 
@@ -52,7 +52,7 @@ def test_torch_to_mindspore_to_torch_is_bit_exact():
 
 
 def test_fixture_weights_load_into_both_backends():
-    config, weights, _ = load_fixture("deit")
+    config, weights, _ = load_cascade("deit_mini")
     torch_convert.from_canonical(dvt_torch.DVT(config), weights)
     model = ms_convert.from_canonical(dvt_mindspore.DVT(config), weights)
     back = ms_convert.to_canonical(model)

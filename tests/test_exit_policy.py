@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,6 @@ from hypothesis import strategies as st
 
 from dvt_shared import (
     DynamicResult,
-
     confidences,
     dynamic_evaluate,
     exit_indices,
@@ -22,19 +20,16 @@ from dvt_shared import (
     release_p_values,
     release_sweep,
     softmax,
+    thresholds_for_accuracy,
     thresholds_for_budget,
 )
+from tests.release_fixtures import release_npz
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "official_dvt"
-FIXTURE = REFERENCE / "release_exit_policy.npz"
 
 
 @pytest.fixture(scope="module")
 def release():
-    if not FIXTURE.exists():
-        pytest.skip(f"release exit-policy fixture not found at {FIXTURE}")
-    with np.load(FIXTURE) as data:
-        return {key: data[key] for key in data.files}
+    return release_npz("release_exit_policy.npz")
 
 
 def bits(x) -> np.ndarray:
@@ -324,11 +319,30 @@ def test_budget_thresholds_have_release_form(release):
 
 @pytest.mark.parametrize(
     "budget, message",
-    [(0.3, r"0\.3 is outside \[0\.47, 3\.5\]"), (3.6, r"3\.6 is outside \[0\.47, 3\.5\]"), (float("nan"), "NaN")],
+    [(0.3, r"0\.3 is below the first exit's cost 0\.47"), (float("nan"), "NaN")],
 )
 def test_budget_out_of_range(release, budget, message):
     with pytest.raises(ValueError, match=message):
         thresholds_for_budget(release["probs"], release["flops"], budget)
+
+
+@pytest.mark.parametrize("budget", [3.5, 3.5 + 1e-12, 3.6, 1e9])
+def test_budget_at_or_above_the_last_exit_lets_everyone_run(release, budget):
+    flops = release["flops"]
+    at_last = thresholds_for_budget(release["probs"], flops, flops[-1])
+    np.testing.assert_array_equal(thresholds_for_budget(release["probs"], flops, budget), at_last)
+    assert _cost(release, at_last) == pytest.approx(flops[-1])
+
+
+def test_thresholds_refuse_logits(release):
+    logits = np.log(release["probs"]) + 3.0
+    for search in (
+        lambda: find_thresholds(logits, exit_shares(1.0, 3)),
+        lambda: thresholds_for_budget(logits, release["flops"], 2.0),
+        lambda: thresholds_for_accuracy(logits, release["targets"], release["flops"], 50.0),
+    ):
+        with pytest.raises(ValueError, match="must hold softmax probabilities.*pass softmax"):
+            search()
 
 
 # --- validation -----------------------------------------------------------------------

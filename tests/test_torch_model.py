@@ -6,7 +6,7 @@ import torch
 import dvt_torch
 from dvt_shared import get_config
 from dvt_torch import DVT, ReuseState, create_model
-from tests.conftest import load_fixture, release_keys
+from tests.release_fixtures import load_cascade, release_json
 
 DEVICES = [
     "cpu",
@@ -26,7 +26,7 @@ def test_release_fixture_logits(family, device):
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    config, weights, io = load_fixture(family)
+    config, weights, io = load_cascade(f"{family}_mini")
     model = DVT(config).to(device).eval()
     model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=True)
     with torch.no_grad():
@@ -41,7 +41,7 @@ def test_release_fixture_logits(family, device):
 @pytest.mark.parametrize("family", ["t2t", "deit"])
 def test_every_reuse_path_matters_in_fixture(family):
     """Switching a reuse branch off must move the logits, or the fixture would not test it."""
-    config, weights, io = load_fixture(family)
+    config, weights, io = load_cascade(f"{family}_mini")
     model = DVT(config).eval()
     model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
     x = torch.from_numpy(io["images"])
@@ -59,7 +59,7 @@ def test_every_reuse_path_matters_in_fixture(family):
                        ("dvt_deit_small", "deit_s_keys.json")]
 )
 def test_state_dict_layout_equals_release(name, keys_file):
-    expected = release_keys(keys_file)
+    expected = release_json(keys_file)
     model = create_model(name)
     got = {k: list(v.shape) for k, v in model.state_dict().items()}
     assert list(got) == list(expected)
@@ -187,3 +187,10 @@ def test_soft_split_equals_unfold_bit_for_bit(shape, kernel, stride, padding):
     (expected_grad,) = torch.autograd.grad(expected, x, grad)
     (got_grad,) = torch.autograd.grad(got, x, grad)
     torch.testing.assert_close(got_grad, expected_grad)
+
+
+def test_a_registered_config_keeps_its_class_count():
+    assert create_model("dvt_t2t_vit_fmnist").config.num_classes == 10
+    assert timm.create_model("dvt_t2t_vit_fmnist").config.num_classes == 10
+    assert create_model("dvt_t2t_vit_12", depth=1).config.num_classes == 1000
+    assert create_model("dvt_t2t_vit_fmnist", num_classes=3).config.num_classes == 3
