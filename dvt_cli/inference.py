@@ -9,19 +9,12 @@ import numpy as np
 
 from dvt_shared.configs import DVTConfig
 
-from . import CommandError, positive_float, positive_int, read_weights
+from . import CommandError, backends, positive_float, positive_int, read_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-BACKENDS = ("torch", "mindspore", "onnx")
-
-
-def torch_model(config, tensors):
-    """The PyTorch model `config` describes (DVT or VT), holding `tensors`, in eval mode."""
-    from dvt_torch.convert import from_canonical
-    from dvt_torch.vt import build_model
-
-    return from_canonical(build_model(config), tensors).eval()
+# The backend that scores data sets (calibrate, evaluate); predict takes --backend.
+SCORING_BACKEND = "torch"
 
 
 # PIL modes of 16- and 32-bit grey images, whose convert("L") clips every value above 255.
@@ -97,20 +90,13 @@ def _calibration_images(args, config: DVTConfig) -> tuple[np.ndarray, np.ndarray
     return normalise_fashion_mnist(images[rows]), labels[rows].astype(np.int64)
 
 
-def all_exit_probs(model, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    """(exits, n, classes) softmax outputs of every exit (one for a VT model), PyTorch, in batches with a progress bar."""
-    import torch
-    from tqdm import tqdm
-
+def all_exit_probs(config, tensors, images: np.ndarray, backend: str = SCORING_BACKEND, batch: int = 256) -> np.ndarray:
+    """(exits, n, classes) softmax outputs of every exit (one for a VT model) of the model `config` and
+    `tensors` describe, run by `backend`."""
     from dvt_shared.exit_policy import softmax
-    from dvt_torch.vt import exit_logits
 
-    chunks = []
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(images), batch), desc="scoring", unit="batch", leave=False):
-            outputs = exit_logits(model(torch.from_numpy(images[start:start + batch])))
-            chunks.append(np.stack([o.numpy() for o in outputs]))
-    return softmax(np.concatenate(chunks, axis=1))
+    facade = backends.load(backend)
+    return softmax(facade.all_exit_logits(facade.inference_model(config, tensors), images, batch))
 
 
 def _calibrate(args: argparse.Namespace) -> None:
@@ -129,7 +115,7 @@ def _calibrate(args: argparse.Namespace) -> None:
             "the least any policy spends per image"
         )
     images, labels = _calibration_images(args, config)
-    probs = all_exit_probs(torch_model(config, tensors), images)
+    probs = all_exit_probs(config, tensors, images)
     exit_policy.check_calibration_data(probs, labels)
     if args.budget is not None:
         thresholds = exit_policy.thresholds_for_budget(probs, gflops, args.budget)
@@ -175,31 +161,8 @@ def _predict(args: argparse.Namespace) -> None:
     if not thresholds:
         raise CommandError(f"{args.weights} holds no thresholds: run `dvt calibrate` or pass --thresholds")
     images = load_images(args.images, config)
-    if args.backend == "torch":
-        import torch
-
-        from dvt_torch.engine import AdaptiveDVT
-
-        prediction = AdaptiveDVT(torch_model(config, tensors), thresholds).predict(torch.from_numpy(images))
-    elif args.backend == "mindspore":
-        import mindspore as ms
-
-        from dvt_mindspore.convert import from_canonical
-        from dvt_mindspore.dvt import DVT
-        from dvt_mindspore.engine import AdaptiveDVT
-
-        ms.set_context(mode=ms.GRAPH_MODE)
-        prediction = AdaptiveDVT(from_canonical(DVT(config), tensors), thresholds).predict(ms.Tensor(images))
-    else:
-        from dvt_torch.onnx_export import OnnxAdaptiveDVT, export_onnx
-
-        onnx_dir = args.onnx_dir
-        if onnx_dir is None:
-            import tempfile
-
-            onnx_dir = tempfile.mkdtemp(prefix="dvt_onnx_")
-            export_onnx(torch_model(config, tensors), onnx_dir)
-        prediction = OnnxAdaptiveDVT(onnx_dir, thresholds).predict(images)
+    engine = backends.engine(args.backend, config, tensors, thresholds, graphs_dir=args.onnx_dir)
+    prediction = engine.predict(backends.load(args.backend).tensor(images))
     names = _class_names(config)
     print(f"{'image':<40} {'class':<14} {'exit':>4} {'confidence':>10} {'GFLOPs':>8}")
     for path, cls, exit_index, conf, gflops in zip(
@@ -224,7 +187,7 @@ def add_predict(subparsers, common: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     parser.add_argument("--weights", required=True, help="weights (.safetensors, .pth, .ckpt)")
-    parser.add_argument("--backend", choices=BACKENDS, default="torch")
+    parser.add_argument("--backend", choices=tuple(backends.BACKENDS), default="torch")
     parser.add_argument("--thresholds", type=_parse_thresholds, help="comma-separated, one per exit "
                         "(default: the calibrated ones stored with the weights)")
     parser.add_argument("--onnx-dir", help="graphs from `dvt export --format onnx` (default: export to a temp dir)")
@@ -235,19 +198,8 @@ def add_predict(subparsers, common: argparse.ArgumentParser) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     config, tensors, _, _ = read_weights(args.weights, args.model, args.num_classes)
-    if args.format == "onnx":
-        from dvt_torch.onnx_export import export_onnx
-
-        manifest = export_onnx(torch_model(config, tensors), args.out)
-    else:
-        import mindspore as ms
-
-        from dvt_mindspore.convert import from_canonical
-        from dvt_mindspore.dvt import DVT
-        from dvt_mindspore.mindir_export import export_mindir
-
-        ms.set_context(mode=ms.GRAPH_MODE)
-        manifest = export_mindir(from_canonical(DVT(config), tensors), args.out)
+    facade = backends.for_export(args.format)
+    manifest = facade.export(facade.inference_model(config, tensors), args.out)
     print(f"wrote {config.num_exits} {args.format} stage graphs and {Path(manifest).name} to {args.out}")
 
 
@@ -258,7 +210,7 @@ def add_export(subparsers, common: argparse.ArgumentParser) -> None:
                     "outputs: logits and this stage's reuse state), plus a JSON manifest.",
     )
     parser.add_argument("--weights", required=True)
-    parser.add_argument("--format", choices=("onnx", "mindir"), required=True)
+    parser.add_argument("--format", choices=backends.EXPORT_FORMATS, required=True)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--model", help="registered config, for weights that record none")
     parser.add_argument("--num-classes", type=positive_int)
