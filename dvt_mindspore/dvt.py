@@ -66,13 +66,13 @@ class DVTStage(nn.Cell):
         self.keep_features = has_next and config.feature_reuse
         self.keep_relations = has_next and config.relation_reuse
         self.depth, self.num_heads = config.depth, config.num_heads
-        num_tokens = self.grid * self.grid + 1
+        num_tokens = config.num_tokens[index]
 
         self.is_t2t = stage.stem.kind == "t2t"
         if self.is_t2t:
-            self.tokens_to_token = T2TStem(config, stage.stem)
+            self.tokens_to_token = T2TStem(config, index)
         else:
-            self.patch_embed = PatchEmbed(config, stage.stem)
+            self.patch_embed = PatchEmbed(config, index)
         dim = config.embed_dim
         self.cls_token = Parameter(initializer(TruncatedNormal(sigma=0.02), (1, 1, dim), ms.float32), name="cls_token")
         if config.pos_embed == "sinusoid":
@@ -83,15 +83,14 @@ class DVTStage(nn.Cell):
                 initializer(TruncatedNormal(sigma=0.02), (1, num_tokens, dim), ms.float32), name="pos_embed"
             )
         self.pos_drop = nn.Dropout(p=config.drop_rate)
-        drop_path = np.linspace(0.0, config.drop_path_rate, config.depth)
-        self.blocks = nn.CellList([Block(config, self.feature_reuse, float(drop_path[i])) for i in range(config.depth)])
+        self.blocks = nn.CellList([Block(config, index, rate) for rate in config.drop_path_rates])
         self.norm = layer_norm(dim, config.layernorm_eps)
 
         reuses = self.feature_reuse or self.relation_reuse
         self.resample_t = _constant(resample_matrix_1d(config.grids[index - 1], self.grid).T) if reuses else None
         if self.relation_reuse:
             channels = config.relation_channels
-            hidden = channels * config.relation_expansion
+            hidden = config.relation_hidden
             self.relation_reuse_conv = nn.SequentialCell([
                 nn.Conv2d(channels, hidden, kernel_size=1, pad_mode="valid", has_bias=True),
                 gelu(),
