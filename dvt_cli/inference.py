@@ -11,39 +11,15 @@ from dvt_shared.configs import DVTConfig
 
 from . import CommandError, backends, positive_float, positive_int, read_weights
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # The backend that scores data sets (calibrate, evaluate); predict takes --backend.
 SCORING_BACKEND = "torch"
 
 
-# PIL modes of 16- and 32-bit grey images, whose convert("L") clips every value above 255.
-_WIDE_GREY_MODES = {"I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16, "I": 16}
-
-
-def _eight_bit(image):
-    """`image` loaded, with 16-bit grey scaled to 8 bits (0..65535 -> 0..255) instead of clipped."""
-    from PIL import Image
-
-    image.load()
-    if image.mode not in _WIDE_GREY_MODES:
-        return image
-    # PNG's 16-bit grey opens as "I;16" or "I": its values stay in 0..65535.
-    values = np.asarray(image, dtype=np.float64)
-    scale = 255.0 / (2 ** _WIDE_GREY_MODES[image.mode] - 1)
-    return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), mode="L")
-
-
 def load_images(paths: list[str], config: DVTConfig) -> np.ndarray:
-    """Image files as the model's float32 input batch.
-
-    One-channel models get grey images resized to the model's size and Fashion-MNIST's
-    normalisation; three-channel models get the release's evaluation transform (resize the
-    short side to size / 0.875 with bicubic, centre crop, ImageNet mean and std).
-    """
+    """Image files as the model's float32 input batch (see `dvt_shared.transforms.eval_array`)."""
     from PIL import Image
 
-    from dvt_shared.datasets import normalise_fashion_mnist
+    from dvt_shared.transforms import eval_array
 
     batch = []
     for path in paths:
@@ -51,22 +27,9 @@ def load_images(paths: list[str], config: DVTConfig) -> np.ndarray:
             raise CommandError(f"{path} is not an image file")
         try:
             with Image.open(path) as image:
-                image = _eight_bit(image)
-                if config.in_chans == 1:
-                    grey = image.convert("L").resize((config.img_size, config.img_size), Image.BILINEAR)
-                    array = normalise_fashion_mnist(np.asarray(grey)[None])[0]
-                else:
-                    rgb = image.convert("RGB")
-                    short = round(config.img_size / 0.875)
-                    scale = short / min(rgb.size)
-                    rgb = rgb.resize((max(short, round(rgb.width * scale)), max(short, round(rgb.height * scale))), Image.BICUBIC)
-                    left, top = (rgb.width - config.img_size) // 2, (rgb.height - config.img_size) // 2
-                    rgb = rgb.crop((left, top, left + config.img_size, top + config.img_size))
-                    array = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
-                    array = (array - np.reshape(IMAGENET_MEAN, (3, 1, 1))) / np.reshape(IMAGENET_STD, (3, 1, 1))
+                batch.append(eval_array(image, config.in_chans, config.img_size))
         except OSError as exc:
             raise CommandError(f"{path}: cannot read it as an image ({exc})") from exc
-        batch.append(array.astype(np.float32))
     return np.stack(batch)
 
 
