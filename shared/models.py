@@ -82,20 +82,23 @@ def build(backend: str, config: ModelConfig):
     return _BUILDERS[backend, family](config)
 
 
+# Where registered names live: (list the names, get a config by name with overrides), one pair per registry.
+NAME_REGISTRIES = ((list_configs, get_config), (list_vt_configs, get_vt_config))
+
+
 def list_model_names(pattern: str | None = None) -> list[str]:
     """Every registered model name, or those matching the shell-style `pattern` (e.g. "dvt_*")."""
     from fnmatch import fnmatch
 
-    names = sorted(list_configs() + list_vt_configs())
+    names = sorted(name for names, _ in NAME_REGISTRIES for name in names())
     return [name for name in names if pattern is None or fnmatch(name, pattern)]
 
 
 def get_model_config(name: str, num_classes: int | None = None, **overrides) -> ModelConfig:
-    """The registered DVT or VT config `name`, with any field overridden."""
-    if name in list_vt_configs():
-        return get_vt_config(name, num_classes=num_classes, **overrides)
-    if name in list_configs():
-        return get_config(name, num_classes=num_classes, **overrides)
+    """The registered config `name`, of any family, with any field overridden."""
+    for names, get in NAME_REGISTRIES:
+        if name in names():
+            return get(name, num_classes=num_classes, **overrides)
     raise ValueError(f"unknown model name {name!r}; registered names: {', '.join(list_model_names())}")
 
 

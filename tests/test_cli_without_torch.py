@@ -71,3 +71,24 @@ def test_a_mis_shaped_ckpt_is_refused_without_torch(tmp_path):
                   "--model", "dvt_t2t_vit_fmnist")
     assert result.returncode == 1
     assert "mis-shaped" in result.stderr and not (tmp_path / "out.safetensors").exists()
+
+
+def test_predict_on_onnx_graphs_needs_no_torch(tmp_path):
+    import dvt_torch
+    from PIL import Image
+
+    model = dvt_torch.create_model("dvt_t2t_vit_fmnist", embed_dim=24, depth=1, num_heads=2, token_dim=8).eval()
+    dvt_torch.save_weights(model, tmp_path / "w.safetensors")
+    dvt_torch.export(model, tmp_path / "graphs")
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    images = [tmp_path / f"{i}.png" for i in range(len(pixels))]
+    for path, image in zip(images, pixels):
+        Image.fromarray(image, mode="L").save(path)
+    result = _run(tmp_path, "-c", "import dvt_onnx, sys; assert 'torch' not in sys.modules")
+    assert result.returncode == 0, result.stderr
+    result = _run(tmp_path, "-m", "dvt_cli", "predict", "--backend", "onnx", "--onnx-dir", str(tmp_path / "graphs"),
+                  "--weights", str(tmp_path / "w.safetensors"), "--thresholds", "0,0,0", *map(str, images))
+    assert result.returncode == 0, result.stderr
+    # threshold 0: every image leaves at the first exit
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith(str(tmp_path))]
+    assert len(rows) == len(images) and all(row[-3] == "0" for row in rows)
