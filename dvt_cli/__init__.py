@@ -150,7 +150,7 @@ def _add_convert(subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    backends.load("torch").train(args)
+    backends.load("torch").run_training(args)
 
 
 def _add_train(subparsers, common: argparse.ArgumentParser) -> None:

@@ -3,7 +3,7 @@
 With the shipped weights (weights/manifest.json, sha256-checked) it reports per-exit
 accuracy, the budget table against the static baseline, PyTorch/MindSpore agreement and
 the measured early-exit speedup, and writes the plot. Without them it falls back to the
-random-weight CPU demo of `dvt_torch.demo`.
+random-weight CPU demo (`random_weight_demo`).
 """
 from __future__ import annotations
 

@@ -29,18 +29,19 @@ from .vt import VTFPN, FilterTokenizer, Projector, RecurrentTokenizer, ResNet, V
 EXPORT_FORMAT = "onnx"
 
 
-def train(args) -> dict:
-    """`dvt train`: the training loop of `dvt_torch.train`, imported only when used."""
-    from .train import train as run
+def run_training(args) -> dict:
+    """`dvt train`: the training loop of `dvt_torch.train` (a submodule of that name, so this one has
+    another), imported only when used."""
+    from .train import train
 
-    return run(args)
+    return train(args)
 
 
 __all__ = [
     "AdaptiveDVT", "CHECKPOINT_FORMAT", "DVT", "DVTStage", "EXPORT_FORMAT", "Prediction", "ReuseState",
     "all_exit_logits", "build_model", "check_images", "count_parameters", "create_model", "export",
     "from_canonical", "inference_model", "list_models", "load_weights", "multi_exit_loss", "read_checkpoint",
-    "read_release_checkpoint", "save_weights", "tensor", "to_canonical", "train", "write_checkpoint",
+    "read_release_checkpoint", "save_weights", "tensor", "run_training", "to_canonical", "write_checkpoint",
     "write_release_checkpoint",
     "FilterTokenizer", "Projector", "RecurrentTokenizer", "ResNet", "VTFPN", "VTModule", "VTResNet", "VTTransformer",
 ]

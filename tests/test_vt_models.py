@@ -191,12 +191,12 @@ def test_trunks_are_timms_resnets():
     import timm
 
     from dvt_torch.convert import to_canonical
-    from dvt_torch import ResNet, create_model as create_vt_model
+    from dvt_torch import ResNet, create_model
     from dvt_shared.vt import plain_resnet
 
     for vt_name, timm_name in (("vt_resnet18", "resnet18"), ("vt_resnet34", "resnet34"), ("vt_fpn_r50", "resnet50")):
         reference = {k: v.shape for k, v in timm.create_model(timm_name, pretrained=False).state_dict().items()}
-        ours = create_vt_model(vt_name, img_size=(64, 64) if vt_name == "vt_fpn_r50" else 64).state_dict()
+        ours = create_model(vt_name, img_size=(64, 64) if vt_name == "vt_fpn_r50" else 64).state_dict()
         trunk = {k: v.shape for k, v in ours.items() if k.startswith(("conv1", "bn1", "layer"))}
         assert trunk == {k: s for k, s in reference.items() if k in trunk} and set(trunk) <= set(reference)
         assert {k.split(".")[0] for k in reference} - {k.split(".")[0] for k in trunk} <= {"layer4", "fc"}
@@ -212,9 +212,9 @@ def test_trunks_are_timms_resnets():
 
 def test_every_parameter_receives_a_gradient():
     """No output is discarded: every weight, the last module's included, reaches the loss."""
-    from dvt_torch import create_model as create_vt_model
+    from dvt_torch import create_model
 
-    model = create_vt_model("vt_resnet_fmnist").train()
+    model = create_model("vt_resnet_fmnist").train()
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
@@ -370,10 +370,10 @@ def test_evaluate_compares_a_vt_model_with_its_baseline(trained, data_dir, tmp_p
 def test_convert_command_round_trips_vt_weights(tmp_path):
     from dvt_cli import main
     from dvt_torch.convert import to_canonical
-    from dvt_torch import create_model as create_vt_model
+    from dvt_torch import create_model
 
     config = get_vt_config("vt_resnet_fmnist")
-    tensors = to_canonical(create_vt_model("vt_resnet_fmnist"))
+    tensors = to_canonical(create_model("vt_resnet_fmnist"))
     save_canonical(tmp_path / "vt.safetensors", tensors, WeightMetadata(config=config))
     assert main(["convert", str(tmp_path / "vt.safetensors"), str(tmp_path / "vt.ckpt")]) == 0
     assert main(["convert", str(tmp_path / "vt.ckpt"), str(tmp_path / "back.safetensors"), "--model", "vt_resnet_fmnist"]) == 0
