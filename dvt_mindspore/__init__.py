@@ -19,10 +19,8 @@ from .models import (
 )
 from .vt import VTFPN, FilterTokenizer, Projector, RecurrentTokenizer, ResNet, VTModule, VTResNet, VTTransformer
 
-EXPORT_FORMAT = "mindir"
-
 __all__ = [
-    "AdaptiveDVT", "CHECKPOINT_FORMAT", "DVT", "DVTStage", "EXPORT_FORMAT", "Prediction", "ReuseState",
+    "AdaptiveDVT", "CHECKPOINT_FORMAT", "DVT", "DVTStage", "Prediction", "ReuseState",
     "all_exit_logits", "build_model", "check_images", "count_parameters", "create_model", "export",
     "from_canonical", "inference_model", "list_models", "load_ckpt", "load_weights", "multi_exit_loss",
     "read_checkpoint", "save_ckpt", "save_weights", "tensor", "to_canonical", "write_checkpoint",

@@ -26,9 +26,6 @@ from .models import (
 )
 from .vt import VTFPN, FilterTokenizer, Projector, RecurrentTokenizer, ResNet, VTModule, VTResNet, VTTransformer
 
-EXPORT_FORMAT = "onnx"
-
-
 def run_training(args) -> dict:
     """`dvt train`: the training loop of `dvt_torch.train` (a submodule of that name, so this one has
     another), imported only when used."""
@@ -38,7 +35,7 @@ def run_training(args) -> dict:
 
 
 __all__ = [
-    "AdaptiveDVT", "CHECKPOINT_FORMAT", "DVT", "DVTStage", "EXPORT_FORMAT", "Prediction", "ReuseState",
+    "AdaptiveDVT", "CHECKPOINT_FORMAT", "DVT", "DVTStage", "Prediction", "ReuseState",
     "all_exit_logits", "build_model", "check_images", "count_parameters", "create_model", "export",
     "from_canonical", "inference_model", "list_models", "load_weights", "multi_exit_loss", "read_checkpoint",
     "read_release_checkpoint", "save_weights", "tensor", "run_training", "to_canonical", "write_checkpoint",

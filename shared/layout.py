@@ -6,7 +6,7 @@ unexpected and mis-shaped tensor named) without building a model in any framewor
 from __future__ import annotations
 
 from .configs import DVTConfig
-from .vt import ResNetSpec, VTFPNConfig, VTResNetConfig, VTSpec
+from .vt import STEM_GEOMETRY, ResNetSpec, VTFPNConfig, VTResNetConfig, VTSpec
 
 Layout = dict[str, tuple[int, ...]]
 
@@ -121,7 +121,7 @@ def _residual_block(prefix: str, trunk: ResNetSpec, in_channels: int, width: int
 
 
 def _trunk(trunk: ResNetSpec, in_chans: int, stages: int) -> Layout:
-    kernel = 7 if trunk.stem == "imagenet" else 3
+    (kernel, _, _), _ = STEM_GEOMETRY[trunk.stem]
     layout = {**_conv("conv1", in_chans, trunk.stem_width, kernel, bias=False), **_batchnorm("bn1", trunk.stem_width)}
     in_channels = trunk.stem_width
     for stage in range(stages):
