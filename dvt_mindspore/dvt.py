@@ -7,13 +7,12 @@ run in Python before it, so their messages stay readable.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import TruncatedNormal, initializer
 
+from dvt_shared.cascade import ReuseState, run_stage
 from dvt_shared.configs import DVTConfig
 from dvt_shared.image_checks import check_finite, check_image_dtype, check_image_shape
 from dvt_shared.token_schedule import resample_matrix_1d, sinusoid_table
@@ -21,17 +20,6 @@ from dvt_shared.token_schedule import resample_matrix_1d, sinusoid_table
 from .layers import Block, PatchEmbed, T2TStem, dense, gelu, layer_norm, resample_relations
 
 _FLOAT_DTYPES = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
-
-
-class ReuseState(NamedTuple):
-    """What stage k hands to stage k+1.
-
-    features: (B, N, D) last-block tokens before the final norm, or None.
-    relations: (B, heads*depth, N, N) attention logits of every block (reused ones added), or None.
-    """
-
-    features: Tensor | None
-    relations: Tensor | None
 
 
 def check_images(x: Tensor, config: DVTConfig, dtype=None) -> None:
@@ -156,12 +144,7 @@ class DVT(nn.Cell):
 
     def run_stage(self, index: int, x: Tensor, state: ReuseState | None) -> tuple[Tensor, ReuseState]:
         """`forward_stage` without input checks, for callers that validated the batch once."""
-        stage = self.stage(index)
-        if (stage.feature_reuse or stage.relation_reuse) and state is None:
-            raise ValueError("this stage reuses the previous stage's work: pass the ReuseState it returned")
-        state = state or ReuseState(None, None)
-        logits, features, relations = stage(x, state.features, state.relations)
-        return logits, ReuseState(features, relations)
+        return run_stage(self.stage(index), x, state)
 
     def __call__(self, x):
         # Checked here, in Python, so that graph mode compiles only the model itself.

@@ -5,29 +5,17 @@ State-dict keys and shapes equal the published release's, so its checkpoints loa
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dvt_shared.cascade import ReuseState, run_stage
 from dvt_shared.configs import DVTConfig
 from dvt_shared.image_checks import check_finite, check_image_dtype, check_image_shape
 from dvt_shared.token_schedule import resample_matrix_1d, sinusoid_table
 
 from .layers import Block, PatchEmbed, T2TStem, init_weights, resample_relations
 from timm.layers import trunc_normal_
-
-
-class ReuseState(NamedTuple):
-    """What stage k hands to stage k+1.
-
-    features: (B, N, D) last-block tokens before the final norm, or None.
-    relations: (B, heads*depth, N, N) attention logits of every block (reused ones added), or None.
-    """
-
-    features: torch.Tensor | None
-    relations: torch.Tensor | None
 
 
 def check_images(x: torch.Tensor, config: DVTConfig, dtype: torch.dtype | None = None) -> None:
@@ -155,12 +143,7 @@ class DVT(nn.Module):
 
     def run_stage(self, index: int, x: torch.Tensor, state: ReuseState | None) -> tuple[torch.Tensor, ReuseState]:
         """`forward_stage` without input checks, for callers that validated the batch once."""
-        stage = self.stage(index)
-        if (stage.feature_reuse or stage.relation_reuse) and state is None:
-            raise ValueError("this stage reuses the previous stage's work: pass the ReuseState it returned")
-        state = state or ReuseState(None, None)
-        logits, features, relations = stage(x, state.features, state.relations)
-        return logits, ReuseState(features, relations)
+        return run_stage(self.stage(index), x, state)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         check_images(x, self.config, self.dtype)
