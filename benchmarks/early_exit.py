@@ -41,7 +41,7 @@ def prepare(name: str, work: Path, count: int) -> dict:
     from dvt_shared.flops import cumulative_flops
     from dvt_shared.weight_format import WeightMetadata, save_canonical
     from dvt_torch.convert import to_canonical
-    from dvt_torch.onnx_export import export_onnx
+    from dvt_torch.export import export_onnx
 
     torch.manual_seed(0)
     model = dvt_torch.create_model(name).eval()
@@ -102,7 +102,7 @@ def bench_torch(work: Path, thresholds, batch: int, count: int, repeats: int, ma
 
 
 def bench_onnx(work: Path, thresholds, batch: int, count: int, repeats: int, max_batch: int) -> dict:
-    from dvt_torch.onnx_export import OnnxAdaptiveDVT
+    from dvt_onnx import OnnxAdaptiveDVT
 
     make = lambda t: OnnxAdaptiveDVT(work / "onnx", t, max_batch=max_batch)  # noqa: E731
     chunks = batches(images_for(make(thresholds).config, count), batch)

@@ -91,7 +91,8 @@ def onnx_engine(config, tensors, thresholds, batch: int, threads: int | None):
 
     from dvt_torch.convert import from_canonical
     from dvt_torch.dvt import DVT
-    from dvt_torch.onnx_export import OnnxAdaptiveDVT, export_onnx
+    from dvt_onnx import OnnxAdaptiveDVT
+    from dvt_torch.export import export_onnx
 
     folder = tempfile.mkdtemp(prefix="dvt_soak_onnx_")
     export_onnx(from_canonical(DVT(config), tensors), folder)

@@ -13,13 +13,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from dvt_shared.configs import DVTConfig
-from dvt_shared.models import get_model_config, list_model_names
 from dvt_shared.io_utils import check_writable_dir, check_writable_file
+from dvt_shared.models import ModelConfig, get_model_config, list_model_names, model_gflops, state_layout
+from dvt_shared.weight_format import FORMAT_HELP, WeightMetadata, check_state_dict, load_canonical, save_canonical
+from dvt_shared.weight_format import weight_format as _weight_format
 
-# Weight formats by file extension, longest extension first so ".pth.tar" wins over ".tar".
-FORMATS = ((".pth.tar", "pth"), (".pth", "pth"), (".safetensors", "safetensors"), (".ckpt", "ckpt"))
-FORMAT_HELP = ".pth / .pth.tar (release checkpoint), .safetensors (canonical), .ckpt (MindSpore)"
+from . import backends
 
 
 class CommandError(Exception):
@@ -53,30 +52,21 @@ def positive_float(text: str) -> float:
 
 def weight_format(path: str) -> str:
     """'pth', 'safetensors' or 'ckpt', from the file name of `path`."""
-    name = os.path.basename(path).lower()
-    for extension, kind in FORMATS:
-        if name.endswith(extension):
-            return kind
-    raise CommandError(f"cannot tell the weight format of {path!r} from its extension; expected {FORMAT_HELP}")
+    try:
+        return _weight_format(path)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
 
 
-def _read(path: str, kind: str) -> tuple[dict[str, np.ndarray], object, list[float] | None]:
+def _read(path: str, kind: str) -> tuple[dict[str, np.ndarray], WeightMetadata | None, list[float] | None]:
     """(tensors by release key, the canonical metadata or None, cumulative GMACs per exit or None)."""
     if not os.path.exists(path):
         raise CommandError(f"{path} does not exist")
-    if kind == "pth":
-        from dvt_torch.checkpoint import read_release_checkpoint
-
-        checkpoint = read_release_checkpoint(path)
-        return checkpoint.state_dict, None, checkpoint.flops
     if kind == "safetensors":
-        from dvt_shared.weight_format import load_canonical
-
         tensors, metadata = load_canonical(path)
         return tensors, metadata, metadata.exit_flops or None
-    from dvt_mindspore.convert import load_ckpt
-
-    return load_ckpt(path), None, None
+    tensors, flops = backends.for_weights(kind).read_checkpoint(path)
+    return tensors, None, flops
 
 
 # Classifier weights: DVT stages' and VT-ResNet's `head`, a plain ResNet's `fc`, VT-FPN's 1x1 `classifier`.
@@ -93,7 +83,7 @@ def _head_classes(tensors: dict[str, np.ndarray]) -> int | None:
 
 def _resolve_config(
     src: str, model: str | None, num_classes: int | None, tensors: dict[str, np.ndarray], metadata
-) -> DVTConfig:
+) -> ModelConfig:
     if metadata is not None:
         config = metadata.config
         if model is not None and model != config.name:
@@ -117,30 +107,20 @@ def read_weights(path: str, model: str | None = None, num_classes: int | None = 
     return config, _checked(config, tensors, source=path), metadata, flops
 
 
-def _checked(config: DVTConfig, tensors: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
-    """The tensors, validated against the model `config` describes, as float32 in the model's key order."""
-    from dvt_torch.convert import from_canonical, to_canonical
-    from dvt_torch.vt import build_model
+def _checked(config: ModelConfig, tensors: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """The tensors, checked against the layout `config` describes (no framework needed), as float32 in its order."""
+    layout = state_layout(config)
+    check_state_dict(layout, tensors, source=source)
+    return {key: np.asarray(tensors[key], dtype=np.float32) for key in layout}
 
-    return to_canonical(from_canonical(build_model(config), tensors, source=source))
 
-
-def _write(path: str, kind: str, tensors: dict[str, np.ndarray], config: DVTConfig, metadata, flops) -> None:
-    if kind == "pth":
-        from dvt_torch.checkpoint import write_release_checkpoint
-
-        write_release_checkpoint(path, tensors, flops=flops)
-    elif kind == "safetensors":
-        from dvt_shared.models import model_gflops
-        from dvt_shared.weight_format import WeightMetadata, save_canonical
-
+def _write(path: str, kind: str, tensors: dict[str, np.ndarray], config: ModelConfig, metadata, flops) -> None:
+    if kind == "safetensors":
         if metadata is None:
             metadata = WeightMetadata(config=config, exit_flops=flops or list(model_gflops(config)))
         save_canonical(path, tensors, metadata)
     else:
-        from dvt_mindspore.convert import save_ckpt
-
-        save_ckpt(tensors, path)
+        backends.for_weights(kind).write_checkpoint(path, tensors, flops)
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -169,8 +149,12 @@ def _add_convert(subparsers, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_convert)
 
 
+def _train(args: argparse.Namespace) -> None:
+    backends.load("torch").run_training(args)
+
+
 def _add_train(subparsers, common: argparse.ArgumentParser) -> None:
-    from dvt_torch.train import add_train_arguments, train
+    from dvt_shared.train_options import add_train_arguments
 
     parser = subparsers.add_parser(
         "train", parents=[common], help="train a DVT (PyTorch; multi-process with torchrun)",
@@ -178,7 +162,7 @@ def _add_train(subparsers, common: argparse.ArgumentParser) -> None:
                     "torchrun --nproc_per_node N -m dvt_torch.train ... (same options).",
     )
     add_train_arguments(parser)
-    parser.set_defaults(handler=train)
+    parser.set_defaults(handler=_train)
 
 
 def _subcommands() -> tuple[Callable, ...]:

@@ -3,7 +3,7 @@
 With the shipped weights (weights/manifest.json, sha256-checked) it reports per-exit
 accuracy, the budget table against the static baseline, PyTorch/MindSpore agreement and
 the measured early-exit speedup, and writes the plot. Without them it falls back to the
-random-weight CPU demo of `dvt_torch.demo`.
+random-weight CPU demo (`random_weight_demo`).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 
 from dvt_shared.io_utils import sha256_file
 
-from . import CommandError
+from . import CommandError, backends
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 SPEEDUP_IMAGES = 2048  # enough for stable timings; accuracy uses all 10,000
@@ -38,39 +38,26 @@ def shipped_weights(role: str) -> tuple[Path, dict]:
     return path, entry
 
 
-def speedup(path: Path, images: np.ndarray, thresholds) -> list[dict]:
-    """Wall time of every exit on every image vs the early-exit engine, PyTorch and MindSpore graph."""
-    import mindspore as ms
-    import torch
+# The engines the demo times: (backend, label). Each is timed after a warm-up run (graph compilation).
+SPEEDUP_BACKENDS = (("torch", "PyTorch eager"), ("mindspore", "MindSpore graph"))
 
-    from dvt_mindspore.convert import from_canonical as ms_from_canonical
-    from dvt_mindspore.dvt import DVT as MsDVT
-    from dvt_mindspore.engine import AdaptiveDVT as MsAdaptiveDVT
-    from dvt_torch.engine import AdaptiveDVT
 
-    from . import read_weights
-    from .inference import torch_model
-
-    config, tensors, _, _ = read_weights(str(path))
+def speedup(config, tensors, images: np.ndarray, thresholds) -> list[dict]:
+    """Wall time of every exit on every image vs the early-exit engine, for each backend of SPEEDUP_BACKENDS."""
     batch = 256
     rows = []
-    model = torch_model(config, tensors)
-    chunks = [torch.from_numpy(images[s:s + batch]) for s in range(0, len(images), batch)]
-    engine = AdaptiveDVT(model, thresholds)
+    for name, label in SPEEDUP_BACKENDS:
+        facade = backends.load(name)
+        engine = backends.engine(name, config, tensors, thresholds)
+        chunks = [facade.tensor(images[s:s + batch]) for s in range(0, len(images), batch)]
+        numpy_chunks = [images[s:s + batch] for s in range(0, len(images), batch)]
 
-    def every_exit():
-        with torch.inference_mode():
-            for x in chunks:
-                model(x)
+        def every_exit(model=engine.model, facade=facade):
+            for x in numpy_chunks:
+                facade.all_exit_logits(model, x, batch)
 
-    rows.append(_timed("PyTorch eager", every_exit, lambda: [engine.predict(x) for x in chunks], config, engine))
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms_model = ms_from_canonical(MsDVT(config), tensors)
-    ms_model.set_train(False)
-    ms_chunks = [ms.Tensor(images[s:s + batch]) for s in range(0, len(images), batch)]
-    ms_engine = MsAdaptiveDVT(ms_model, thresholds)
-    rows.append(_timed("MindSpore graph", lambda: [ms_model(x)[-1].asnumpy() for x in ms_chunks],
-                       lambda: [ms_engine.predict(x) for x in ms_chunks], config, ms_engine))
+        rows.append(_timed(label, every_exit, lambda engine=engine, chunks=chunks: [engine.predict(x) for x in chunks],
+                           config, engine))
     return rows
 
 
@@ -94,8 +81,6 @@ def _timed(label, every_exit, adaptive, config, engine) -> dict:
 
 def run_demo(args: argparse.Namespace) -> None:
     if not MANIFEST.is_file():
-        from dvt_torch.demo import main as random_weight_demo
-
         print(f"no shipped weights ({MANIFEST} missing): running the random-weight CPU demo")
         random_weight_demo()
         return
@@ -105,10 +90,11 @@ def run_demo(args: argparse.Namespace) -> None:
     dvt_path, entry = shipped_weights("dvt")
     static_path, _ = shipped_weights("static")
     out = Path(args.out)
-    report = evaluate(str(dvt_path), str(static_path), args.data_dir, out, mindspore=True)
+    data = fashion_mnist(args.data_dir)
+    report, dvt = evaluate(str(dvt_path), str(static_path), data, out, mindspore=True)
     print(markdown(report))
     thresholds = entry["thresholds"]
-    rows = speedup(dvt_path, fashion_mnist(args.data_dir)["test_images"][:SPEEDUP_IMAGES], thresholds)
+    rows = speedup(dvt.config, dvt.tensors, data["test_images"][:SPEEDUP_IMAGES], thresholds)
     same = int((rows[0]["exit_index"] == rows[1]["exit_index"]).sum())
     print(f"Real early exit on the first {SPEEDUP_IMAGES} test images (thresholds {thresholds}, batch 256):")
     print(f"{'backend':<16} {'every exit s':>12} {'engine s':>9} {'theoretical':>11} {'practical':>9} {'efficiency':>10}")
@@ -117,6 +103,52 @@ def run_demo(args: argparse.Namespace) -> None:
               f"{r['practical']:>9.2f} {r['practical'] / r['theoretical']:>10.2f}")
     print(f"PyTorch and MindSpore engines send {same} of {len(rows[0]['exit_index'])} images to the same exit")
     print(f"report: {out}/evaluation.md, {out}/accuracy_vs_gflops.png; demo took {time.perf_counter() - start:.0f} s")
+
+
+RELEASE_FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "release"
+RANDOM_DEMO_MODEL = "dvt_t2t_vit_12"
+
+
+def check_release_fixtures(facade) -> None:
+    """Per-exit logits of the release's two reference cascades against the release's own."""
+    from dvt_shared import config_from_release_json
+
+    for family in ("t2t", "deit"):
+        config_file = RELEASE_FIXTURES / f"{family}_mini_config.json"
+        if not config_file.exists():
+            print(f"release fixture {family}_mini not found under {RELEASE_FIXTURES}: skipped")
+            continue
+        config = config_from_release_json(json.loads(config_file.read_text()), f"{family}_mini")
+        with np.load(RELEASE_FIXTURES / f"{family}_mini_weights.npz") as weights:
+            model = facade.inference_model(config, dict(weights))
+        with np.load(RELEASE_FIXTURES / f"{family}_mini_io.npz") as io:
+            outputs = facade.all_exit_logits(model, io["images"])
+            deltas = [float(np.abs(o - io[f"exit{k}"]).max()) for k, o in enumerate(outputs)]
+        print(f"release fixture {family}_mini: max |logit - release logit| per exit = "
+              + ", ".join(f"{d:.1e}" for d in deltas))
+
+
+def random_weight_demo(backend: str = "torch") -> None:
+    """The CPU demo without trained weights: dvt_t2t_vit_12 with random weights, its per-exit GFLOPs,
+    a timed forward pass, and the release fixtures' logits."""
+    from dvt_shared.flops import exit_gflops, stage_flops
+    from dvt_shared.models import get_model_config
+
+    facade = backends.load(backend)
+    config = get_model_config(RANDOM_DEMO_MODEL)
+    model = facade.create_model(RANDOM_DEMO_MODEL)
+    print(f"{config.name}: {config.description}")
+    print(f"parameters: {facade.count_parameters(model) / 1e6:.2f} M (random weights: no trained ImageNet checkpoint ships)")
+    print(f"{'exit':>4} {'tokens':>7} {'stage GFLOPs':>13} {'cumulative GFLOPs':>18}")
+    for k, (grid, stage, total) in enumerate(zip(config.grids, stage_flops(config), exit_gflops(config))):
+        print(f"{k:>4} {f'{grid}x{grid}':>7} {stage / 1e9:>13.3f} {total:>18.3f}")
+    images = np.random.default_rng(0).standard_normal((2, config.in_chans, config.img_size, config.img_size), np.float32)
+    model = facade.inference_model(config, facade.to_canonical(model))
+    start = time.perf_counter()
+    outputs = facade.all_exit_logits(model, images)
+    elapsed = time.perf_counter() - start
+    print(f"forward pass, batch 2, {backend}, CPU: {elapsed * 1000:.0f} ms; logits per exit: {[o.shape for o in outputs]}")
+    check_release_fixtures(facade)
 
 
 def add_demo(subparsers, common: argparse.ArgumentParser) -> None:

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dvt_shared.configs import DVTConfig
+from dvt_shared.exit_policy import softmax
 from dvt_shared.io_utils import atomic_write_bytes
+from dvt_shared.models import ModelConfig, family_of
 
-from . import CommandError, read_weights
-from .inference import all_exit_probs, torch_model
+from . import CommandError, backends, read_weights
+from .inference import SCORING_BACKEND, all_exit_probs
 
 BUDGET_FRACTIONS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.8)
 CALIBRATION_IMAGES = 10000
@@ -28,7 +29,7 @@ CALIBRATION_IMAGES = 10000
 
 @dataclass
 class Evaluated:
-    config: DVTConfig
+    config: ModelConfig
     tensors: dict
     thresholds: list[float] | None
     test_probs: np.ndarray
@@ -53,13 +54,17 @@ def score(path: str, data: dict, calibrate: bool = True) -> Evaluated:
     config, tensors, metadata, _ = read_weights(path)
     if config.in_chans != 1 or config.img_size != 28:
         raise CommandError(f"{path}: {config.name} does not take Fashion-MNIST's 1x28x28 images")
-    model = torch_model(config, tensors)
+    facade = backends.load(SCORING_BACKEND)
+    model = facade.inference_model(config, tensors)
     # Only a cascade has thresholds to find.
-    calibrate = calibrate and isinstance(config, DVTConfig)
+    calibrate = calibrate and family_of(config).cascade
+
+    def probs(images: np.ndarray) -> np.ndarray:
+        return softmax(facade.all_exit_logits(model, images))
+
     return Evaluated(
         config, tensors, metadata.thresholds if metadata is not None else None,
-        all_exit_probs(model, data["test_images"]), all_exit_probs(model, data["calib_images"]) if calibrate else None,
-        sum(p.numel() for p in model.parameters()),
+        probs(data["test_images"]), probs(data["calib_images"]) if calibrate else None, facade.count_parameters(model),
     )
 
 
@@ -101,20 +106,9 @@ def matching_budget(curve: dict, baseline: dict) -> dict | None:
 
 def mindspore_agreement(dvt: Evaluated, images: np.ndarray, thresholds) -> dict:
     """MindSpore (graph mode) on the same images: per-exit predictions and exit decisions vs PyTorch."""
-    import mindspore as ms
-    from tqdm import tqdm
+    from dvt_shared.exit_policy import confidences, exit_indices
 
-    from dvt_mindspore.convert import from_canonical
-    from dvt_mindspore.dvt import DVT
-    from dvt_shared.exit_policy import confidences, exit_indices, softmax
-
-    ms.set_context(mode=ms.GRAPH_MODE)
-    model = from_canonical(DVT(dvt.config), dvt.tensors)
-    model.set_train(False)
-    batch, chunks = 500, []
-    for start in tqdm(range(0, len(images), batch), desc="MindSpore", unit="batch", leave=False):
-        chunks.append(np.stack([o.asnumpy() for o in model(ms.Tensor(images[start:start + batch]))]))
-    ms_probs = softmax(np.concatenate(chunks, axis=1))
+    ms_probs = all_exit_probs(dvt.config, dvt.tensors, images, backend="mindspore", batch=500)
     torch_conf, ms_conf = confidences(dvt.test_probs), confidences(ms_probs)
     torch_exit, ms_exit = exit_indices(torch_conf, thresholds), exit_indices(ms_conf, thresholds)
     margin = 1e-5
@@ -193,20 +187,8 @@ def markdown(report: dict) -> str:
 
 def classifier_agreement(evaluated: Evaluated, images: np.ndarray) -> dict:
     """MindSpore (graph mode) on the same images: predictions and probabilities vs PyTorch."""
-    import mindspore as ms
-    from tqdm import tqdm
-
-    from dvt_mindspore.convert import from_canonical
-    from dvt_mindspore.vt import build_model
-    from dvt_shared.exit_policy import softmax
-
-    ms.set_context(mode=ms.GRAPH_MODE)
-    model = from_canonical(build_model(evaluated.config), evaluated.tensors)
-    model.set_train(False)
-    batch, chunks = 500, []
-    for start in tqdm(range(0, len(images), batch), desc="MindSpore", unit="batch", leave=False):
-        chunks.append(model(ms.Tensor(images[start:start + batch])).asnumpy())
-    ms_probs, torch_probs = softmax(np.concatenate(chunks)), evaluated.test_probs[-1]
+    ms_probs = all_exit_probs(evaluated.config, evaluated.tensors, images, backend="mindspore", batch=500)[-1]
+    torch_probs = evaluated.test_probs[-1]
     return {
         "images": len(images),
         "same_prediction": int((torch_probs.argmax(-1) == ms_probs.argmax(-1)).sum()),
@@ -275,10 +257,10 @@ def render(report: dict) -> str:
     return classifier_markdown(report) if "classifiers" in report else markdown(report)
 
 
-def evaluate(weights: str, baseline: str | None, data_dir: str | None, out: Path, mindspore: bool) -> dict:
-    data = fashion_mnist(data_dir)
+def evaluate(weights: str, baseline: str | None, data: dict, out: Path, mindspore: bool) -> tuple[dict, Evaluated]:
+    """The report on `data` (see `fashion_mnist`), written under `out`, and the scored model."""
     evaluated = score(weights, data)
-    if isinstance(evaluated.config, DVTConfig):
+    if family_of(evaluated.config).cascade:
         report = _cascade_report(evaluated, weights, baseline, data, mindspore)
     else:
         report = _classifier_report(evaluated, baseline, data, mindspore)
@@ -289,12 +271,12 @@ def evaluate(weights: str, baseline: str | None, data_dir: str | None, out: Path
         classifier_plot(report["classifiers"], out / "accuracy_vs_gflops.png")
     else:
         plot(report["dvt"], report.get("baseline"), out / "accuracy_vs_gflops.png")
-    return report
+    return report, evaluated
 
 
 def _evaluate(args: argparse.Namespace) -> None:
     start = time.perf_counter()
-    report = evaluate(args.weights, args.baseline, args.data_dir, Path(args.out), not args.no_mindspore)
+    report, _ = evaluate(args.weights, args.baseline, fashion_mnist(args.data_dir), Path(args.out), not args.no_mindspore)
     print(render(report))
     print(f"wrote {args.out}/evaluation.md, evaluation.json, accuracy_vs_gflops.png in {time.perf_counter() - start:.0f} s")
 

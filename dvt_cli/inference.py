@@ -9,48 +9,17 @@ import numpy as np
 
 from dvt_shared.configs import DVTConfig
 
-from . import CommandError, positive_float, positive_int, read_weights
+from . import CommandError, backends, positive_float, positive_int, read_weights
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-BACKENDS = ("torch", "mindspore", "onnx")
-
-
-def torch_model(config, tensors):
-    """The PyTorch model `config` describes (DVT or VT), holding `tensors`, in eval mode."""
-    from dvt_torch.convert import from_canonical
-    from dvt_torch.vt import build_model
-
-    return from_canonical(build_model(config), tensors).eval()
-
-
-# PIL modes of 16- and 32-bit grey images, whose convert("L") clips every value above 255.
-_WIDE_GREY_MODES = {"I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16, "I": 16}
-
-
-def _eight_bit(image):
-    """`image` loaded, with 16-bit grey scaled to 8 bits (0..65535 -> 0..255) instead of clipped."""
-    from PIL import Image
-
-    image.load()
-    if image.mode not in _WIDE_GREY_MODES:
-        return image
-    # PNG's 16-bit grey opens as "I;16" or "I": its values stay in 0..65535.
-    values = np.asarray(image, dtype=np.float64)
-    scale = 255.0 / (2 ** _WIDE_GREY_MODES[image.mode] - 1)
-    return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), mode="L")
+# The backend that scores data sets (calibrate, evaluate); predict takes --backend.
+SCORING_BACKEND = "torch"
 
 
 def load_images(paths: list[str], config: DVTConfig) -> np.ndarray:
-    """Image files as the model's float32 input batch.
-
-    One-channel models get grey images resized to the model's size and Fashion-MNIST's
-    normalisation; three-channel models get the release's evaluation transform (resize the
-    short side to size / 0.875 with bicubic, centre crop, ImageNet mean and std).
-    """
+    """Image files as the model's float32 input batch (see `dvt_shared.transforms.eval_array`)."""
     from PIL import Image
 
-    from dvt_shared.datasets import normalise_fashion_mnist
+    from dvt_shared.transforms import eval_array
 
     batch = []
     for path in paths:
@@ -58,22 +27,9 @@ def load_images(paths: list[str], config: DVTConfig) -> np.ndarray:
             raise CommandError(f"{path} is not an image file")
         try:
             with Image.open(path) as image:
-                image = _eight_bit(image)
-                if config.in_chans == 1:
-                    grey = image.convert("L").resize((config.img_size, config.img_size), Image.BILINEAR)
-                    array = normalise_fashion_mnist(np.asarray(grey)[None])[0]
-                else:
-                    rgb = image.convert("RGB")
-                    short = round(config.img_size / 0.875)
-                    scale = short / min(rgb.size)
-                    rgb = rgb.resize((max(short, round(rgb.width * scale)), max(short, round(rgb.height * scale))), Image.BICUBIC)
-                    left, top = (rgb.width - config.img_size) // 2, (rgb.height - config.img_size) // 2
-                    rgb = rgb.crop((left, top, left + config.img_size, top + config.img_size))
-                    array = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
-                    array = (array - np.reshape(IMAGENET_MEAN, (3, 1, 1))) / np.reshape(IMAGENET_STD, (3, 1, 1))
+                batch.append(eval_array(image, config.in_chans, config.img_size))
         except OSError as exc:
             raise CommandError(f"{path}: cannot read it as an image ({exc})") from exc
-        batch.append(array.astype(np.float32))
     return np.stack(batch)
 
 
@@ -97,20 +53,13 @@ def _calibration_images(args, config: DVTConfig) -> tuple[np.ndarray, np.ndarray
     return normalise_fashion_mnist(images[rows]), labels[rows].astype(np.int64)
 
 
-def all_exit_probs(model, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    """(exits, n, classes) softmax outputs of every exit (one for a VT model), PyTorch, in batches with a progress bar."""
-    import torch
-    from tqdm import tqdm
-
+def all_exit_probs(config, tensors, images: np.ndarray, backend: str = SCORING_BACKEND, batch: int = 256) -> np.ndarray:
+    """(exits, n, classes) softmax outputs of every exit (one for a VT model) of the model `config` and
+    `tensors` describe, run by `backend`."""
     from dvt_shared.exit_policy import softmax
-    from dvt_torch.vt import exit_logits
 
-    chunks = []
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(images), batch), desc="scoring", unit="batch", leave=False):
-            outputs = exit_logits(model(torch.from_numpy(images[start:start + batch])))
-            chunks.append(np.stack([o.numpy() for o in outputs]))
-    return softmax(np.concatenate(chunks, axis=1))
+    facade = backends.load(backend)
+    return softmax(facade.all_exit_logits(facade.inference_model(config, tensors), images, batch))
 
 
 def _calibrate(args: argparse.Namespace) -> None:
@@ -129,7 +78,7 @@ def _calibrate(args: argparse.Namespace) -> None:
             "the least any policy spends per image"
         )
     images, labels = _calibration_images(args, config)
-    probs = all_exit_probs(torch_model(config, tensors), images)
+    probs = all_exit_probs(config, tensors, images)
     exit_policy.check_calibration_data(probs, labels)
     if args.budget is not None:
         thresholds = exit_policy.thresholds_for_budget(probs, gflops, args.budget)
@@ -175,31 +124,8 @@ def _predict(args: argparse.Namespace) -> None:
     if not thresholds:
         raise CommandError(f"{args.weights} holds no thresholds: run `dvt calibrate` or pass --thresholds")
     images = load_images(args.images, config)
-    if args.backend == "torch":
-        import torch
-
-        from dvt_torch.engine import AdaptiveDVT
-
-        prediction = AdaptiveDVT(torch_model(config, tensors), thresholds).predict(torch.from_numpy(images))
-    elif args.backend == "mindspore":
-        import mindspore as ms
-
-        from dvt_mindspore.convert import from_canonical
-        from dvt_mindspore.dvt import DVT
-        from dvt_mindspore.engine import AdaptiveDVT
-
-        ms.set_context(mode=ms.GRAPH_MODE)
-        prediction = AdaptiveDVT(from_canonical(DVT(config), tensors), thresholds).predict(ms.Tensor(images))
-    else:
-        from dvt_torch.onnx_export import OnnxAdaptiveDVT, export_onnx
-
-        onnx_dir = args.onnx_dir
-        if onnx_dir is None:
-            import tempfile
-
-            onnx_dir = tempfile.mkdtemp(prefix="dvt_onnx_")
-            export_onnx(torch_model(config, tensors), onnx_dir)
-        prediction = OnnxAdaptiveDVT(onnx_dir, thresholds).predict(images)
+    engine = backends.engine(args.backend, config, tensors, thresholds, graphs_dir=args.onnx_dir)
+    prediction = engine.predict(backends.load(args.backend).tensor(images))
     names = _class_names(config)
     print(f"{'image':<40} {'class':<14} {'exit':>4} {'confidence':>10} {'GFLOPs':>8}")
     for path, cls, exit_index, conf, gflops in zip(
@@ -224,7 +150,7 @@ def add_predict(subparsers, common: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     parser.add_argument("--weights", required=True, help="weights (.safetensors, .pth, .ckpt)")
-    parser.add_argument("--backend", choices=BACKENDS, default="torch")
+    parser.add_argument("--backend", choices=tuple(backends.BACKENDS), default="torch")
     parser.add_argument("--thresholds", type=_parse_thresholds, help="comma-separated, one per exit "
                         "(default: the calibrated ones stored with the weights)")
     parser.add_argument("--onnx-dir", help="graphs from `dvt export --format onnx` (default: export to a temp dir)")
@@ -235,19 +161,8 @@ def add_predict(subparsers, common: argparse.ArgumentParser) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     config, tensors, _, _ = read_weights(args.weights, args.model, args.num_classes)
-    if args.format == "onnx":
-        from dvt_torch.onnx_export import export_onnx
-
-        manifest = export_onnx(torch_model(config, tensors), args.out)
-    else:
-        import mindspore as ms
-
-        from dvt_mindspore.convert import from_canonical
-        from dvt_mindspore.dvt import DVT
-        from dvt_mindspore.mindir_export import export_mindir
-
-        ms.set_context(mode=ms.GRAPH_MODE)
-        manifest = export_mindir(from_canonical(DVT(config), tensors), args.out)
+    facade = backends.for_export(args.format)
+    manifest = facade.export(facade.inference_model(config, tensors), args.out)
     print(f"wrote {config.num_exits} {args.format} stage graphs and {Path(manifest).name} to {args.out}")
 
 
@@ -258,7 +173,7 @@ def add_export(subparsers, common: argparse.ArgumentParser) -> None:
                     "outputs: logits and this stage's reuse state), plus a JSON manifest.",
     )
     parser.add_argument("--weights", required=True)
-    parser.add_argument("--format", choices=("onnx", "mindir"), required=True)
+    parser.add_argument("--format", choices=backends.EXPORT_FORMATS, required=True)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--model", help="registered config, for weights that record none")
     parser.add_argument("--num-classes", type=positive_int)

@@ -7,31 +7,19 @@ run in Python before it, so their messages stay readable.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import TruncatedNormal, initializer
 
-from dvt_shared.configs import DVTConfig, get_config
+from dvt_shared.cascade import ReuseState, run_stage
+from dvt_shared.configs import DVTConfig
 from dvt_shared.image_checks import check_finite, check_image_dtype, check_image_shape
 from dvt_shared.token_schedule import resample_matrix_1d, sinusoid_table
 
 from .layers import Block, PatchEmbed, T2TStem, dense, gelu, layer_norm, resample_relations
 
 _FLOAT_DTYPES = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
-
-
-class ReuseState(NamedTuple):
-    """What stage k hands to stage k+1.
-
-    features: (B, N, D) last-block tokens before the final norm, or None.
-    relations: (B, heads*depth, N, N) attention logits of every block (reused ones added), or None.
-    """
-
-    features: Tensor | None
-    relations: Tensor | None
 
 
 def check_images(x: Tensor, config: DVTConfig, dtype=None) -> None:
@@ -66,13 +54,13 @@ class DVTStage(nn.Cell):
         self.keep_features = has_next and config.feature_reuse
         self.keep_relations = has_next and config.relation_reuse
         self.depth, self.num_heads = config.depth, config.num_heads
-        num_tokens = self.grid * self.grid + 1
+        num_tokens = config.num_tokens[index]
 
         self.is_t2t = stage.stem.kind == "t2t"
         if self.is_t2t:
-            self.tokens_to_token = T2TStem(config, stage.stem)
+            self.tokens_to_token = T2TStem(config, index)
         else:
-            self.patch_embed = PatchEmbed(config, stage.stem)
+            self.patch_embed = PatchEmbed(config, index)
         dim = config.embed_dim
         self.cls_token = Parameter(initializer(TruncatedNormal(sigma=0.02), (1, 1, dim), ms.float32), name="cls_token")
         if config.pos_embed == "sinusoid":
@@ -83,15 +71,14 @@ class DVTStage(nn.Cell):
                 initializer(TruncatedNormal(sigma=0.02), (1, num_tokens, dim), ms.float32), name="pos_embed"
             )
         self.pos_drop = nn.Dropout(p=config.drop_rate)
-        drop_path = np.linspace(0.0, config.drop_path_rate, config.depth)
-        self.blocks = nn.CellList([Block(config, self.feature_reuse, float(drop_path[i])) for i in range(config.depth)])
+        self.blocks = nn.CellList([Block(config, index, rate) for rate in config.drop_path_rates])
         self.norm = layer_norm(dim, config.layernorm_eps)
 
         reuses = self.feature_reuse or self.relation_reuse
         self.resample_t = _constant(resample_matrix_1d(config.grids[index - 1], self.grid).T) if reuses else None
         if self.relation_reuse:
             channels = config.relation_channels
-            hidden = channels * config.relation_expansion
+            hidden = config.relation_hidden
             self.relation_reuse_conv = nn.SequentialCell([
                 nn.Conv2d(channels, hidden, kernel_size=1, pad_mode="valid", has_bias=True),
                 gelu(),
@@ -157,12 +144,7 @@ class DVT(nn.Cell):
 
     def run_stage(self, index: int, x: Tensor, state: ReuseState | None) -> tuple[Tensor, ReuseState]:
         """`forward_stage` without input checks, for callers that validated the batch once."""
-        stage = self.stage(index)
-        if (stage.feature_reuse or stage.relation_reuse) and state is None:
-            raise ValueError("this stage reuses the previous stage's work: pass the ReuseState it returned")
-        state = state or ReuseState(None, None)
-        logits, features, relations = stage(x, state.features, state.relations)
-        return logits, ReuseState(features, relations)
+        return run_stage(self.stage(index), x, state)
 
     def __call__(self, x):
         # Checked here, in Python, so that graph mode compiles only the model itself.
@@ -176,12 +158,6 @@ class DVT(nn.Cell):
             logits, features, relations = getattr(self, name)(x, features, relations)
             outputs = outputs + (logits,)
         return outputs
-
-
-def create_model(name: str, num_classes: int | None = None, **overrides) -> DVT:
-    """A DVT built from the registered `dvt_shared` config `name`; its class count stands unless
-    `num_classes` (or any other field) is overridden."""
-    return DVT(get_config(name, num_classes=num_classes, **overrides))
 
 
 def multi_exit_loss(

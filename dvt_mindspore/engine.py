@@ -64,6 +64,5 @@ class AdaptiveDVT(MindSporeEngine):
                 model.stage(index).set_inputs(*dynamic_stage_inputs(model, index))
 
     def _run_stage(self, index: int, images: Tensor, state: ReuseState | None):
-        state = state or ReuseState(None, None)
-        logits, features, relations = self.model.stage(index)(images, state.features, state.relations)
-        return logits.asnumpy().astype(np.float32), ReuseState(features, relations)
+        logits, state = self.model.run_stage(index, images, state)
+        return logits.asnumpy().astype(np.float32), state

@@ -12,7 +12,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Orthogonal, TruncatedNormal, initializer
 
-from dvt_shared.configs import DVTConfig, StemSpec
+from dvt_shared.configs import DVTConfig
 
 
 def dense(in_features: int, out_features: int, has_bias: bool = True) -> nn.Dense:
@@ -116,11 +116,12 @@ class TokenPerformer(nn.Cell):
 class T2TStem(nn.Cell):
     """Tokens-to-Token stem: soft split (unfold), performer, reshape to a grid, repeat; then project."""
 
-    def __init__(self, config: DVTConfig, stem: StemSpec):
+    def __init__(self, config: DVTConfig, index: int):
         super().__init__()
+        stem = config.stages[index].stem
         self.sizes = stem.sizes(config.img_size)
         self.splits = tuple(tuple(split) for split in stem.splits)
-        in_dims = [config.in_chans * stem.splits[0][0] ** 2] + [config.token_dim * k**2 for k, _, _ in stem.splits[1:]]
+        in_dims = config.stem_widths(index)
         for i, dim in enumerate(in_dims[:-1], start=1):
             performer = TokenPerformer(
                 dim, config.token_dim, config.performer_kernel_ratio, config.performer_eps,
@@ -144,9 +145,9 @@ class T2TStem(nn.Cell):
 class PatchEmbed(nn.Cell):
     """Strided convolution to tokens; it takes a padding (the release's 10x10 DeiT stem)."""
 
-    def __init__(self, config: DVTConfig, stem: StemSpec):
+    def __init__(self, config: DVTConfig, index: int):
         super().__init__()
-        kernel, stride, padding = stem.splits[0]
+        kernel, stride, padding = config.stages[index].stem.splits[0]
         self.proj = nn.Conv2d(
             config.in_chans, config.embed_dim, kernel_size=kernel, stride=stride, pad_mode="pad", padding=padding,
             has_bias=True,
@@ -185,10 +186,10 @@ class Attention(nn.Cell):
 class Block(nn.Cell):
     """Transformer block; with feature reuse its MLP also reads the previous stage's tokens."""
 
-    def __init__(self, config: DVTConfig, feature_reuse: bool, drop_path: float):
+    def __init__(self, config: DVTConfig, index: int, drop_path: float):
         super().__init__()
-        dim, eps = config.embed_dim, config.layernorm_eps
-        mlp_in = dim + config.reuse_dim if feature_reuse else dim
+        dim, eps, mlp_in = config.embed_dim, config.layernorm_eps, config.mlp_in(index)
+        feature_reuse = config.stage_reuses(index)[0]
         self.norm1 = layer_norm(dim, eps)
         self.attn = Attention(dim, config.num_heads, config.qkv_bias, config.attn_drop_rate, config.drop_rate)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()

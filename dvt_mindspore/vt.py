@@ -12,7 +12,6 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 from mindspore.common.initializer import HeNormal, TruncatedNormal
 
-from dvt_shared.configs import DVTConfig
 from dvt_shared.image_checks import check_image_dtype, check_image_shape
 from dvt_shared.vt import (
     STEM_GEOMETRY,
@@ -20,7 +19,6 @@ from dvt_shared.vt import (
     VTFPNConfig,
     VTResNetConfig,
     VTSpec,
-    get_vt_config,
 )
 
 from .layers import batch_matmul, matmul_last
@@ -329,24 +327,6 @@ class VTFPN(_Trunk):
         for level in levels[1:]:
             merged = merged + ops.interpolate(level, size=finest, mode="nearest")
         return self.classifier(merged), levels
-
-
-def build_model(config) -> nn.Cell:
-    """The MindSpore model a config describes: DVT, plain ResNet, VT-ResNet or VT-FPN."""
-    if isinstance(config, DVTConfig):
-        from .dvt import DVT
-
-        return DVT(config)
-    if isinstance(config, VTFPNConfig):
-        return VTFPN(config)
-    if isinstance(config, VTResNetConfig):
-        return VTResNet(config) if config.family == "vt_resnet" else ResNet(config)
-    raise TypeError(f"no model for a {type(config).__name__}")
-
-
-def create_vt_model(name: str, num_classes: int | None = None, **overrides) -> nn.Cell:
-    """The VT model (or plain ResNet baseline) of the registered config `name`, fields overridden."""
-    return build_model(get_vt_config(name, num_classes=num_classes, **overrides))
 
 
 def exit_logits(outputs) -> tuple[Tensor, ...]:

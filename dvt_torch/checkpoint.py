@@ -15,8 +15,12 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from torch import nn
 
 from dvt_shared.io_utils import atomic_writer
+from dvt_shared.weight_format import read_weight_tensors, write_weight_tensors
+
+from .convert import from_canonical, to_canonical
 
 # Where a checkpoint dict keeps its weights, most specific first (release, common, timm-style).
 STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model")
@@ -239,3 +243,30 @@ def write_release_checkpoint(
     with atomic_writer(path, "wb") as handle:
         # The legacy format: the release pins torch 1.3, which predates zip-archive checkpoints.
         torch.save(checkpoint, handle, _use_new_zipfile_serialization=False)
+
+
+# This backend's own weight format (dvt_shared.weight_format.WEIGHT_FORMATS).
+CHECKPOINT_FORMAT = "pth"
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], list[float] | None]:
+    """(tensors by release key, GMACs per exit if recorded) of a release-style `.pth`."""
+    checkpoint = read_release_checkpoint(path)
+    return checkpoint.state_dict, checkpoint.flops
+
+
+def write_checkpoint(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], exit_flops: list[float] | None = None) -> None:
+    """Canonical tensors as a release-style `.pth`, atomically."""
+    write_release_checkpoint(path, tensors, flops=exit_flops)
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load canonical `.safetensors` or release `.pth` / `.pth.tar` weights into `model`, every tensor
+    checked first (see `from_canonical`); returns the model."""
+    tensors = read_weight_tensors(path, CHECKPOINT_FORMAT, lambda p: read_checkpoint(p)[0])
+    return from_canonical(model, tensors, source=os.fspath(path))
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write `model`'s weights as canonical `.safetensors` (with its config) or as a release `.pth`, atomically."""
+    write_weight_tensors(path, to_canonical(model), model.config, CHECKPOINT_FORMAT, write_checkpoint)

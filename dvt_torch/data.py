@@ -11,15 +11,14 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Iterator
 
+import numpy as np
 import torch
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from dvt_shared.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
-
-# The release evaluates at 224 after resizing the short side to 256 (crop ratio 0.875).
-EVAL_CROP_RATIO = 224 / 256
+from dvt_shared.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, normalise_fashion_mnist
+from dvt_shared.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_array
 # timm's RandomErasing defaults: erased area fraction and log-uniform aspect-ratio range.
 ERASE_AREA = (0.02, 1 / 3)
 ERASE_RATIO = (0.3, 1 / 0.3)
@@ -39,10 +38,9 @@ class TensorSplit:
         return TensorSplit(self.images[indices], self.labels[indices])
 
 
-def normalise_uint8(images, mean: float = FASHION_MNIST_MEAN, std: float = FASHION_MNIST_STD) -> torch.Tensor:
+def normalise_uint8(images) -> torch.Tensor:
     """uint8 (N, H, W) grey images -> float32 (N, 1, H, W), scaled to [0, 1] then standardised."""
-    x = torch.as_tensor(images).to(torch.float32).div_(255.0).unsqueeze(1)
-    return x.sub_(mean).div_(std)
+    return torch.from_numpy(normalise_fashion_mnist(np.asarray(images)))
 
 
 def fashion_mnist_splits(data_dir: str | os.PathLike | None = None) -> tuple[TensorSplit, TensorSplit]:
@@ -160,19 +158,16 @@ def eval_batches(split: TensorSplit, batch_size: int, rank: int = 0, world_size:
         yield split.images[start:stop], split.labels[start:stop]
 
 
-def eval_transform(img_size: int = 224, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
-    """The release's evaluation: bicubic resize of the short side to img_size/0.875, centre crop, normalise."""
-    from torchvision import transforms
-
-    return transforms.Compose([
-        transforms.Resize(int(img_size / EVAL_CROP_RATIO), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(img_size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
+def _eval_tensor(image, img_size: int, mean, std) -> torch.Tensor:
+    return torch.from_numpy(eval_array(image, 3, img_size, mean, std))
 
 
-def train_transform(img_size: int = 224, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
+def eval_transform(img_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """The release's evaluation (`dvt_shared.transforms.eval_array`), as an ImageFolder transform."""
+    return partial(_eval_tensor, img_size=img_size, mean=mean, std=std)
+
+
+def train_transform(img_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Standard ImageNet training transform: random resized crop, horizontal flip, normalise."""
     from torchvision import transforms
 

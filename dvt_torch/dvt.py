@@ -5,30 +5,17 @@ State-dict keys and shapes equal the published release's, so its checkpoints loa
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dvt_shared.configs import DVTConfig, get_config
+from dvt_shared.cascade import ReuseState, run_stage
+from dvt_shared.configs import DVTConfig
 from dvt_shared.image_checks import check_finite, check_image_dtype, check_image_shape
 from dvt_shared.token_schedule import resample_matrix_1d, sinusoid_table
 
 from .layers import Block, PatchEmbed, T2TStem, init_weights, resample_relations
 from timm.layers import trunc_normal_
-
-
-class ReuseState(NamedTuple):
-    """What stage k hands to stage k+1.
-
-    features: (B, N, D) last-block tokens before the final norm, or None.
-    relations: (B, heads*depth, N, N) attention logits of every block (reused ones added), or None.
-    """
-
-    features: torch.Tensor | None
-    relations: torch.Tensor | None
 
 
 def check_images(x: torch.Tensor, config: DVTConfig, dtype: torch.dtype | None = None) -> None:
@@ -53,22 +40,24 @@ class DVTStage(nn.Module):
         stage = config.stages[index]
         self.grid = config.grids[index]
         self.feature_reuse, self.relation_reuse = config.stage_reuses(index)
+        has_next = index < config.num_exits - 1
+        self.keep_features = has_next and config.feature_reuse
+        self.keep_relations = has_next and config.relation_reuse
         self.depth, self.num_heads = config.depth, config.num_heads
-        num_tokens = self.grid * self.grid + 1
+        num_tokens = config.num_tokens[index]
 
         if stage.stem.kind == "t2t":
-            self.tokens_to_token = T2TStem(config, stage.stem)
+            self.tokens_to_token = T2TStem(config, index)
         else:
-            self.patch_embed = PatchEmbed(config, stage.stem)
+            self.patch_embed = PatchEmbed(config, index)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
         if config.pos_embed == "sinusoid":
             self.register_buffer("pos_embed", torch.from_numpy(sinusoid_table(num_tokens, config.embed_dim)))
         else:
             self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, config.embed_dim))
         self.pos_drop = nn.Dropout(config.drop_rate)
-        drop_path = np.linspace(0.0, config.drop_path_rate, config.depth)
         self.blocks = nn.ModuleList(
-            Block(config, self.feature_reuse, float(drop_path[i])) for i in range(config.depth)
+            Block(config, index, rate) for rate in config.drop_path_rates
         )
         self.norm = nn.LayerNorm(config.embed_dim, eps=config.layernorm_eps)
 
@@ -77,7 +66,7 @@ class DVTStage(nn.Module):
             self.register_buffer("resample_t", torch.tensor(matrix, dtype=torch.float32), persistent=False)
         if self.relation_reuse:
             channels = config.relation_channels
-            hidden = channels * config.relation_expansion
+            hidden = config.relation_hidden
             self.relation_reuse_conv = nn.Sequential(
                 nn.Conv2d(channels, hidden, kernel_size=1), nn.GELU(), nn.Conv2d(hidden, channels, kernel_size=1)
             )
@@ -100,20 +89,21 @@ class DVTStage(nn.Module):
         return mixed.chunk(self.depth, dim=1)
 
     def forward(
-        self, x: torch.Tensor, state: ReuseState | None = None, keep_relations: bool = True
-    ) -> tuple[torch.Tensor, ReuseState]:
-        if (self.feature_reuse or self.relation_reuse) and state is None:
-            raise ValueError("this stage reuses the previous stage's work: pass the ReuseState it returned")
+        self, x: torch.Tensor, features: torch.Tensor | None = None, relations: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(logits, features, relations): the last two are what the next stage reuses, None where it
+        reuses nothing (and after the last stage)."""
         x = self.embed(x)
-        biases = self.relation_biases(state.relations) if self.relation_reuse else (None,) * self.depth
-        reused = state.features if self.feature_reuse else None
+        biases = self.relation_biases(relations) if self.relation_reuse else (None,) * self.depth
+        reused = features if self.feature_reuse else None
         logits = []
         for block, bias in zip(self.blocks, biases):
             x, block_logits = block(x, reused, self.resample_t if self.feature_reuse else None, bias)
             logits.append(block_logits)
-        relations = torch.cat(logits, dim=1) if keep_relations else None
         out = self.head(self.norm(x)[:, 0])
-        return out, ReuseState(features=x, relations=relations)
+        next_features = x if self.keep_features else None
+        next_relations = torch.cat(logits, dim=1) if self.keep_relations else None
+        return out, next_features, next_relations
 
 
 class DVT(nn.Module):
@@ -153,14 +143,7 @@ class DVT(nn.Module):
 
     def run_stage(self, index: int, x: torch.Tensor, state: ReuseState | None) -> tuple[torch.Tensor, ReuseState]:
         """`forward_stage` without input checks, for callers that validated the batch once."""
-        is_last = index == self.num_exits - 1
-        keep_relations = not is_last and self.config.relation_reuse
-        logits, new_state = self.stage(index)(x, state, keep_relations=keep_relations)
-        if is_last:
-            new_state = ReuseState(None, None)
-        elif not self.config.feature_reuse:
-            new_state = ReuseState(None, new_state.relations)
-        return logits, new_state
+        return run_stage(self.stage(index), x, state)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         check_images(x, self.config, self.dtype)
@@ -169,12 +152,6 @@ class DVT(nn.Module):
             logits, state = self.run_stage(index, x, state)
             outputs.append(logits)
         return tuple(outputs)
-
-
-def create_model(name: str, num_classes: int | None = None, **overrides) -> DVT:
-    """A DVT built from the registered `dvt_shared` config `name`; its class count stands unless
-    `num_classes` (or any other field) is overridden."""
-    return DVT(get_config(name, num_classes=num_classes, **overrides))
 
 
 def multi_exit_loss(

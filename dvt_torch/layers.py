@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
-from dvt_shared.configs import DVTConfig, StemSpec
+from dvt_shared.configs import DVTConfig
 
 
 class TokenPerformer(nn.Module):
@@ -72,11 +72,12 @@ def soft_split(x: torch.Tensor, kernel: int, stride: int, padding: int) -> torch
 class T2TStem(nn.Module):
     """Tokens-to-Token stem: soft split (unfold), performer, reshape to a grid, repeat; then project."""
 
-    def __init__(self, config: DVTConfig, stem: StemSpec):
+    def __init__(self, config: DVTConfig, index: int):
         super().__init__()
+        stem = config.stages[index].stem
         self.sizes = stem.sizes(config.img_size)
         self.splits = stem.splits
-        in_dims = [config.in_chans * stem.splits[0][0] ** 2] + [config.token_dim * k**2 for k, _, _ in stem.splits[1:]]
+        in_dims = config.stem_widths(index)
         for i, dim in enumerate(in_dims[:-1], start=1):
             self.add_module(
                 f"attention{i}",
@@ -100,9 +101,9 @@ class T2TStem(nn.Module):
 class PatchEmbed(nn.Module):
     """Strided convolution to tokens; unlike timm's, it takes a padding (the release's 10x10 DeiT stem)."""
 
-    def __init__(self, config: DVTConfig, stem: StemSpec):
+    def __init__(self, config: DVTConfig, index: int):
         super().__init__()
-        kernel, stride, padding = stem.splits[0]
+        kernel, stride, padding = config.stages[index].stem.splits[0]
         self.proj = nn.Conv2d(config.in_chans, config.embed_dim, kernel_size=kernel, stride=stride, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,10 +137,10 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Transformer block; with feature reuse its MLP also reads the previous stage's tokens."""
 
-    def __init__(self, config: DVTConfig, feature_reuse: bool, drop_path: float):
+    def __init__(self, config: DVTConfig, index: int, drop_path: float):
         super().__init__()
-        dim, eps = config.embed_dim, config.layernorm_eps
-        mlp_in = dim + config.reuse_dim if feature_reuse else dim
+        dim, eps, mlp_in = config.embed_dim, config.layernorm_eps, config.mlp_in(index)
+        feature_reuse = config.stage_reuses(index)[0]
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, config.num_heads, config.qkv_bias, config.attn_drop_rate, config.drop_rate)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()

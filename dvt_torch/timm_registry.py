@@ -7,17 +7,15 @@ from __future__ import annotations
 
 from timm.models import register_model
 
-from dvt_shared.configs import list_configs
-from dvt_shared.vt import list_vt_configs
+from dvt_shared.models import list_model_names
 
-from .dvt import create_model
-from .vt import create_vt_model
+from .models import create_model
 
 # keyword arguments timm's factory adds that a DVT has no use for
 _TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
-def _entrypoint(name: str, factory):
+def _entrypoint(name: str):
     def build(pretrained: bool = False, num_classes: int | None = None, **kwargs):
         if pretrained:
             raise ValueError(
@@ -26,7 +24,7 @@ def _entrypoint(name: str, factory):
             )
         for key in _TIMM_ONLY_KWARGS:
             kwargs.pop(key, None)
-        return factory(name, num_classes=num_classes, **kwargs)
+        return create_model(name, num_classes=num_classes, **kwargs)
 
     build.__name__ = name
     build.__qualname__ = name
@@ -35,7 +33,5 @@ def _entrypoint(name: str, factory):
     return build
 
 
-for _name in list_configs():
-    globals()[_name] = register_model(_entrypoint(_name, create_model))
-for _name in list_vt_configs():
-    globals()[_name] = register_model(_entrypoint(_name, create_vt_model))
+for _name in list_model_names():
+    globals()[_name] = register_model(_entrypoint(_name))

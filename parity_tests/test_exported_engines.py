@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from dvt_mindspore.mindir_export import MindIRAdaptiveDVT, export_mindir
+from dvt_mindspore.export import MindIRAdaptiveDVT, export_mindir
 from dvt_shared.exit_policy import confidences, exit_indices, exit_shares, find_thresholds, softmax
 from dvt_torch.engine import AdaptiveDVT
-from dvt_torch.onnx_export import OnnxAdaptiveDVT, export_onnx
+from dvt_onnx import OnnxAdaptiveDVT
+from dvt_torch.export import export_onnx
 from parity_tests import harness
 from parity_tests.report import record
 from parity_tests.targets import CPU

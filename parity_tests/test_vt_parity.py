@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from dvt_mindspore import vt as ms_vt
+import dvt_mindspore
 from dvt_mindspore.convert import from_canonical as ms_from_canonical
 from dvt_mindspore.convert import to_canonical as ms_to_canonical
 from dvt_shared.vt import VTFPNConfig, get_vt_config, list_vt_configs
-from dvt_torch import vt as torch_vt
+import dvt_torch
 from dvt_torch.convert import to_canonical as torch_to_canonical
 from parity_tests import harness
 from parity_tests.report import record
@@ -55,9 +55,9 @@ def randomise(model: torch.nn.Module, seed: int, noise: float = 0.02) -> None:
 def twins(config, seed: int = 0):
     """A PyTorch model with seeded random weights (eval mode) and its MindSpore twin."""
     torch.manual_seed(seed)
-    model = torch_vt.build_model(config).eval()
+    model = dvt_torch.build_model(config).eval()
     randomise(model, seed + 1)
-    twin = ms_from_canonical(ms_vt.build_model(config), torch_to_canonical(model), source="the PyTorch model's weights")
+    twin = ms_from_canonical(dvt_mindspore.build_model(config), torch_to_canonical(model), source="the PyTorch model's weights")
     twin.set_train(False)
     return model, twin
 

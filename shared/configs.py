@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
+
 REUSE_MODES = ("none", "feature", "relation", "both")
 STEM_KINDS = ("t2t", "patch")
 POS_EMBED_KINDS = ("sinusoid", "learned")
@@ -152,8 +154,18 @@ class DVTConfig:
         return self.num_heads * self.depth
 
     @property
+    def relation_hidden(self) -> int:
+        """Width between the two 1x1 convolutions that mix the reused relations."""
+        return self.relation_channels * self.relation_expansion
+
+    @property
     def performer_features(self) -> int:
         return int(self.token_dim * self.performer_kernel_ratio)
+
+    @property
+    def drop_path_rates(self) -> tuple[float, ...]:
+        """Stochastic-depth rate of every block of a stage, rising linearly to drop_path_rate."""
+        return tuple(float(rate) for rate in np.linspace(0.0, self.drop_path_rate, self.depth))
 
     def stage_reuses(self, index: int) -> tuple[bool, bool]:
         """(feature reuse, relation reuse) of stage `index`; the first stage reuses nothing."""
@@ -161,11 +173,24 @@ class DVTConfig:
             return False, False
         return self.feature_reuse, self.relation_reuse
 
+    def stem_widths(self, index: int) -> tuple[int, ...]:
+        """Input width of every soft split's consumer in stage `index`'s T2T stem: its performers,
+        then the final projection (a split of k x k patches of C channels gives C*k*k)."""
+        splits = self.stages[index].stem.splits
+        return (self.in_chans * splits[0][0] ** 2,) + tuple(self.token_dim * kernel**2 for kernel, _, _ in splits[1:])
+
+    def mlp_in(self, index: int) -> int:
+        """Input width of a block's MLP in stage `index`: the tokens, widened by the reused features."""
+        return self.embed_dim + self.reuse_dim if self.stage_reuses(index)[0] else self.embed_dim
+
     def replace(self, **overrides) -> "DVTConfig":
+        """A copy with fields overridden; `stages` may be given in `to_dict`'s form."""
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise TypeError(f"unknown config field(s) {unknown} for {self.name}; known fields: {sorted(known)}")
+        if "stages" in overrides:
+            overrides["stages"] = _stages(overrides["stages"])
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict:
@@ -173,12 +198,16 @@ class DVTConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "DVTConfig":
-        data = dict(data)
-        data["stages"] = tuple(
-            StageSpec(name=s["name"], stem=StemSpec(kind=s["stem"]["kind"], splits=tuple(tuple(x) for x in s["stem"]["splits"])))
-            for s in data["stages"]
-        )
-        return cls(**data)
+        return cls(**{**data, "stages": _stages(data["stages"])})
+
+
+def _stages(stages) -> tuple[StageSpec, ...]:
+    """Stages as StageSpecs, from StageSpecs or from `to_dict`'s nested dicts."""
+    return tuple(
+        s if isinstance(s, StageSpec)
+        else StageSpec(name=s["name"], stem=StemSpec(kind=s["stem"]["kind"], splits=tuple(tuple(x) for x in s["stem"]["splits"])))
+        for s in stages
+    )
 
 
 def _t2t_stages(*tokens_types: str) -> tuple[StageSpec, ...]:

@@ -58,7 +58,7 @@ def stem_macs(config: DVTConfig, index: int) -> int:
     if stem.kind == "patch":
         kernel = stem.splits[0][0]
         return sizes[0] ** 2 * config.embed_dim * config.in_chans * kernel * kernel
-    in_dims = [config.in_chans * stem.splits[0][0] ** 2] + [config.token_dim * k * k for k, _, _ in stem.splits[1:]]
+    in_dims = config.stem_widths(index)
     total = sum(
         performer_macs(sizes[i] ** 2, in_dims[i], config.token_dim, config.performer_features)
         for i in range(len(sizes) - 1)
@@ -70,7 +70,7 @@ def stage_macs(config: DVTConfig, index: int) -> StageMacs:
     """Multiply-adds of stage `index` alone (its stem, blocks, reuse of the previous stage, head)."""
     dim, tokens = config.embed_dim, config.num_tokens[index]
     feature_reuse, relation_reuse = config.stage_reuses(index)
-    mlp_in = dim + config.reuse_dim if feature_reuse else dim
+    mlp_in = config.mlp_in(index)
     block = (
         _layernorm(tokens, dim)
         + tokens * dim * 3 * dim  # qkv
@@ -95,8 +95,7 @@ def stage_macs(config: DVTConfig, index: int) -> StageMacs:
         )
         feature = config.depth * per_block
     if relation_reuse:
-        channels = config.relation_channels
-        hidden = channels * config.relation_expansion
+        channels, hidden = config.relation_channels, config.relation_hidden
         convs = 2 * prev_tokens * prev_tokens * channels * hidden
         # class row + class column + every query row (keys) + every new key column (queries)
         maps = channels * (2 + src * src + dst * dst)

@@ -1,28 +1,104 @@
-"""Every registered model, DVT and VT alike: names, configs by name or by dict, GFLOPs per exit.
+"""Every model family and every registered model, DVT and VT alike.
 
 A config's `family` says which kind it is ("t2t_vit" and "deit" are DVT cascades;
-"vt_resnet", "resnet" and "vt_fpn" are VT models), so a stored config dict needs no other tag.
+"vt_resnet", "resnet" and "vt_fpn" are VT models), so a stored config dict needs no other
+tag. `FAMILIES` maps each family to what the framework-free code needs of it: its config
+class (which serialises itself with `to_dict`/`from_dict`), its per-exit GFLOPs and its
+canonical weight layout. Backends register, per family, the function that builds its model
+(`register_builder`), so no caller ever asks which kind of config it holds.
+
+A new family adds its config class, FLOP formula and layout, one `register_family` here,
+and one `register_builder` per backend.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Callable
+
 from .configs import DVTConfig, get_config, list_configs
 from .flops import exit_gflops
-from .vt import VT_FAMILIES, VTFPNConfig, VTResNetConfig, get_vt_config, list_vt_configs, vt_config_from_dict, vt_gflops
+from .layout import Layout, dvt_layout, vt_fpn_layout, vt_resnet_layout
+from .vt import VTFPNConfig, VTResNetConfig, get_vt_config, list_vt_configs, vt_fpn_macs, vt_resnet_macs
 
 ModelConfig = DVTConfig | VTResNetConfig | VTFPNConfig
-MODEL_CONFIG_TYPES = (DVTConfig, VTResNetConfig, VTFPNConfig)
 
 
-def list_model_names() -> list[str]:
-    return sorted(list_configs() + list_vt_configs())
+@dataclass(frozen=True)
+class ModelFamily:
+    """What every framework-free part of the project knows of one kind of model."""
+
+    name: str
+    config_class: type
+    gflops: Callable[[Any], tuple[float, ...]]  # cumulative GFLOPs (10^9 multiply-adds) of every exit
+    layout: Callable[[Any], Layout]  # canonical key -> shape
+    cascade: bool  # several exits with thresholds between them
+    task: str = "classification"  # or "segmentation": per-pixel logits
+
+
+FAMILIES: dict[str, ModelFamily] = {}
+_BUILDERS: dict[tuple[str, str], Callable[[Any], Any]] = {}
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    FAMILIES[family.name] = family
+    return family
+
+
+def _single_exit(macs: Callable[[Any], Any]) -> Callable[[Any], tuple[float]]:
+    return lambda config: (macs(config).total / 1e9,)
+
+
+for _name in ("t2t_vit", "deit"):
+    register_family(ModelFamily(_name, DVTConfig, exit_gflops, dvt_layout, cascade=True))
+for _name in ("vt_resnet", "resnet"):
+    register_family(ModelFamily(_name, VTResNetConfig, _single_exit(vt_resnet_macs), vt_resnet_layout, cascade=False))
+register_family(
+    ModelFamily("vt_fpn", VTFPNConfig, _single_exit(vt_fpn_macs), vt_fpn_layout, cascade=False, task="segmentation")
+)
+
+MODEL_CONFIG_TYPES = tuple(dict.fromkeys(family.config_class for family in FAMILIES.values()))
+
+
+def family_of(config: ModelConfig) -> ModelFamily:
+    """The family `config` belongs to; TypeError for anything that is not a registered family's config."""
+    family = FAMILIES.get(getattr(config, "family", None))
+    if family is None or not isinstance(config, family.config_class):
+        raise TypeError(f"not a model config of a registered family ({', '.join(FAMILIES)}): {type(config).__name__}")
+    return family
+
+
+def register_builder(backend: str, family: str, builder: Callable[[Any], Any]) -> None:
+    """Make `builder(config)` the way `backend` builds models of `family`."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; registered families: {', '.join(FAMILIES)}")
+    _BUILDERS[backend, family] = builder
+
+
+def build(backend: str, config: ModelConfig):
+    """The `backend` model `config` describes, from the builder that backend registered for its family."""
+    family = family_of(config).name
+    if (backend, family) not in _BUILDERS:
+        raise ValueError(f"the {backend} backend builds no {family} models")
+    return _BUILDERS[backend, family](config)
+
+
+# Where registered names live: (list the names, get a config by name with overrides), one pair per registry.
+NAME_REGISTRIES = ((list_configs, get_config), (list_vt_configs, get_vt_config))
+
+
+def list_model_names(pattern: str | None = None) -> list[str]:
+    """Every registered model name, or those matching the shell-style `pattern` (e.g. "dvt_*")."""
+    from fnmatch import fnmatch
+
+    names = sorted(name for names, _ in NAME_REGISTRIES for name in names())
+    return [name for name in names if pattern is None or fnmatch(name, pattern)]
 
 
 def get_model_config(name: str, num_classes: int | None = None, **overrides) -> ModelConfig:
-    """The registered DVT or VT config `name`, with any field overridden."""
-    if name in list_vt_configs():
-        return get_vt_config(name, num_classes=num_classes, **overrides)
-    if name in list_configs():
-        return get_config(name, num_classes=num_classes, **overrides)
+    """The registered config `name`, of any family, with any field overridden."""
+    for names, get in NAME_REGISTRIES:
+        if name in names():
+            return get(name, num_classes=num_classes, **overrides)
     raise ValueError(f"unknown model name {name!r}; registered names: {', '.join(list_model_names())}")
 
 
@@ -30,18 +106,17 @@ def config_from_dict(data: dict) -> ModelConfig:
     """The config a `to_dict()` produced, of whichever kind its family names."""
     if not isinstance(data, dict):
         raise TypeError(f"a config is stored as a JSON object, got {type(data).__name__}")
-    if data.get("family") in VT_FAMILIES:
-        return vt_config_from_dict(data)
-    if "stages" not in data:
-        raise ValueError(
-            f"unknown model family {data.get('family')!r}: neither a DVT cascade (a config with stages) "
-            f"nor a VT model ({', '.join(VT_FAMILIES)})"
-        )
-    return DVTConfig.from_dict(data)
+    family = FAMILIES.get(data.get("family"))
+    if family is None:
+        raise ValueError(f"unknown model family {data.get('family')!r}; registered families: {', '.join(FAMILIES)}")
+    return family.config_class.from_dict(data)
 
 
 def model_gflops(config: ModelConfig) -> tuple[float, ...]:
     """Cumulative GFLOPs (10^9 multiply-adds) of every exit; VT models have one."""
-    if isinstance(config, DVTConfig):
-        return exit_gflops(config)
-    return vt_gflops(config)
+    return family_of(config).gflops(config)
+
+
+def state_layout(config: ModelConfig) -> Layout:
+    """Canonical key -> shape of the model `config` describes, the same in every backend."""
+    return family_of(config).layout(config)

@@ -30,7 +30,6 @@ STEM_KINDS = ("imagenet", "small")
 ATTENTION_SCALES = ("none", "inverse_sqrt")
 VALUE_PROJECTIONS = ("when_widths_differ", "always")
 PROJECTOR_TOKENS = ("own_level", "all_levels")
-VT_FAMILIES = ("vt_resnet", "resnet", "vt_fpn")
 
 BLOCK_EXPANSION = {"basic": 1, "bottleneck": 4}
 BATCHNORM_MACS_PER_ELEMENT = 2  # eval-mode BatchNorm with affine parameters, as fvcore counts it
@@ -394,15 +393,6 @@ def get_vt_config(name: str, num_classes: int | None = None, **overrides) -> VTR
     if num_classes is not None:
         overrides["num_classes"] = num_classes
     return config.replace(**overrides) if overrides else config
-
-
-def vt_config_from_dict(data: dict) -> VTResNetConfig | VTFPNConfig:
-    family = data.get("family")
-    if family == "vt_fpn":
-        return VTFPNConfig.from_dict(data)
-    if family in ("vt_resnet", "resnet"):
-        return VTResNetConfig.from_dict(data)
-    raise ValueError(f"unknown VT family {family!r}; expected one of {VT_FAMILIES}")
 
 
 # ---------------------------------------------------------------- FLOPs

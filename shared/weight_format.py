@@ -19,8 +19,7 @@ import safetensors
 import safetensors.numpy
 
 from .io_utils import atomic_write_bytes
-from .models import MODEL_CONFIG_TYPES, ModelConfig, config_from_dict
-from .vt import VT_FAMILIES
+from .models import FAMILIES, MODEL_CONFIG_TYPES, ModelConfig, config_from_dict
 
 FORMAT_KEY = "format"
 FORMAT_VERSION = "dvt-canonical-v1"
@@ -113,7 +112,8 @@ class WeightMetadata:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{source}: metadata {key} is not valid JSON ({exc})") from exc
         stored = values[CONFIG_KEY]
-        kind = "VT config" if isinstance(stored, dict) and stored.get("family") in VT_FAMILIES else "DVTConfig"
+        family = FAMILIES.get(stored.get("family")) if isinstance(stored, dict) else None
+        kind = family.config_class.__name__ if family else "model config"
         try:
             config = config_from_dict(stored)
         except (TypeError, KeyError, ValueError, AttributeError) as exc:
@@ -245,3 +245,50 @@ def check_state_dict(
         lines.append("shape mismatches (key: expected by the model vs found):")
         lines += [f"  {key}: expected {want} vs got {got}" for key, want, got in mismatched]
     raise ValueError("\n".join(lines))
+
+
+# Weight files by extension, longest first so ".pth.tar" wins over ".tar": the canonical format
+# every backend reads, and each backend's own (read and written by that backend alone).
+WEIGHT_FORMATS = ((".pth.tar", "pth"), (".pth", "pth"), (".safetensors", "safetensors"), (".ckpt", "ckpt"))
+FORMAT_NAMES = {"pth": "release PyTorch checkpoint", "safetensors": "canonical safetensors file",
+                "ckpt": "MindSpore checkpoint"}
+FORMAT_HELP = ".pth / .pth.tar (release checkpoint), .safetensors (canonical), .ckpt (MindSpore)"
+
+
+def weight_format(path: str | os.PathLike) -> str:
+    """'pth', 'safetensors' or 'ckpt', from the file name of `path`."""
+    name = os.path.basename(os.fspath(path)).lower()
+    for extension, kind in WEIGHT_FORMATS:
+        if name.endswith(extension):
+            return kind
+    raise ValueError(f"cannot tell the weight format of {os.fspath(path)!r} from its extension; expected {FORMAT_HELP}")
+
+
+def _foreign(path, kind: str, own_format: str) -> ValueError:
+    return ValueError(
+        f"{os.fspath(path)} is a {FORMAT_NAMES[kind]}; this backend reads canonical .safetensors and "
+        f"{FORMAT_NAMES[own_format]}s: convert it with `dvt convert`"
+    )
+
+
+def read_weight_tensors(path, own_format: str, read_own) -> dict[str, np.ndarray]:
+    """Tensors by release key of a canonical file, or of a file in the backend's own format (`read_own(path)`)."""
+    kind = weight_format(path)
+    if kind == "safetensors":
+        return load_canonical(path)[0]
+    if kind != own_format:
+        raise _foreign(path, kind, own_format)
+    return read_own(path)
+
+
+def write_weight_tensors(path, tensors: Mapping[str, np.ndarray], config: ModelConfig, own_format: str, write_own) -> None:
+    """Write `tensors` as a canonical file (config and per-exit GFLOPs in its metadata) or in the backend's own format."""
+    from .models import model_gflops
+
+    kind = weight_format(path)
+    if kind == "safetensors":
+        save_canonical(path, tensors, WeightMetadata(config=config, exit_flops=list(model_gflops(config))))
+    elif kind == own_format:
+        write_own(path, tensors)
+    else:
+        raise _foreign(path, kind, own_format)

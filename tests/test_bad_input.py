@@ -25,9 +25,10 @@ from PIL import Image
 import dvt_mindspore
 import dvt_torch
 from dvt_cli import CommandError, main
+from dvt_mindspore import checkpoint as ms_checkpoint
 from dvt_mindspore import convert as ms_convert
 from dvt_mindspore.engine import AdaptiveDVT as MsAdaptiveDVT
-from dvt_mindspore.mindir_export import MindIRAdaptiveDVT
+from dvt_mindspore.export import MindIRAdaptiveDVT
 from dvt_shared import StageSpec, StemSpec, get_config, softmax
 from dvt_shared.datasets import FASHION_MNIST_FILES, write_idx
 from dvt_shared.exit_policy import check_calibration_data, thresholds_for_accuracy, thresholds_for_budget
@@ -36,7 +37,8 @@ from dvt_shared.io_utils import sha256_file
 from dvt_shared.weight_format import WeightMetadata, save_canonical
 from dvt_torch import convert as torch_convert
 from dvt_torch.engine import AdaptiveDVT
-from dvt_torch.onnx_export import OnnxAdaptiveDVT, export_onnx
+from dvt_onnx import OnnxAdaptiveDVT
+from dvt_torch.export import export_onnx
 
 CONFIG = get_config("dvt_t2t_vit_fmnist", embed_dim=24, depth=1, num_heads=2, token_dim=8)
 THRESHOLDS = [0.3, 0.3, -1e8]
@@ -266,7 +268,7 @@ def test_weights_of_another_model_list_what_differs(backend):
 @pytest.fixture(scope="module")
 def ckpt_bytes(torch_model, tmp_path_factory) -> bytes:
     path = tmp_path_factory.mktemp("ckpt") / "w.ckpt"
-    ms_convert.save_ckpt(torch_convert.to_canonical(torch_model), path)
+    ms_checkpoint.save_ckpt(torch_convert.to_canonical(torch_model), path)
     return path.read_bytes()
 
 
@@ -275,7 +277,7 @@ def test_truncated_ckpt_is_refused(ckpt_bytes, tmp_path, fraction):
     path = tmp_path / "cut.ckpt"
     path.write_bytes(ckpt_bytes[: int(len(ckpt_bytes) * fraction)])
     with pytest.raises(ValueError, match=f"{path} is not a readable MindSpore checkpoint"):
-        ms_convert.load_ckpt(path)
+        ms_checkpoint.load_ckpt(path)
 
 
 def test_corrupt_ckpt_fails_its_checksum(ckpt_bytes, tmp_path):
@@ -284,16 +286,16 @@ def test_corrupt_ckpt_fails_its_checksum(ckpt_bytes, tmp_path):
     path = tmp_path / "flipped.ckpt"
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=f"{path} is damaged: the CRC32 of its contents is 0x[0-9a-f]{{8}}, it was"):
-        ms_convert.load_ckpt(path)
+        ms_checkpoint.load_ckpt(path)
 
 
 def test_directory_where_a_checkpoint_file_is_expected(ckpt_bytes, tmp_path):
     folder = tmp_path / "w.ckpt"
     folder.mkdir()
     with pytest.raises(IsADirectoryError, match=f"{folder} is a directory, not a checkpoint"):
-        ms_convert.load_ckpt(folder)
+        ms_checkpoint.load_ckpt(folder)
     with pytest.raises(IsADirectoryError, match=f"cannot write {folder}: it is a directory"):
-        ms_convert.save_ckpt({"w": np.zeros(2, np.float32)}, folder)
+        ms_checkpoint.save_ckpt({"w": np.zeros(2, np.float32)}, folder)
 
 
 def fake_export(folder: Path, fmt: str, suffix: str) -> Path:

@@ -10,7 +10,7 @@ import torch
 
 import dvt_torch
 from dvt_cli import main
-from dvt_mindspore.convert import load_ckpt
+from dvt_mindspore.checkpoint import load_ckpt
 from dvt_shared.weight_format import load_canonical
 from dvt_torch.checkpoint import read_release_checkpoint, write_release_checkpoint
 from dvt_torch.convert import to_canonical

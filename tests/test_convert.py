@@ -8,6 +8,7 @@ import torch
 
 import dvt_mindspore
 import dvt_torch
+from dvt_mindspore import checkpoint as ms_checkpoint
 from dvt_mindspore import convert as ms_convert
 from dvt_shared import get_config
 from dvt_torch import convert as torch_convert
@@ -105,17 +106,17 @@ def test_ckpt_round_trip_is_bit_exact(tmp_path):
     model = ms_convert.from_canonical(dvt_mindspore.DVT(CONFIG), torch_convert.to_canonical(torch_model()))
     canonical = ms_convert.to_canonical(model)
     from_model, from_tensors = tmp_path / "model.ckpt", tmp_path / "tensors.ckpt"
-    ms_convert.save_ckpt(model, from_model)
-    ms_convert.save_ckpt(canonical, from_tensors)
-    assert_same_tensors(ms_convert.load_ckpt(from_model), canonical)
-    assert_same_tensors(ms_convert.load_ckpt(from_tensors), canonical)
+    ms_checkpoint.save_ckpt(model, from_model)
+    ms_checkpoint.save_ckpt(canonical, from_tensors)
+    assert_same_tensors(ms_checkpoint.load_ckpt(from_model), canonical)
+    assert_same_tensors(ms_checkpoint.load_ckpt(from_tensors), canonical)
     assert sorted(os.listdir(tmp_path)) == ["model.ckpt", "tensors.ckpt"]
 
 
 def test_ckpt_loads_with_mindspore_alone(tmp_path):
     model = ms_convert.from_canonical(dvt_mindspore.DVT(CONFIG), torch_convert.to_canonical(torch_model()))
     path = tmp_path / "weights.ckpt"
-    ms_convert.save_ckpt(model, path)
+    ms_checkpoint.save_ckpt(model, path)
     fresh = dvt_mindspore.DVT(CONFIG)
     not_loaded, unused = ms.load_param_into_net(fresh, ms.load_checkpoint(str(path)))
     assert not_loaded == [] and unused == []
@@ -125,20 +126,20 @@ def test_ckpt_loads_with_mindspore_alone(tmp_path):
 def test_ckpt_is_replaced_atomically(tmp_path):
     path = tmp_path / "weights.ckpt"
     first = ms_convert.to_canonical(dvt_mindspore.DVT(CONFIG))
-    ms_convert.save_ckpt(first, path)
+    ms_checkpoint.save_ckpt(first, path)
     second = {key: value + 1 for key, value in first.items()}
-    ms_convert.save_ckpt(second, path)
-    assert_same_tensors(ms_convert.load_ckpt(path), second)
+    ms_checkpoint.save_ckpt(second, path)
+    assert_same_tensors(ms_checkpoint.load_ckpt(path), second)
     assert os.listdir(tmp_path) == ["weights.ckpt"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ms_convert.save_ckpt(first, tmp_path / "missing" / "weights.ckpt")
+        ms_checkpoint.save_ckpt(first, tmp_path / "missing" / "weights.ckpt")
     assert os.listdir(tmp_path) == ["weights.ckpt"]
 
 
 def test_load_ckpt_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ms_convert.load_ckpt(tmp_path / "absent.ckpt")
+        ms_checkpoint.load_ckpt(tmp_path / "absent.ckpt")
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ValueError, match="not a readable MindSpore checkpoint"):
-        ms_convert.load_ckpt(garbage)
+        ms_checkpoint.load_ckpt(garbage)

@@ -129,7 +129,7 @@ def test_nan_logits_are_reported_not_assigned(backend):
 
 
 def test_onnx_export_leaves_the_model_in_eval_mode(tmp_path):
-    from dvt_torch.onnx_export import export_onnx
+    from dvt_torch.export import export_onnx
 
     model = sharp_tiny_model()
     export_onnx(model, tmp_path)

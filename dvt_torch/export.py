@@ -1,4 +1,4 @@
-"""ONNX export, one graph per stage, and an ONNX Runtime early-exit engine.
+"""ONNX export, one graph per stage, for the ONNX Runtime engine of `dvt_onnx`.
 
 Stage k's graph takes the images and stage k-1's reuse state and returns its logits and
 the reuse state stage k+1 needs, so the engine can stop between graphs. A JSON manifest
@@ -9,19 +9,16 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from dvt_shared.adaptive import DEFAULT_MAX_BATCH, AdaptiveEngine, reuse_tensor_names
-from dvt_shared.export_manifest import read_manifest, stage_entry, write_manifest
-from dvt_shared.image_checks import check_finite, check_image_dtype, check_image_shape
+from dvt_onnx import FORMAT, MANIFEST
+from dvt_shared.adaptive import reuse_tensor_names
+from dvt_shared.export_manifest import stage_entry, write_manifest
 from dvt_shared.io_utils import atomic_path, check_writable_dir
 
 from .dvt import DVT, ReuseState
 
-MANIFEST = "dvt_onnx.json"
-FORMAT = "dvt-onnx-v1"
 OPSET = 17
 
 
@@ -71,43 +68,3 @@ def export_onnx(model: DVT, out_dir, opset: int = OPSET) -> Path:
             _, state = model.run_stage(index, images, state)
     manifest = {"format": FORMAT, "opset": opset, "config": config.to_dict(), "stages": stages}
     return write_manifest(out_dir, MANIFEST, manifest)
-
-
-class OnnxAdaptiveDVT(AdaptiveEngine):
-    """The shared early-exit loop over the per-stage ONNX graphs, run by ONNX Runtime."""
-
-    def __init__(self, onnx_dir, thresholds, max_batch: int = DEFAULT_MAX_BATCH, threads: int | None = None):
-        import onnxruntime as ort
-
-        onnx_dir = Path(onnx_dir)
-        config, self.stages = read_manifest(onnx_dir, MANIFEST, FORMAT, "dvt export --format onnx")
-        super().__init__(config, thresholds, max_batch)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.sessions = [
-            ort.InferenceSession(str(onnx_dir / stage["file"]), options, providers=["CPUExecutionProvider"])
-            for stage in self.stages
-        ]
-
-    def _num_images(self, images: np.ndarray) -> int:
-        if not isinstance(images, np.ndarray):
-            raise TypeError(f"images must be a numpy array, got {type(images).__name__}")
-        check_image_shape(images.shape, self.config)
-        check_image_dtype(images.dtype, images.dtype.kind == "f", np.dtype(np.float32))
-        check_finite(np.isfinite(images).reshape(len(images), -1).all(axis=1))
-        return images.shape[0]
-
-    def _run_stage(self, index: int, images: np.ndarray, state):
-        # ONNX Runtime reads a dense buffer: strided views (channels-last) are copied once here.
-        feeds = {"images": np.ascontiguousarray(images)}
-        feeds.update(state or {})
-        outputs = self.sessions[index].run(None, feeds)
-        names = self.stages[index]["outputs"]
-        return outputs[0], {"prev_" + name: value for name, value in zip(names[1:], outputs[1:])}
-
-    def _take(self, images: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        return images[rows]
-
-    def _take_state(self, state: dict, rows: np.ndarray) -> dict:
-        return {name: value[rows] for name, value in state.items()}

@@ -1,6 +1,6 @@
 """MindIR export, one graph per stage, and the early-exit engine over the loaded graphs.
 
-The MindSpore twin of `dvt_torch.onnx_export`: stage k's graph takes the images and stage
+The MindSpore twin of `dvt_torch.export` (ONNX): stage k's graph takes the images and stage
 k-1's reuse state (dynamic batch axis) and returns its logits and the reuse state stage
 k+1 needs. `ms.load` + `nn.GraphCell` run them, on CPU here and on Ascend for serving.
 """

@@ -1,0 +1,64 @@
+"""The backends `dvt` runs on, in one table. Each is a package whose facade (its `__init__`) has
+the same names, so a command picks one by name and never imports a backend's modules; a
+backend is imported only by the command that runs on it."""
+from __future__ import annotations
+
+import importlib
+import tempfile
+from dataclasses import dataclass
+from types import ModuleType
+
+
+@dataclass(frozen=True)
+class Backend:
+    package: str
+    weights: str | None = None  # its own weight file format (dvt_shared.weight_format.WEIGHT_FORMATS)
+    exports: str | None = None  # the graph format its `export` writes
+    graphs_from: str | None = None  # it runs the graphs that backend exports, not a model
+
+
+BACKENDS = {
+    "torch": Backend("dvt_torch", weights="pth", exports="onnx"),
+    "mindspore": Backend("dvt_mindspore", weights="ckpt", exports="mindir"),
+    "onnx": Backend("dvt_onnx", graphs_from="torch"),
+}
+EXPORT_FORMATS = tuple(b.exports for b in BACKENDS.values() if b.exports)
+
+
+class BackendMissing(RuntimeError):
+    """A backend's framework is not installed."""
+
+
+def load(name: str) -> ModuleType:
+    """The facade of backend `name`."""
+    try:
+        return importlib.import_module(BACKENDS[name].package)
+    except ModuleNotFoundError as exc:
+        raise BackendMissing(f"the {name} backend needs {exc.name}, which is not installed") from exc
+
+
+def for_weights(kind: str) -> ModuleType:
+    """The facade that reads and writes weight files of format `kind` ('pth', 'ckpt')."""
+    return load(next(name for name, b in BACKENDS.items() if b.weights == kind))
+
+
+def for_export(graph_format: str) -> ModuleType:
+    """The facade whose `export` writes `graph_format` ('onnx', 'mindir')."""
+    return load(next(name for name, b in BACKENDS.items() if b.exports == graph_format))
+
+
+def engine(name: str, config, tensors, thresholds, graphs_dir: str | None = None):
+    """Backend `name`'s early-exit engine over the model `config` and `tensors` describe.
+
+    A backend that runs exported graphs takes them from `graphs_dir`, or from a temporary
+    folder that the exporting backend fills first.
+    """
+    facade = load(name)
+    source = BACKENDS[name].graphs_from
+    if source is None:
+        return facade.AdaptiveDVT(facade.inference_model(config, tensors), thresholds)
+    if graphs_dir is None:
+        exporter = load(source)
+        graphs_dir = tempfile.mkdtemp(prefix=f"dvt_{name}_")
+        exporter.export(exporter.inference_model(config, tensors), graphs_dir)
+    return facade.AdaptiveDVT(graphs_dir, thresholds)

@@ -1,0 +1,69 @@
+"""Every registered model in MindSpore: this backend's builder of each model family, and the ways to get a model."""
+from __future__ import annotations
+
+import os
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn
+from tqdm import tqdm
+
+from dvt_shared.models import ModelConfig, build, get_model_config, list_model_names, register_builder
+
+from .checkpoint import load_weights
+from .convert import from_canonical
+from .dvt import DVT
+from .vt import VTFPN, ResNet, VTResNet, exit_logits
+
+BUILDERS = {"t2t_vit": DVT, "deit": DVT, "vt_resnet": VTResNet, "resnet": ResNet, "vt_fpn": VTFPN}
+for _family, _builder in BUILDERS.items():
+    register_builder("mindspore", _family, _builder)
+
+
+def build_model(config: ModelConfig) -> nn.Cell:
+    """The MindSpore model `config` describes (DVT, VT-ResNet, ResNet or VT-FPN), freshly initialised."""
+    return build("mindspore", config)
+
+
+def create_model(
+    name: str, num_classes: int | None = None, checkpoint_path: str | os.PathLike | None = None, **overrides
+) -> nn.Cell:
+    """The registered model `name`, as mindcv's `create_model`: its config's class count stands unless
+    `num_classes` (or any other field) is overridden. With `checkpoint_path` (.safetensors, .ckpt) its
+    weights are loaded."""
+    model = build_model(get_model_config(name, num_classes=num_classes, **overrides))
+    return load_weights(model, checkpoint_path) if checkpoint_path is not None else model
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Registered model names, all or those matching the shell-style `pattern` (e.g. "dvt_*")."""
+    return list_model_names(pattern)
+
+
+def inference_model(config: ModelConfig, tensors) -> nn.Cell:
+    """The model `config` describes, holding the canonical `tensors`, for inference in graph mode.
+
+    MindSpore fixes the execution mode per process, so this sets graph mode for the whole process.
+    """
+    ms.set_context(mode=ms.GRAPH_MODE)
+    model = from_canonical(build_model(config), tensors)
+    model.set_train(False)
+    return model
+
+
+def tensor(images: np.ndarray) -> Tensor:
+    """A NumPy batch as this backend's input."""
+    return Tensor(images)
+
+
+def count_parameters(model: nn.Cell) -> int:
+    return sum(int(np.prod(p.shape)) for p in model.trainable_params())
+
+
+def all_exit_logits(model: nn.Cell, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    """(exits, n, classes) logits of every exit (one for a classifier), in batches with a progress bar."""
+    chunks = []
+    for start in tqdm(range(0, len(images), batch), desc="MindSpore", unit="batch", leave=False):
+        outputs = exit_logits(model(Tensor(images[start:start + batch])))
+        chunks.append(np.stack([o.asnumpy().astype(np.float32) for o in outputs]))
+    return np.concatenate(chunks, axis=1)

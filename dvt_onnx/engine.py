@@ -1,0 +1,54 @@
+"""The shared early-exit loop over per-stage ONNX graphs, run by ONNX Runtime on NumPy arrays."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dvt_shared.adaptive import DEFAULT_MAX_BATCH, AdaptiveEngine
+from dvt_shared.export_manifest import read_manifest
+from dvt_shared.image_checks import check_finite, check_image_dtype, check_image_shape
+
+# The manifest `dvt_torch.export.export_onnx` writes beside the graphs, and its format tag.
+MANIFEST = "dvt_onnx.json"
+FORMAT = "dvt-onnx-v1"
+
+
+class OnnxAdaptiveDVT(AdaptiveEngine):
+    """The shared early-exit loop over the per-stage ONNX graphs, run by ONNX Runtime."""
+
+    def __init__(self, onnx_dir, thresholds, max_batch: int = DEFAULT_MAX_BATCH, threads: int | None = None):
+        import onnxruntime as ort
+
+        onnx_dir = Path(onnx_dir)
+        config, self.stages = read_manifest(onnx_dir, MANIFEST, FORMAT, "dvt export --format onnx")
+        super().__init__(config, thresholds, max_batch)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.sessions = [
+            ort.InferenceSession(str(onnx_dir / stage["file"]), options, providers=["CPUExecutionProvider"])
+            for stage in self.stages
+        ]
+
+    def _num_images(self, images: np.ndarray) -> int:
+        if not isinstance(images, np.ndarray):
+            raise TypeError(f"images must be a numpy array, got {type(images).__name__}")
+        check_image_shape(images.shape, self.config)
+        check_image_dtype(images.dtype, images.dtype.kind == "f", np.dtype(np.float32))
+        check_finite(np.isfinite(images).reshape(len(images), -1).all(axis=1))
+        return images.shape[0]
+
+    def _run_stage(self, index: int, images: np.ndarray, state):
+        # ONNX Runtime reads a dense buffer: strided views (channels-last) are copied once here.
+        feeds = {"images": np.ascontiguousarray(images)}
+        feeds.update(state or {})
+        outputs = self.sessions[index].run(None, feeds)
+        names = self.stages[index]["outputs"]
+        return outputs[0], {"prev_" + name: value for name, value in zip(names[1:], outputs[1:])}
+
+    def _take(self, images: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return images[rows]
+
+    def _take_state(self, state: dict, rows: np.ndarray) -> dict:
+        return {name: value[rows] for name, value in state.items()}

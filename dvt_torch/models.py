@@ -1,0 +1,63 @@
+"""Every registered model in PyTorch: this backend's builder of each model family, and the ways to get a model."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dvt_shared.models import ModelConfig, build, get_model_config, list_model_names, register_builder
+
+from .checkpoint import load_weights
+from .convert import from_canonical
+from .dvt import DVT
+from .vt import VTFPN, ResNet, VTResNet, exit_logits
+
+BUILDERS = {"t2t_vit": DVT, "deit": DVT, "vt_resnet": VTResNet, "resnet": ResNet, "vt_fpn": VTFPN}
+for _family, _builder in BUILDERS.items():
+    register_builder("torch", _family, _builder)
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The PyTorch model `config` describes (DVT, VT-ResNet, ResNet or VT-FPN), freshly initialised."""
+    return build("torch", config)
+
+
+def create_model(
+    name: str, num_classes: int | None = None, checkpoint_path: str | os.PathLike | None = None, **overrides
+) -> nn.Module:
+    """The registered model `name`; its config's class count stands unless `num_classes` (or any other
+    field) is overridden. With `checkpoint_path` (.safetensors, .pth, .pth.tar) its weights are loaded."""
+    model = build_model(get_model_config(name, num_classes=num_classes, **overrides))
+    return load_weights(model, checkpoint_path) if checkpoint_path is not None else model
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Registered model names, all or those matching the shell-style `pattern` (e.g. "dvt_*")."""
+    return list_model_names(pattern)
+
+
+def inference_model(config: ModelConfig, tensors) -> nn.Module:
+    """The model `config` describes, holding the canonical `tensors`, in eval mode."""
+    return from_canonical(build_model(config), tensors).eval()
+
+
+def tensor(images: np.ndarray) -> torch.Tensor:
+    """A NumPy batch as this backend's input (no copy)."""
+    return torch.from_numpy(images)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def all_exit_logits(model: nn.Module, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    """(exits, n, classes) logits of every exit (one for a classifier), in batches with a progress bar."""
+    chunks = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(images), batch), desc="PyTorch", unit="batch", leave=False):
+            outputs = exit_logits(model(torch.from_numpy(images[start:start + batch])))
+            chunks.append(np.stack([o.float().numpy() for o in outputs]))
+    return np.concatenate(chunks, axis=1)

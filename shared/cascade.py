@@ -1,0 +1,32 @@
+"""The stage contract of a DVT cascade, the same in every backend.
+
+A stage is called as `stage(images, features, relations)` and returns `(logits, features,
+relations)`: the last two are what the next stage reuses, None where it reuses nothing (and
+after the last stage). Between stages they travel together as a `ReuseState`.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+
+class ReuseState(NamedTuple):
+    """What stage k hands to stage k+1, as tensors of the backend that ran it.
+
+    features: (B, N, D) last-block tokens before the final norm, or None.
+    relations: (B, heads*depth, N, N) attention logits of every block (reused ones added), or None.
+    """
+
+    features: Any
+    relations: Any
+
+
+def run_stage(stage, images, state: ReuseState | None) -> tuple[Any, ReuseState]:
+    """Logits of `stage` on `images` given the previous stage's state, and the state for the next one.
+
+    `stage` has `feature_reuse` and `relation_reuse` flags; one that reuses needs a state.
+    """
+    if (stage.feature_reuse or stage.relation_reuse) and state is None:
+        raise ValueError("this stage reuses the previous stage's work: pass the ReuseState it returned")
+    state = state or ReuseState(None, None)
+    logits, features, relations = stage(images, state.features, state.relations)
+    return logits, ReuseState(features, relations)

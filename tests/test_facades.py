@@ -1,0 +1,62 @@
+"""Each backend's `__init__` is its one facade, with the same public names in both."""
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+FACADE = ("create_model", "build_model", "list_models", "load_weights", "save_weights", "to_canonical",
+          "from_canonical", "AdaptiveDVT", "export", "inference_model", "all_exit_logits", "tensor",
+          "count_parameters", "read_checkpoint", "write_checkpoint", "DVT", "ReuseState", "multi_exit_loss")
+TINY = dict(embed_dim=24, depth=1, num_heads=2, token_dim=8)
+OWN_FORMAT = {"torch": ".pth", "mindspore": ".ckpt"}
+
+
+@pytest.fixture(scope="module", params=["torch", "mindspore"])
+def backend(request):
+    return request.param, importlib.import_module(f"dvt_{request.param}")
+
+
+def test_both_facades_have_every_name(backend):
+    _, facade = backend
+    assert [name for name in FACADE if not hasattr(facade, name)] == []
+
+
+def test_create_model_keeps_the_configs_class_count_unless_overridden(backend):
+    _, facade = backend
+    assert facade.create_model("dvt_t2t_vit_fmnist", **TINY).config.num_classes == 10
+    assert facade.create_model("dvt_t2t_vit_fmnist", num_classes=4, **TINY).config.num_classes == 4
+    assert facade.create_model("resnet_fmnist").config.num_classes == 10
+    assert facade.list_models("vt_resnet*") == ["vt_resnet18", "vt_resnet34", "vt_resnet_fmnist"]
+
+
+@pytest.mark.parametrize("extension", [".safetensors", "own"])
+def test_checkpoint_path_loads_what_save_weights_wrote(backend, extension, tmp_path):
+    name, facade = backend
+    path = tmp_path / ("w" + (OWN_FORMAT[name] if extension == "own" else extension))
+    source = facade.create_model("dvt_t2t_vit_fmnist", **TINY)
+    facade.save_weights(source, path)
+    loaded = facade.create_model("dvt_t2t_vit_fmnist", checkpoint_path=path, **TINY)
+    expected, got = facade.to_canonical(source), facade.to_canonical(loaded)
+    assert list(got) == list(expected)
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
+def test_the_other_backends_format_is_refused_by_name(backend, tmp_path):
+    name, facade = backend
+    other = OWN_FORMAT["mindspore" if name == "torch" else "torch"]
+    (tmp_path / f"w{other}").write_bytes(b"not read")
+    with pytest.raises(ValueError, match="convert it with `dvt convert`"):
+        facade.load_weights(facade.create_model("dvt_t2t_vit_fmnist", **TINY), tmp_path / f"w{other}")
+
+
+def test_timm_pretrained_error_names_a_function_that_exists():
+    import timm
+
+    import dvt_torch
+
+    with pytest.raises(ValueError, match=r"dvt_torch\.load_weights\(model, path\)"):
+        timm.create_model("dvt_t2t_vit_fmnist", pretrained=True)
+    assert callable(dvt_torch.load_weights)
