@@ -50,7 +50,8 @@ class TokenPerformer(nn.Module):
 def soft_split(x: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
     """nn.Unfold(kernel, stride, padding), bit for bit, as strided views.
 
-    im2col on this CPU build is 10-50x slower than the copy of a strided view. ONNX export
+    im2col on this CPU build is 10-50x slower than the copy of a strided view; the gradient is
+    col2im (F.fold), 2-3x faster than autograd's backward of the views. ONNX export
     cannot trace the views with a dynamic batch; it gets a grouped convolution with one-hot
     filters instead, also exact (each output is one input times 1, plus zeros), which ONNX
     Runtime runs several times faster than the Gather/Transpose chain it makes of im2col.
@@ -61,12 +62,30 @@ def soft_split(x: torch.Tensor, kernel: int, stride: int, padding: int) -> torch
         one_hot = np.tile(np.eye(kernel * kernel, dtype=np.float32).reshape(kernel * kernel, 1, kernel, kernel), (channels, 1, 1, 1))
         filters = torch.from_numpy(one_hot).to(dtype=x.dtype, device=x.device)
         return F.conv2d(x, filters, stride=stride, padding=padding, groups=channels).flatten(2)
+    return _SoftSplit.apply(x, kernel, stride, padding)
+
+
+def _strided_soft_split(x: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
     if padding:
         x = F.pad(x, (padding, padding, padding, padding))
     batch, channels = x.shape[:2]
     patches = x.unfold(2, kernel, stride).unfold(3, kernel, stride)  # (B, C, h, w, k, k)
     rows, cols = patches.shape[2:4]
     return patches.permute(0, 1, 4, 5, 2, 3).reshape(batch, channels * kernel * kernel, rows * cols)
+
+
+class _SoftSplit(torch.autograd.Function):
+    """Forward: the strided-view soft split; backward: its adjoint, col2im."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
+        ctx.geometry = (tuple(x.shape[-2:]), kernel, stride, padding)
+        return _strided_soft_split(x, kernel, stride, padding)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        size, kernel, stride, padding = ctx.geometry
+        return F.fold(grad, size, kernel, stride=stride, padding=padding), None, None, None
 
 
 class T2TStem(nn.Module):
@@ -124,7 +143,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, relation_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        # unbind, not indexing: the gradient of three index selects is three zero-filled full-size buffers
+        q, k, v = qkv.unbind(0)
         logits = (q @ k.transpose(-2, -1)) * self.scale
         if relation_bias is not None:
             logits = logits + relation_bias
@@ -164,45 +184,50 @@ class Block(nn.Module):
         x = x + self.drop_path(y)
         mlp_in = x
         if self.feature_reuse:
-            reused = self.feature_resuse_mlp(reused_features)[:, 1:]
-            batch, tokens, channels = reused.shape
-            grid = math.isqrt(tokens)
-            reused = resample_grid(reused.transpose(1, 2).reshape(batch, channels, grid, grid), resample_t)
-            reused = F.pad(reused.flatten(2).transpose(1, 2), (0, 0, 1, 0))  # the class token gets a zero row
+            reused = resample_tokens(self.feature_resuse_mlp(reused_features)[:, 1:], resample_t)
+            reused = F.pad(reused, (0, 0, 1, 0))  # the class token gets a zero row
             mlp_in = torch.cat((x, reused), dim=2)
         return x + self.drop_path(self.mlp(self.norm2(mlp_in))), logits
+
+
+def grid_map(resample_t: torch.Tensor) -> torch.Tensor:
+    """(s*s, t*t) map of flattened s x s grids to t x t grids, built from the (s, t) one-axis map:
+    the Kronecker product, as in dvt_shared.resample_matrix (transposed)."""
+    src, dst = resample_t.shape
+    return (resample_t[:, None, :, None] * resample_t[None, :, None, :]).reshape(src * src, dst * dst)
 
 
 def resample_grid(x: torch.Tensor, resample_t: torch.Tensor) -> torch.Tensor:
     """(..., s, s) -> (..., t, t) with the (s, t) transposed one-axis map of dvt_shared, applied to both axes.
 
-    The large operand comes first in each product so the work (and FLOP counters) scale with it.
-    Exported graphs multiply from the left instead: ONNX Runtime runs the 4-D and 5-D
-    transposes of this form 10x slower than the products themselves.
+    Both axes move in one product with the grid map: one matrix product runs far faster than
+    two with inner sizes of s and t (s, t < 15), each needing a transpose.
     """
-    x = x @ resample_t
-    if torch.onnx.is_in_onnx_export():
-        return resample_t.transpose(0, 1) @ x
-    return (x.transpose(-1, -2) @ resample_t).transpose(-1, -2)
+    src, dst = resample_t.shape
+    moved = x.flatten(-2) @ grid_map(resample_t)
+    return moved.reshape(*x.shape[:-2], dst, dst)
+
+
+def resample_tokens(tokens: torch.Tensor, resample_t: torch.Tensor) -> torch.Tensor:
+    """(B, s*s, C) grid tokens -> (B, t*t, C), as resample_grid moves (B, C, s, s) maps, without transposes."""
+    return grid_map(resample_t).transpose(0, 1) @ tokens
+
+
+def relation_map(resample_t: torch.Tensor) -> torch.Tensor:
+    """(t*t+1, s*s+1) map E of a token sequence with a leading class token (dvt_shared.relation_resample_matrix)."""
+    src = resample_t.shape[0]
+    class_row = F.pad(resample_t.new_ones(1, 1), (0, src * src))
+    return torch.cat((class_row, F.pad(grid_map(resample_t).transpose(0, 1), (1, 0))), dim=0)
 
 
 def resample_relations(relations: torch.Tensor, resample_t: torch.Tensor) -> torch.Tensor:
     """(B, C, s*s+1, s*s+1) query x key logits -> (B, C, t*t+1, t*t+1); class row and column carried along.
 
-    Equal to E @ R @ E.T with E = dvt_shared.relation_resample_matrix, done axis by axis.
+    E @ R @ E.T with E = relation_map(resample_t) = dvt_shared.relation_resample_matrix: two
+    products of moderate size, several times faster than moving the 4 grid axes one by one.
     """
-    batch, channels, tokens, _ = relations.shape
-    src, dst = resample_t.shape
-    cls_cls = relations[:, :, :1, :1]
-    cls_row = resample_grid(relations[:, :, 0, 1:].reshape(batch, channels, src, src), resample_t)
-    cls_col = resample_grid(relations[:, :, 1:, 0].reshape(batch, channels, src, src), resample_t)
-    grid = relations[:, :, 1:, 1:].reshape(batch, channels, src * src, src, src)
-    grid = resample_grid(grid, resample_t).reshape(batch, channels, src * src, dst * dst)  # keys moved
-    grid = grid.transpose(2, 3).reshape(batch, channels, dst * dst, src, src)
-    grid = resample_grid(grid, resample_t).reshape(batch, channels, dst * dst, dst * dst).transpose(2, 3)  # queries
-    top = torch.cat((cls_cls, cls_row.reshape(batch, channels, 1, dst * dst)), dim=3)
-    rest = torch.cat((cls_col.reshape(batch, channels, dst * dst, 1), grid), dim=3)
-    return torch.cat((top, rest), dim=2)
+    expand = relation_map(resample_t)
+    return expand @ relations @ expand.transpose(0, 1)
 
 
 def init_weights(module: nn.Module) -> None:
