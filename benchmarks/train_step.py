@@ -14,7 +14,8 @@ everything else as now) when given:
   1 x 2 threads, 2 processes x 1 thread.
 
 Times are process CPU time (what the step costs a core, robust on a CPU shared with other jobs),
-the minimum over --repeats; the step is also given in wall time. DDP figures are wall time.
+the minimum over --repeats; the step is also given in wall time. The DDP table gives wall-time
+throughput (meaningful only on a quiet machine) and images per CPU-second of one process.
 
     .venv/bin/python benchmarks/train_step.py [--before 786631e] [--amp-table] [--ddp-table]
 """
@@ -220,8 +221,11 @@ def worker(kind: str, options: argparse.Namespace) -> dict:
 
         dist_ctx = setup_distributed("cpu")
         runner = StepRunner(options.model, options.batch, dist_ctx=dist_ctx)
-        wall = best_time(lambda: [runner.step() for _ in range(options.ddp_steps)], options.repeats, clock=time.perf_counter)
-        return {"images_per_s": dist_ctx.world_size * options.batch * options.ddp_steps / wall, "rank": dist_ctx.rank}
+        steps = lambda: [runner.step() for _ in range(options.ddp_steps)]  # noqa: E731
+        wall = best_time(steps, options.repeats, clock=time.perf_counter)
+        cpu = best_time(steps, options.repeats)  # this process's threads, spin-waits included
+        images = options.batch * options.ddp_steps
+        return {"images_per_s": dist_ctx.world_size * images / wall, "images_per_cpu_s": images / cpu, "rank": dist_ctx.rank}
     raise ValueError(kind)
 
 
@@ -250,9 +254,7 @@ def run_worker(kind: str, options: argparse.Namespace, python_path: str | None =
     return json.loads(lines[-1])
 
 
-def main() -> None:
-    from common import print_table
-
+def parse_options() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="dvt_t2t_vit_fmnist")
     parser.add_argument("--batch", type=int, default=128)
@@ -261,18 +263,17 @@ def main() -> None:
     parser.add_argument("--before", default=None, metavar="REV", help=f"also time {', '.join(MODEL_FILES)} as of git revision REV")
     parser.add_argument("--amp-table", action="store_true", help="float32 against bf16 autocast")
     parser.add_argument("--ddp-table", action="store_true", help="torchrun: 1x1, 1x2 threads, 2 processes x 1 thread")
+    parser.add_argument("--no-profile", dest="profile", action="store_false", help="only the tables asked for")
     parser.add_argument("--ddp-steps", type=int, default=3, help="steps per timed DDP repeat")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--amp", default="none", help=argparse.SUPPRESS)
-    options = parser.parse_args()
-    if options.worker:
-        result = worker(options.worker, options)
-        if result.get("rank", 0) == 0:
-            print(json.dumps(result), flush=True)
-        return
+    return parser.parse_args()
 
-    print(f"{options.model}, batch {options.batch}, one torch thread; CPU time, best of {options.repeats}\n")
+
+def profile_tables(options: argparse.Namespace) -> None:
+    from common import print_table
+
     columns = {"now": run_worker("profile", options)}
     if options.before:
         with tempfile.TemporaryDirectory() as work:
@@ -283,34 +284,55 @@ def main() -> None:
     for part in columns["now"]["parts"]:
         values = [columns[n]["parts"][part] for n in names]
         rows.append([part, *values, *([values[1] / values[0]] if len(values) > 1 else [])])
-    for n in names:
-        step_s = columns[n]["parts"]["step"] / 1e3
-        rows.append([f"images/s per core ({n})", options.batch / step_s, *[""] * (len(names) - 1 + (len(names) > 1))])
+    per_core = [options.batch / columns[n]["parts"]["step"] * 1e3 for n in names]
+    rows.append(["images/s per core (CPU time)", *per_core, *([per_core[0] / per_core[1]] if len(names) > 1 else [])])
+    print()
     print_table(header, rows)
     print()
     ops = columns["now"]["ops"]
     top = sorted(ops, key=ops.get, reverse=True)[: options.top_ops]
-    print_table(["op (self CPU)"] + [f"ms/step {n}" for n in names],
+    print_table(["op (self time, profiler)"] + [f"ms/step {n}" for n in names],
                 [[op, *[columns[n]["ops"].get(op, 0.0) for n in names]] for op in top])
 
-    if options.amp_table:
-        fp32 = run_worker("amp", options)["step"]
-        bf16 = run_worker("amp", options, extra=["--amp", "bf16"])["step"]
-        print()
-        print_table(["autocast", "ms/step", "images/s per core", "speed-up"],
-                    [["float32", fp32, options.batch / fp32 * 1e3, 1.0], ["bf16", bf16, options.batch / bf16 * 1e3, fp32 / bf16]])
 
+def amp_table(options: argparse.Namespace) -> None:
+    from common import print_table
+
+    fp32 = run_worker("amp", options)["step"]
+    bf16 = run_worker("amp", options, extra=["--amp", "bf16"])["step"]
+    print()
+    print_table(["autocast", "ms/step", "images/s per core", "speed-up"],
+                [["float32", fp32, options.batch / fp32 * 1e3, 1.0], ["bf16", bf16, options.batch / bf16 * 1e3, fp32 / bf16]])
+
+
+def ddp_table(options: argparse.Namespace) -> None:
+    from common import print_table
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    layouts = [("1 process x 1 thread", 1, 1), ("1 process x 2 threads", 1, 2), ("2 processes x 1 thread", 2, 1)]
+    rows = []
+    for label, procs, threads in layouts:
+        result = run_worker("ddp", options, extra=["--threads", str(threads)], launcher=[*torchrun, "--nproc_per_node", str(procs)])
+        rows.append([label, procs * threads, result["images_per_s"], result["images_per_s"] / rows[0][2] if rows else 1.0,
+                     result["images_per_cpu_s"]])
+    print()
+    print_table(["torchrun layout", "cores", "images/s (wall)", "vs 1x1", "images per CPU-second"], rows)
+
+
+def main() -> None:
+    options = parse_options()
+    if options.worker:
+        result = worker(options.worker, options)
+        if result.get("rank", 0) == 0:
+            print(json.dumps(result), flush=True)
+        return
+    print(f"{options.model}, batch {options.batch}, one torch thread unless said; CPU time, best of {options.repeats}")
+    if options.profile:
+        profile_tables(options)
+    if options.amp_table:
+        amp_table(options)
     if options.ddp_table:
-        torchrun = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone"]
-        layouts = [("1 process x 1 thread", 1, 1), ("1 process x 2 threads", 1, 2), ("2 processes x 1 thread", 2, 1)]
-        rows = []
-        for label, procs, threads in layouts:
-            result = run_worker("ddp", options, extra=["--threads", str(threads)], launcher=[*torchrun, "--nproc_per_node", str(procs)])
-            rows.append([label, procs * threads, result["images_per_s"], result["images_per_s"] / (procs * threads)])
-        for row in rows:
-            row.append(row[2] / rows[0][2])
-        print()
-        print_table(["torchrun layout (wall time)", "cores", "images/s", "images/s per core", "vs 1x1"], rows)
+        ddp_table(options)
 
 
 if __name__ == "__main__":
