@@ -191,7 +191,8 @@ class Block(nn.Module):
         x = x + self.drop_path(y)
         mlp_in = x
         if self.feature_reuse:
-            reused = resample_tokens(self.feature_resuse_mlp(reused_features)[:, 1:], resample_t)
+            # the class token's row would be dropped: the per-token MLP runs on the grid tokens only
+            reused = resample_tokens(self.feature_resuse_mlp(reused_features[:, 1:]), resample_t)
             reused = F.pad(reused, (0, 0, 1, 0))  # the class token gets a zero row
             mlp_in = torch.cat((x, reused), dim=2)
         return x + self.drop_path(self.mlp(self.norm2(mlp_in))), logits
