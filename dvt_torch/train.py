@@ -7,8 +7,8 @@ and its plain ResNet) on Fashion-MNIST or an image folder.
 
 The loss is the release's: the (optionally weighted) sum of the per-exit cross-entropies; a
 VT model or ResNet has one exit, so its loss is the plain cross-entropy.
-Every epoch ends with a test evaluation of every exit, a line in OUT/log.jsonl and the
-checkpoint OUT/last.pt, written atomically. The checkpoint holds only tensors and plain
+Every epoch ends with a test evaluation of every exit, a line in OUT/log.jsonl, its curves
+in OUT/log.png and the checkpoint OUT/last.pt, all written atomically. The checkpoint holds only tensors and plain
 containers (torch.load(weights_only=True) reads it) and every random state, so --resume
 continues an interrupted run to bit-identical weights on CPU, even from mid-epoch
 (--max-steps). At the end OUT/final.safetensors holds the weights in the canonical format.
