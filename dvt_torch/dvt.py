@@ -14,7 +14,7 @@ from dvt_shared.configs import DVTConfig
 from dvt_shared.image_checks import check_finite, check_image_dtype, check_image_shape
 from dvt_shared.token_schedule import resample_matrix_1d, sinusoid_table
 
-from .layers import Block, PatchEmbed, T2TStem, init_weights, resample_relations
+from .layers import Block, PatchEmbed, PointwiseConv2d, T2TStem, init_weights, resample_relations
 from timm.layers import trunc_normal_
 
 
@@ -68,7 +68,7 @@ class DVTStage(nn.Module):
             channels = config.relation_channels
             hidden = config.relation_hidden
             self.relation_reuse_conv = nn.Sequential(
-                nn.Conv2d(channels, hidden, kernel_size=1), nn.GELU(), nn.Conv2d(hidden, channels, kernel_size=1)
+                PointwiseConv2d(channels, hidden), nn.GELU(), PointwiseConv2d(hidden, channels)
             )
         self.head = nn.Linear(config.embed_dim, config.num_classes)
 

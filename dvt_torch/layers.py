@@ -48,25 +48,47 @@ class TokenPerformer(nn.Module):
 
 
 def soft_split(x: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
-    """nn.Unfold(kernel, stride, padding), bit for bit, as strided views.
+    """nn.Unfold(kernel, stride, padding) of a (B, C, H, W) batch, bit for bit (see soft_split_tokens)."""
+    return soft_split_tokens(x.permute(0, 2, 3, 1), kernel, stride, padding).transpose(1, 2)
 
-    im2col on this CPU build is 10-50x slower than the copy of a strided view. ONNX export
-    cannot trace the views with a dynamic batch; it gets a grouped convolution with one-hot
-    filters instead, also exact (each output is one input times 1, plus zeros), which ONNX
-    Runtime runs several times faster than the Gather/Transpose chain it makes of im2col.
+
+def soft_split_tokens(grid: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
+    """(B, H, W, C) grid -> (B, L, C*kernel*kernel) tokens: nn.Unfold's patches, bit for bit, token-major.
+
+    Token-major in and out, a T2T stem's reshapes between performers are free views. The patches
+    are strided views copied once: im2col on this CPU build is 10-50x slower; the gradient is
+    col2im (F.fold), 2-3x faster than autograd's backward of the views. ONNX export cannot
+    trace the views with a dynamic batch; it gets a grouped convolution with one-hot filters
+    instead, also exact (each output is one input times 1, plus zeros), which ONNX Runtime
+    runs several times faster than the Gather/Transpose chain it makes of im2col.
     """
     if torch.onnx.is_in_onnx_export():
+        x = grid.permute(0, 3, 1, 2)
         channels = int(x.shape[1])
         # built in numpy so that the exporter records a constant of known shape
         one_hot = np.tile(np.eye(kernel * kernel, dtype=np.float32).reshape(kernel * kernel, 1, kernel, kernel), (channels, 1, 1, 1))
         filters = torch.from_numpy(one_hot).to(dtype=x.dtype, device=x.device)
-        return F.conv2d(x, filters, stride=stride, padding=padding, groups=channels).flatten(2)
-    if padding:
-        x = F.pad(x, (padding, padding, padding, padding))
-    batch, channels = x.shape[:2]
-    patches = x.unfold(2, kernel, stride).unfold(3, kernel, stride)  # (B, C, h, w, k, k)
-    rows, cols = patches.shape[2:4]
-    return patches.permute(0, 1, 4, 5, 2, 3).reshape(batch, channels * kernel * kernel, rows * cols)
+        return F.conv2d(x, filters, stride=stride, padding=padding, groups=channels).flatten(2).transpose(1, 2)
+    return _TokenSoftSplit.apply(grid, kernel, stride, padding)
+
+
+class _TokenSoftSplit(torch.autograd.Function):
+    """Forward: one copy of strided views; backward: its adjoint, col2im."""
+
+    @staticmethod
+    def forward(ctx, grid: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
+        ctx.geometry = (tuple(grid.shape[1:3]), kernel, stride, padding)
+        if padding:
+            grid = F.pad(grid, (0, 0, padding, padding, padding, padding))
+        batch, channels = grid.shape[0], grid.shape[3]
+        patches = grid.unfold(1, kernel, stride).unfold(2, kernel, stride)  # (B, h, w, C, k, k)
+        return patches.reshape(batch, -1, channels * kernel * kernel)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        size, kernel, stride, padding = ctx.geometry
+        grad_grid = F.fold(grad.transpose(1, 2), size, kernel, stride=stride, padding=padding)
+        return grad_grid.permute(0, 2, 3, 1), None, None, None
 
 
 class T2TStem(nn.Module):
@@ -89,12 +111,11 @@ class T2TStem(nn.Module):
         self.project = nn.Linear(in_dims[-1], config.embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = soft_split(x, *self.splits[0]).transpose(1, 2)
+        x = soft_split_tokens(x.permute(0, 2, 3, 1), *self.splits[0])
         for i, split in enumerate(self.splits[1:], start=1):
             x = getattr(self, f"attention{i}")(x)
             size = self.sizes[i - 1]
-            x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], size, size)
-            x = soft_split(x, *split).transpose(1, 2)
+            x = soft_split_tokens(x.reshape(x.shape[0], size, size, x.shape[2]), *split)
         return self.project(x)
 
 
@@ -125,10 +146,16 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, relation_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        logits = (q @ k.transpose(-2, -1)) * self.scale
-        if relation_bias is not None:
-            logits = logits + relation_bias
+        # unbind, not indexing: the gradient of three index selects is three zero-filled full-size buffers
+        q, k, v = qkv.unbind(0)
+        if relation_bias is None:
+            logits = (q @ k.transpose(-2, -1)) * self.scale
+        else:
+            # bias + scale * q.k in one product, not three passes over the logits
+            logits = torch.baddbmm(
+                relation_bias.reshape(batch * self.num_heads, tokens, tokens), q.reshape(batch * self.num_heads, tokens, -1),
+                k.reshape(batch * self.num_heads, tokens, -1).transpose(1, 2), alpha=self.scale,
+            ).view(batch, self.num_heads, tokens, tokens)
         attn = self.attn_drop(logits.softmax(dim=-1))
         x = (attn @ v).transpose(1, 2).reshape(batch, tokens, dim)
         return self.proj_drop(self.proj(x)), logits
@@ -165,45 +192,65 @@ class Block(nn.Module):
         x = x + self.drop_path(y)
         mlp_in = x
         if self.feature_reuse:
-            reused = self.feature_resuse_mlp(reused_features)[:, 1:]
-            batch, tokens, channels = reused.shape
-            grid = math.isqrt(tokens)
-            reused = resample_grid(reused.transpose(1, 2).reshape(batch, channels, grid, grid), resample_t)
-            reused = F.pad(reused.flatten(2).transpose(1, 2), (0, 0, 1, 0))  # the class token gets a zero row
+            # the class token's row would be dropped: the per-token MLP runs on the grid tokens only
+            reused = resample_tokens(self.feature_resuse_mlp(reused_features[:, 1:]), resample_t)
+            reused = F.pad(reused, (0, 0, 1, 0))  # the class token gets a zero row
             mlp_in = torch.cat((x, reused), dim=2)
         return x + self.drop_path(self.mlp(self.norm2(mlp_in))), logits
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """A 1x1 convolution (nn.Conv2d's parameters and state-dict keys) computed as one batched
+    matrix product over the pixels: for few channels and many pixels, 2x faster than oneDNN's
+    convolution, which reorders the maps to its blocked layout and back."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        weight = self.weight.flatten(1).expand(batch, -1, -1)
+        return torch.baddbmm(self.bias[:, None], weight, x.flatten(2)).view(batch, -1, height, width)
+
+
+def grid_map(resample_t: torch.Tensor) -> torch.Tensor:
+    """(s*s, t*t) map of flattened s x s grids to t x t grids, built from the (s, t) one-axis map:
+    the Kronecker product, as in dvt_shared.resample_matrix (transposed)."""
+    src, dst = resample_t.shape
+    return (resample_t[:, None, :, None] * resample_t[None, :, None, :]).reshape(src * src, dst * dst)
 
 
 def resample_grid(x: torch.Tensor, resample_t: torch.Tensor) -> torch.Tensor:
     """(..., s, s) -> (..., t, t) with the (s, t) transposed one-axis map of dvt_shared, applied to both axes.
 
-    The large operand comes first in each product so the work (and FLOP counters) scale with it.
-    Exported graphs multiply from the left instead: ONNX Runtime runs the 4-D and 5-D
-    transposes of this form 10x slower than the products themselves.
+    Both axes move in one product with the grid map: one matrix product runs far faster than
+    two with inner sizes of s and t (s, t < 15), each needing a transpose.
     """
-    x = x @ resample_t
-    if torch.onnx.is_in_onnx_export():
-        return resample_t.transpose(0, 1) @ x
-    return (x.transpose(-1, -2) @ resample_t).transpose(-1, -2)
+    src, dst = resample_t.shape
+    moved = x.flatten(-2) @ grid_map(resample_t)
+    return moved.reshape(*x.shape[:-2], dst, dst)
+
+
+def resample_tokens(tokens: torch.Tensor, resample_t: torch.Tensor) -> torch.Tensor:
+    """(B, s*s, C) grid tokens -> (B, t*t, C), as resample_grid moves (B, C, s, s) maps, without transposes."""
+    return grid_map(resample_t).transpose(0, 1) @ tokens
+
+
+def relation_map(resample_t: torch.Tensor) -> torch.Tensor:
+    """(t*t+1, s*s+1) map E of a token sequence with a leading class token (dvt_shared.relation_resample_matrix)."""
+    src = resample_t.shape[0]
+    class_row = F.pad(resample_t.new_ones(1, 1), (0, src * src))
+    return torch.cat((class_row, F.pad(grid_map(resample_t).transpose(0, 1), (1, 0))), dim=0)
 
 
 def resample_relations(relations: torch.Tensor, resample_t: torch.Tensor) -> torch.Tensor:
     """(B, C, s*s+1, s*s+1) query x key logits -> (B, C, t*t+1, t*t+1); class row and column carried along.
 
-    Equal to E @ R @ E.T with E = dvt_shared.relation_resample_matrix, done axis by axis.
+    E @ R @ E.T with E = relation_map(resample_t) = dvt_shared.relation_resample_matrix: two
+    products of moderate size, several times faster than moving the 4 grid axes one by one.
     """
-    batch, channels, tokens, _ = relations.shape
-    src, dst = resample_t.shape
-    cls_cls = relations[:, :, :1, :1]
-    cls_row = resample_grid(relations[:, :, 0, 1:].reshape(batch, channels, src, src), resample_t)
-    cls_col = resample_grid(relations[:, :, 1:, 0].reshape(batch, channels, src, src), resample_t)
-    grid = relations[:, :, 1:, 1:].reshape(batch, channels, src * src, src, src)
-    grid = resample_grid(grid, resample_t).reshape(batch, channels, src * src, dst * dst)  # keys moved
-    grid = grid.transpose(2, 3).reshape(batch, channels, dst * dst, src, src)
-    grid = resample_grid(grid, resample_t).reshape(batch, channels, dst * dst, dst * dst).transpose(2, 3)  # queries
-    top = torch.cat((cls_cls, cls_row.reshape(batch, channels, 1, dst * dst)), dim=3)
-    rest = torch.cat((cls_col.reshape(batch, channels, dst * dst, 1), grid), dim=3)
-    return torch.cat((top, rest), dim=2)
+    expand = relation_map(resample_t)
+    return expand @ relations @ expand.transpose(0, 1)
 
 
 def init_weights(module: nn.Module) -> None:

@@ -7,8 +7,8 @@ and its plain ResNet) on Fashion-MNIST or an image folder.
 
 The loss is the release's: the (optionally weighted) sum of the per-exit cross-entropies; a
 VT model or ResNet has one exit, so its loss is the plain cross-entropy.
-Every epoch ends with a test evaluation of every exit, a line in OUT/log.jsonl and the
-checkpoint OUT/last.pt, written atomically. The checkpoint holds only tensors and plain
+Every epoch ends with a test evaluation of every exit, a line in OUT/log.jsonl, its curves
+in OUT/log.png and the checkpoint OUT/last.pt, all written atomically. The checkpoint holds only tensors and plain
 containers (torch.load(weights_only=True) reads it) and every random state, so --resume
 continues an interrupted run to bit-identical weights on CPU, even from mid-epoch
 (--max-steps). At the end OUT/final.safetensors holds the weights in the canonical format.
@@ -24,7 +24,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +32,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from dvt_shared.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_IMAGE_SIZE
-from dvt_shared.io_utils import atomic_writer
+from dvt_shared.io_utils import atomic_write_bytes, atomic_writer
 from dvt_shared.models import ModelConfig, family_of, get_model_config, model_gflops
 from dvt_shared.train_options import add_train_arguments
 from dvt_shared.weight_format import WeightMetadata, save_canonical
@@ -59,6 +58,7 @@ CHECKPOINT_NAME = "last.pt"
 FINAL_NAME = "final.safetensors"
 FINAL_EMA_NAME = "final_ema.safetensors"
 LOG_NAME = "log.jsonl"
+PLOT_NAME = "log.png"
 CHECKPOINT_FORMAT = "dvt-train-checkpoint-v1"
 # by dvt_shared.train_options.AMP_CHOICES
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -111,14 +111,35 @@ def setup_distributed(device_choice: str) -> Dist:
     return Dist(rank, world_size, local_rank, device)
 
 
+# CPU flags of native bf16 arithmetic (x86: AVX512-BF16 dot products, AMX tiles; Arm: BF16 extension).
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (otherwise bf16 autocast emulates it, slower than fp32)."""
+    mkldnn_check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if mkldnn_check is not None and not mkldnn_check():
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            flags = {word for line in handle if line.startswith(("flags", "Features")) for word in line.split(":", 1)[1].split()}
+    except OSError:
+        return False
+    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+
+
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     dtype = AMP_DTYPES[amp]
     if dtype is None or device.type == "cuda":
         return dtype
     if amp == "fp16":
         raise ValueError("--amp fp16 needs a CUDA device (float16 autocast on CPU is slow and unstable); use --amp none on CPU")
-    warnings.warn("--amp bf16 applies to CUDA only; training in float32 on CPU", stacklevel=2)
-    return None
+    if not cpu_has_native_bf16():
+        raise ValueError(
+            "--amp bf16 on CPU needs native bf16 arithmetic (CPU flag avx512_bf16 or amx_bf16, and a oneDNN build "
+            "that uses it); this CPU would emulate bf16 more slowly than float32: use --amp none"
+        )
+    return dtype
 
 
 def _parse_overrides(text: str | None) -> dict:
@@ -311,9 +332,49 @@ def load_checkpoint(path: str) -> dict:
     return state
 
 
-def _write_log(path: str, records: list[dict]) -> None:
-    with atomic_writer(path, "w") as handle:
-        handle.writelines(json.dumps(r) + "\n" for r in records)
+def _write_epoch_files(out: str, history: list[dict]) -> None:
+    """OUT/log.jsonl (one line per epoch) and, once there is an epoch, its curves in OUT/log.png."""
+    with atomic_writer(os.path.join(out, LOG_NAME), "w") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in history)
+    if history:
+        plot_history(history, os.path.join(out, PLOT_NAME))
+
+
+def history_figure(history: list[dict]):
+    """A matplotlib figure (Agg) of each exit's test (and train) accuracy and the training loss per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for k in range(len(history[0]["test_acc"])):
+        line, = acc_ax.plot(epochs, [r["test_acc"][k] for r in history], "o-", label=f"exit {k} test")
+        acc_ax.plot(epochs, [r["train_acc"][k] for r in history], ":", color=line.get_color(), label=f"exit {k} train")
+    if "test_acc_ema" in history[0]:
+        acc_ax.plot(epochs, [r["test_acc_ema"][-1] for r in history], "s--", color="black", label="last exit, EMA test")
+    acc_ax.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy per exit")
+    acc_ax.grid(alpha=0.3)
+    acc_ax.legend(fontsize=7)
+    loss_ax.plot(epochs, [r["loss"] for r in history], "o-", color="tab:red", label="training loss")
+    loss_ax.set(xlabel="epoch", ylabel="training loss", title="loss")
+    loss_ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_history(history: list[dict], path: str) -> None:
+    """history_figure as a PNG, rendered in memory, then written atomically."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig = history_figure(history)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _save_weights(path: str, model: torch.nn.Module, config: ModelConfig, recipe: dict, metrics: dict) -> None:
@@ -355,6 +416,248 @@ def evaluate(model: torch.nn.Module, batches, device: torch.device, num_exits: i
     return [round(100.0 * int(c) / max(int(seen), 1), 4) for c in correct]
 
 
+class TrainingRun:
+    """One run: its set-up (data, model, optimisation, randomness), its state (counters, running
+    sums, history) with checkpoint save and restore, and its optimisation step."""
+
+    def __init__(self, args: argparse.Namespace, dist_ctx: Dist):
+        from timm.data import Mixup
+        from timm.optim import create_optimizer_v2, param_groups_weight_decay
+        from timm.scheduler import create_scheduler_v2
+        from timm.utils import ModelEmaV3
+
+        self.args, self.dist = args, dist_ctx
+        device = self.device = dist_ctx.device
+        self.amp_dtype = _amp_dtype(args.amp, device)
+        self.data = _Data(args, dist_ctx)
+        config = self.config = _build_config(args, num_classes=len(self.data.classes))
+        if family_of(config).task != "classification":
+            raise ValueError(f"{config.name} is a segmentation model; this project has no segmentation data to train it on")
+        if self.data.kind == "fmnist" and (config.in_chans, config.img_size) != (1, FASHION_MNIST_IMAGE_SIZE):
+            raise ValueError(
+                f"{config.name} takes {config.in_chans}-channel {config.img_size}x{config.img_size} images; Fashion-MNIST "
+                f"needs a 1-channel 28x28 config such as dvt_t2t_vit_fmnist"
+            )
+        self.data.set_image_size(config.img_size)
+        self.exit_weights = tuple(args.exit_weights) if args.exit_weights else (1.0,) * config.num_exits
+        if len(self.exit_weights) != config.num_exits:
+            raise ValueError(f"--exit-weights has {len(self.exit_weights)} values but {config.name} has {config.num_exits} exits")
+        self.teacher = load_teacher(args.teacher, config, device) if args.teacher else None
+        self.recipe = _recipe(args, dist_ctx, self.data, config)
+
+        # The same seed on every rank gives every rank the same initial weights.
+        torch.manual_seed(args.seed)
+        self.model = build_model(config).to(device)
+        self.optimizer = create_optimizer_v2(
+            self.model, "adamw", lr=args.lr, weight_decay=args.weight_decay, foreach=True,
+            param_group_fn=lambda m: param_groups_weight_decay(m, args.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY),
+        )
+        self.steps_per_epoch = self.data.steps_per_epoch
+        self.scheduler, _ = create_scheduler_v2(
+            self.optimizer, "cosine", num_epochs=args.epochs, warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
+            min_lr=args.min_lr, step_on_epochs=False, updates_per_epoch=self.steps_per_epoch,
+        )
+        self.ema = ModelEmaV3(self.model, decay=args.ema_decay) if args.ema else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.mixup = None
+        if args.mixup > 0 or args.cutmix > 0:
+            self.mixup = Mixup(
+                mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob, switch_prob=args.mixup_switch_prob,
+                label_smoothing=args.label_smoothing, num_classes=config.num_classes,
+            )
+        # Mixup already smooths its soft targets; smoothing them again in the loss would double it.
+        self.loss_smoothing = 0.0 if self.mixup is not None else args.label_smoothing
+
+        # Ranks differ in dropout, augmentation and mixing draws, and each state is checkpointed.
+        torch.manual_seed(args.seed + 7_919 * dist_ctx.rank)
+        np.random.seed((args.seed + 7_919 * dist_ctx.rank) % 2**32)
+        self.augment_generator = torch.Generator().manual_seed(args.seed * 1_000_003 + 104_729 * (dist_ctx.rank + 1))
+
+        self.step, self.epochs_done, self.elapsed = 0, 0, 0.0
+        self.sums = _new_sums(config.num_exits)
+        self.history: list[dict] = []
+        self.train_model = self.model
+        if dist_ctx.distributed:
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # ------------------------------------------------------------ state
+
+    def save(self, path: str) -> None:
+        """Write everything a resume needs (every rank's random states included; rank 0 writes)."""
+        ranks = [None] * self.dist.world_size
+        mine = _rank_state(self.augment_generator, self.device, self.sums)
+        if self.dist.distributed:
+            dist.all_gather_object(ranks, mine)
+        else:
+            ranks = [mine]
+        if self.dist.is_main:
+            _save_checkpoint(path, {
+                "format": CHECKPOINT_FORMAT, "recipe": json.dumps(self.recipe), "config": json.dumps(self.config.to_dict()),
+                "epoch": self.epochs_done, "step": self.step, "elapsed": self.elapsed, "history": json.dumps(self.history),
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "ranks": ranks,
+            })
+
+    def restore(self, path: str) -> None:
+        """Continue from the checkpoint `path`, refusing one whose recipe computes something else."""
+        state = load_checkpoint(path)
+        _check_resumable(json.loads(state["recipe"]), self.recipe, path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epochs_done, self.elapsed = int(state["step"]), int(state["epoch"]), float(state["elapsed"])
+        self.sums = _restore_rank_state(state["ranks"][self.dist.rank], self.augment_generator, self.device)
+        # Lines logged after this checkpoint was written belong to work about to be redone.
+        self.history = [r for r in json.loads(state["history"]) if r["epoch"] <= self.epochs_done]
+
+    # ------------------------------------------------------------ step
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with self.autocast():
+            return exit_logits(self.train_model(images))
+
+    def loss(self, outputs: tuple[torch.Tensor, ...], targets: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """The multi-exit loss; with a teacher, DeiT's hard distillation at every exit."""
+        with self.autocast():
+            loss = multi_exit_loss(outputs, targets, self.exit_weights, label_smoothing=self.loss_smoothing)
+            if self.teacher is None:
+                return loss
+            with torch.no_grad():
+                teacher_labels = self.teacher(images).argmax(dim=1)
+            return (loss + multi_exit_loss(outputs, teacher_labels, self.exit_weights)) / 2
+
+    def apply_gradients(self, loss: torch.Tensor) -> None:
+        """Backward from `loss`, then one optimiser, scheduler and EMA update."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.args.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.step += 1
+        self.scheduler.step_update(num_updates=self.step)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        targets = labels
+        if self.mixup is not None:
+            images, targets = self.mixup(images, labels)
+        outputs = self.forward(images)
+        loss = self.loss(outputs, targets, images)
+        self.apply_gradients(loss)
+        self.sums["loss"] += loss.detach().double().cpu() * labels.numel()
+        self.sums["correct"] += torch.stack([(o.argmax(dim=1) == labels).sum() for o in outputs]).cpu()
+        self.sums["seen"] += labels.numel()
+
+    # ------------------------------------------------------------ epoch
+
+    def train_epoch(self, epoch: int, show: bool) -> bool:
+        """Train `epoch` from where the run stands; True when --max-steps stopped it part-way."""
+        start_batch = self.step - epoch * self.steps_per_epoch
+        interactive = sys.stderr.isatty()
+        self.train_model.train()
+        bar = tqdm(
+            total=self.steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{self.args.epochs}",
+            disable=not show, mininterval=0.5 if interactive else LOG_PROGRESS_INTERVAL_S,
+            dynamic_ncols=interactive, file=sys.stderr,
+        )
+        max_steps = self.args.max_steps
+        try:
+            for images, labels in self.data.train_batches(epoch, start_batch, self.augment_generator):
+                self.train_step(images, labels)
+                if show:
+                    seen = int(self.sums["seen"])
+                    bar.set_postfix_str(
+                        f"loss {float(self.sums['loss']) / seen:.4f} acc "
+                        + "/".join(f"{100.0 * int(c) / seen:.1f}" for c in self.sums["correct"]),
+                        refresh=False,
+                    )
+                    bar.update()
+                # Stopping here, before the next batch is drawn, leaves every random state as a resume needs it;
+                # a stop on an epoch's last step lets the epoch finish (evaluation, log, checkpoint) first.
+                if max_steps is not None and self.step >= max_steps and self.step < (epoch + 1) * self.steps_per_epoch:
+                    return True
+            return False
+        finally:
+            bar.close()
+
+    def end_epoch(self, epoch: int, started: float) -> dict:
+        """Evaluate every exit (and the EMA's), append the epoch's record to the history, reset the sums."""
+        loss_sum, correct, seen = _all_reduce(self.dist, self.sums["loss"], self.sums["correct"], self.sums["seen"])
+        num_exits = self.config.num_exits
+        record = {
+            "epoch": epoch + 1, "step": self.step, "loss": round(float(loss_sum) / int(seen), 6),
+            "train_acc": [round(100.0 * int(c) / int(seen), 4) for c in correct],
+            "test_acc": evaluate(self.train_model, self.data.test_batches(), self.device, num_exits, self.autocast, self.dist),
+        }
+        if self.ema is not None:
+            record["test_acc_ema"] = evaluate(
+                self.ema.module, self.data.test_batches(), self.device, num_exits, self.autocast, self.dist
+            )
+        epoch_time = time.perf_counter() - started
+        self.elapsed += epoch_time
+        record.update(lr=self.optimizer.param_groups[0]["lr"], epoch_time_s=round(epoch_time, 2), elapsed_s=round(self.elapsed, 2))
+        self.history.append(record)
+        self.epochs_done = epoch + 1
+        self.sums = _new_sums(num_exits)
+        return record
+
+
+def load_teacher(path: str, config: ModelConfig, device: torch.device) -> torch.nn.Module:
+    """A shipped classifier in canonical format, frozen in eval mode, to distil from."""
+    from dvt_shared.weight_format import load_canonical
+
+    from .convert import from_canonical
+
+    tensors, metadata = load_canonical(path)
+    teacher_config = metadata.config
+    if (teacher_config.num_classes, teacher_config.in_chans, teacher_config.img_size) != (
+        config.num_classes, config.in_chans, config.img_size
+    ):
+        raise ValueError(
+            f"--teacher {path} classifies {teacher_config.in_chans}-channel {teacher_config.img_size}x"
+            f"{teacher_config.img_size} images into {teacher_config.num_classes} classes; {config.name} needs "
+            f"{config.in_chans}-channel {config.img_size}x{config.img_size} images and {config.num_classes} classes"
+        )
+    teacher = from_canonical(build_model(teacher_config), tensors, source=path).to(device).eval()
+    teacher.requires_grad_(False)
+    return _LastExit(teacher).eval()
+
+
+class _LastExit(torch.nn.Module):
+    """A classifier's last (or only) exit as one tensor, whatever its model returns."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return exit_logits(self.model(x))[-1]
+
+
 def train(args: argparse.Namespace) -> dict:
     """Train as `args` says (see add_train_arguments); returns the run's metrics."""
     dist_ctx = setup_distributed(args.device)
@@ -366,223 +669,76 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def _train(args: argparse.Namespace, dist_ctx: Dist) -> dict:
-    from timm.data import Mixup
-    from timm.optim import create_optimizer_v2, param_groups_weight_decay
-    from timm.scheduler import create_scheduler_v2
-    from timm.utils import ModelEmaV3
-
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local_procs))
-    device = dist_ctx.device
-    amp_dtype = _amp_dtype(args.amp, device)
-
-    def autocast():
-        return torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-
     out = args.out or os.path.join("out", "train", args.model)
-    checkpoint_path, log_path = os.path.join(out, CHECKPOINT_NAME), os.path.join(out, LOG_NAME)
+    checkpoint_path = os.path.join(out, CHECKPOINT_NAME)
     # Every rank checks, so that a refusal never leaves the other ranks waiting in a collective.
     if not args.resume and os.path.exists(checkpoint_path):
         raise ValueError(f"{out} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it or choose another --out")
     if dist_ctx.is_main:
         os.makedirs(out, exist_ok=True)
 
-    data = _Data(args, dist_ctx)
-    config = _build_config(args, num_classes=len(data.classes))
-    if family_of(config).task != "classification":
-        raise ValueError(f"{config.name} is a segmentation model; this project has no segmentation data to train it on")
-    if data.kind == "fmnist" and (config.in_chans, config.img_size) != (1, FASHION_MNIST_IMAGE_SIZE):
-        raise ValueError(
-            f"{config.name} takes {config.in_chans}-channel {config.img_size}x{config.img_size} images; Fashion-MNIST "
-            f"needs a 1-channel 28x28 config such as dvt_t2t_vit_fmnist"
-        )
-    data.set_image_size(config.img_size)
-    exit_weights = tuple(args.exit_weights) if args.exit_weights else (1.0,) * config.num_exits
-    if len(exit_weights) != config.num_exits:
-        raise ValueError(f"--exit-weights has {len(exit_weights)} values but {config.name} has {config.num_exits} exits")
-    recipe = _recipe(args, dist_ctx, data, config)
-
-    # The same seed on every rank gives every rank the same initial weights.
-    torch.manual_seed(args.seed)
-    model = build_model(config).to(device)
-    optimizer = create_optimizer_v2(
-        model, "adamw", lr=args.lr, weight_decay=args.weight_decay,
-        param_group_fn=lambda m: param_groups_weight_decay(m, args.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY),
-    )
-    steps_per_epoch = data.steps_per_epoch
-    scheduler, _ = create_scheduler_v2(
-        optimizer, "cosine", num_epochs=args.epochs, warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
-        min_lr=args.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
-    )
-    ema = ModelEmaV3(model, decay=args.ema_decay) if args.ema else None
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    mixup = None
-    if args.mixup > 0 or args.cutmix > 0:
-        mixup = Mixup(
-            mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob, switch_prob=args.mixup_switch_prob,
-            label_smoothing=args.label_smoothing, num_classes=config.num_classes,
-        )
-    # Mixup already smooths its soft targets; smoothing them again in the loss would double it.
-    loss_smoothing = 0.0 if mixup is not None else args.label_smoothing
-
-    # Ranks differ in dropout, augmentation and mixing draws, and each state is checkpointed.
-    torch.manual_seed(args.seed + 7_919 * dist_ctx.rank)
-    np.random.seed((args.seed + 7_919 * dist_ctx.rank) % 2**32)
-    augment_generator = torch.Generator().manual_seed(args.seed * 1_000_003 + 104_729 * (dist_ctx.rank + 1))
-
-    step, epochs_done, elapsed = 0, 0, 0.0
-    sums = _new_sums(config.num_exits)
-    history: list[dict] = []
+    run = TrainingRun(args, dist_ctx)
     if args.resume:
-        state = load_checkpoint(checkpoint_path)
-        _check_resumable(json.loads(state["recipe"]), recipe, checkpoint_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        if scaler is not None:
-            scaler.load_state_dict(state["scaler"])
-        step, epochs_done, elapsed = int(state["step"]), int(state["epoch"]), float(state["elapsed"])
-        sums = _restore_rank_state(state["ranks"][dist_ctx.rank], augment_generator, device)
-        # Lines logged after this checkpoint was written belong to work about to be redone.
-        history = [r for r in json.loads(state["history"]) if r["epoch"] <= epochs_done]
-        if dist_ctx.is_main:
-            _write_log(log_path, history)
-    elif dist_ctx.is_main:
-        _write_log(log_path, [])
-
-    train_model = model
-    if dist_ctx.distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-
-    def checkpoint() -> None:
-        ranks = [None] * dist_ctx.world_size
-        mine = _rank_state(augment_generator, device, sums)
-        if dist_ctx.distributed:
-            dist.all_gather_object(ranks, mine)
-        else:
-            ranks = [mine]
-        if dist_ctx.is_main:
-            _save_checkpoint(checkpoint_path, {
-                "format": CHECKPOINT_FORMAT, "recipe": json.dumps(recipe), "config": json.dumps(config.to_dict()),
-                "epoch": epochs_done, "step": step, "elapsed": elapsed, "history": json.dumps(history),
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "ranks": ranks,
-            })
-
-    show = dist_ctx.is_main and args.progress
-    interactive = sys.stderr.isatty()
-    interrupted = False
+        run.restore(checkpoint_path)
     if dist_ctx.is_main:
-        print(
-            f"training {config.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, "
-            f"{config.num_exits} exit(s){f', grids {config.grids}' if family_of(config).cascade else ''}) on {recipe['dataset']['train_samples']} samples, "
-            f"{dist_ctx.world_size} process(es) on {device}, {steps_per_epoch} steps/epoch x {args.epochs} epochs",
-            flush=True,
-        )
-    for epoch in range(epochs_done, args.epochs):
-        if args.max_steps is not None and step >= args.max_steps:
+        _write_epoch_files(out, run.history)
+        _announce(run)
+
+    interrupted = False
+    for epoch in range(run.epochs_done, args.epochs):
+        if args.max_steps is not None and run.step >= args.max_steps:
             interrupted = True
             break
-        start_batch = step - epoch * steps_per_epoch
         started = time.perf_counter()
-        train_model.train()
-        bar = tqdm(
-            total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not show,
-            mininterval=0.5 if interactive else LOG_PROGRESS_INTERVAL_S, dynamic_ncols=interactive, file=sys.stderr,
-        )
-        for images, labels in data.train_batches(epoch, start_batch, augment_generator):
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            targets = labels
-            if mixup is not None:
-                images, targets = mixup(images, labels)
-            with autocast():
-                outputs = exit_logits(train_model(images))
-                loss = multi_exit_loss(outputs, targets, exit_weights, label_smoothing=loss_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if args.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            step += 1
-            scheduler.step_update(num_updates=step)
-            if ema is not None:
-                ema.update(model, step=step)
-            sums["loss"] += loss.detach().double().cpu() * labels.numel()
-            sums["correct"] += torch.stack([(o.argmax(dim=1) == labels).sum() for o in outputs]).cpu()
-            sums["seen"] += labels.numel()
-            if show:
-                seen = int(sums["seen"])
-                bar.set_postfix_str(
-                    f"loss {float(sums['loss']) / seen:.4f} acc "
-                    + "/".join(f"{100.0 * int(c) / seen:.1f}" for c in sums["correct"]),
-                    refresh=False,
-                )
-                bar.update()
-            # Stopping here, before the next batch is drawn, leaves every random state as a resume needs it;
-            # a stop on an epoch's last step lets the epoch finish (evaluation, log, checkpoint) first.
-            if args.max_steps is not None and step >= args.max_steps and step < (epoch + 1) * steps_per_epoch:
-                interrupted = True
-                break
-        bar.close()
+        interrupted = run.train_epoch(epoch, show=dist_ctx.is_main and args.progress)
         if interrupted:
-            elapsed += time.perf_counter() - started
-            checkpoint()
+            run.elapsed += time.perf_counter() - started
+            run.save(checkpoint_path)
             break
-
-        loss_sum, correct, seen = _all_reduce(dist_ctx, sums["loss"], sums["correct"], sums["seen"])
-        test_acc = evaluate(train_model, data.test_batches(), device, config.num_exits, autocast, dist_ctx)
-        record = {
-            "epoch": epoch + 1, "step": step, "loss": round(float(loss_sum) / int(seen), 6),
-            "train_acc": [round(100.0 * int(c) / int(seen), 4) for c in correct], "test_acc": test_acc,
-        }
-        if ema is not None:
-            record["test_acc_ema"] = evaluate(ema.module, data.test_batches(), device, config.num_exits, autocast, dist_ctx)
-        epoch_time = time.perf_counter() - started
-        elapsed += epoch_time
-        record.update(lr=optimizer.param_groups[0]["lr"], epoch_time_s=round(epoch_time, 2), elapsed_s=round(elapsed, 2))
-        history.append(record)
-        epochs_done = epoch + 1
-        sums = _new_sums(config.num_exits)
+        record = run.end_epoch(epoch, started)
         if dist_ctx.is_main:
-            _write_log(log_path, history)
+            _write_epoch_files(out, run.history)
             print(
-                f"epoch {epochs_done}/{args.epochs} loss {record['loss']:.4f} train acc {record['train_acc']} "
-                f"test acc {record['test_acc']}" + (f" ema {record['test_acc_ema']}" if ema is not None else "")
+                f"epoch {run.epochs_done}/{args.epochs} loss {record['loss']:.4f} train acc {record['train_acc']} "
+                f"test acc {record['test_acc']}" + (f" ema {record['test_acc_ema']}" if run.ema is not None else "")
                 + f" lr {record['lr']:.2e} {record['epoch_time_s']:.0f}s",
                 flush=True,
             )
-        checkpoint()
+        run.save(checkpoint_path)
 
-    if interrupted:
-        if dist_ctx.is_main:
-            print(f"stopped after {step} steps (--max-steps); continue with --resume", flush=True)
-    metrics = _metrics(history, step, not interrupted, elapsed)
+    metrics = _metrics(run.history, run.step, not interrupted, run.elapsed)
+    if interrupted and dist_ctx.is_main:
+        print(f"stopped after {run.step} steps (--max-steps); continue with --resume", flush=True)
     if not interrupted:
-        if dist_ctx.is_main:
-            _save_weights(os.path.join(out, FINAL_NAME), model, config, recipe, metrics)
-            if ema is not None:
-                _save_weights(os.path.join(out, FINAL_EMA_NAME), ema.module, config, recipe, metrics)
-            print(f"wrote {os.path.join(out, FINAL_NAME)}", flush=True)
-        elif args.dump_rank_weights:
-            _save_weights(os.path.join(out, f"final.rank{dist_ctx.rank}.safetensors"), model, config, recipe, metrics)
+        _save_final_weights(run, out, metrics)
     if dist_ctx.distributed:
         dist.barrier()
     metrics["out"] = out
     return metrics
+
+
+def _announce(run: TrainingRun) -> None:
+    config, model = run.config, run.model
+    grids = f", grids {config.grids}" if family_of(config).cascade else ""
+    print(
+        f"training {config.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, "
+        f"{config.num_exits} exit(s){grids}) on {run.recipe['dataset']['train_samples']} samples, "
+        f"{run.dist.world_size} process(es) on {run.device}, {run.steps_per_epoch} steps/epoch x {run.args.epochs} epochs",
+        flush=True,
+    )
+
+
+def _save_final_weights(run: TrainingRun, out: str, metrics: dict) -> None:
+    if run.dist.is_main:
+        _save_weights(os.path.join(out, FINAL_NAME), run.model, run.config, run.recipe, metrics)
+        if run.ema is not None:
+            _save_weights(os.path.join(out, FINAL_EMA_NAME), run.ema.module, run.config, run.recipe, metrics)
+        print(f"wrote {os.path.join(out, FINAL_NAME)}", flush=True)
+    elif run.args.dump_rank_weights:
+        path = os.path.join(out, f"final.rank{run.dist.rank}.safetensors")
+        _save_weights(path, run.model, run.config, run.recipe, metrics)
 
 
 def _metrics(history: list[dict], step: int, completed: bool, elapsed: float) -> dict:

@@ -52,10 +52,19 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     optim.add_argument("--clip-grad", type=float, default=None, metavar="NORM", help="clip the global gradient norm")
     optim.add_argument("--ema", action="store_true", help="keep a timm ModelEmaV3 of the weights (also evaluated and saved)")
     optim.add_argument("--ema-decay", type=float, default=0.9998)
+    optim.add_argument(
+        "--teacher", default=None, metavar="SAFETENSORS",
+        help="distil from this trained classifier (canonical weights, e.g. weights/resnet_fmnist.safetensors): "
+        "DeiT's hard-label distillation, the loss being the mean of the label loss and the cross-entropy "
+        "against the teacher's top-1 class, at every exit",
+    )
 
     run = parser.add_argument_group("run")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--amp", choices=AMP_CHOICES, default="none", help="autocast dtype (CUDA only)")
+    run.add_argument(
+        "--amp", choices=AMP_CHOICES, default="none",
+        help="autocast dtype: fp16 on CUDA; bf16 on CUDA or on a CPU with native bf16 (AVX512-BF16 or AMX)",
+    )
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     run.add_argument(
         "--threads", type=int, default=None,

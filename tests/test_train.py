@@ -30,7 +30,8 @@ from dvt_torch.data import (
     seeded_subset,
 )
 from dvt_torch.dvt import DVT
-from dvt_torch.train import add_train_arguments, load_checkpoint, train
+from dvt_torch import train as train_module
+from dvt_torch.train import Dist, TrainingRun, add_train_arguments, history_figure, load_checkpoint, train
 
 TINY = json.dumps({"embed_dim": 16, "depth": 1, "num_heads": 2, "token_dim": 8, "reuse_dim": 8, "reuse_hidden": 16})
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,6 +151,27 @@ def test_tiny_run_learns_and_writes_its_files(tmp_path, data_dir):
     assert checkpoint["epoch"] == 4 and checkpoint["step"] == 64
     torch.load(out / "last.pt", weights_only=True)
 
+    from PIL import Image
+
+    with Image.open(out / "log.png") as png:
+        assert png.format == "PNG" and png.size[0] > 300
+    # The plot's curves: one point per epoch, each exit's test accuracy and the loss as logged.
+    fig = history_figure(log)
+    lines = {line.get_label(): line for ax in fig.axes for line in ax.get_lines()}
+    assert {f"exit {k} test" for k in range(3)} | {"training loss"} <= set(lines)
+    for k in range(3):
+        assert list(lines[f"exit {k} test"].get_xdata()) == [1, 2, 3, 4]
+        assert list(lines[f"exit {k} test"].get_ydata()) == [r["test_acc"][k] for r in log]
+    assert list(lines["training loss"].get_ydata()) == [r["loss"] for r in log]
+
+
+def test_plot_is_rewritten_every_epoch(tmp_path, data_dir):
+    out = tmp_path / "run"
+    train(_args(out, data_dir, "--epochs", "2", "--max-steps", "16"))
+    first = (out / "log.png").read_bytes()
+    train(_args(out, data_dir, "--epochs", "2", "--resume"))
+    assert (out / "log.png").read_bytes() != first
+
 
 # every random source at once: dropout, crop/flip/erase, mixup/cutmix, EMA, clipping
 RESUME_RECIPE = ("--random-erase", "0.5", "--mixup", "0.4", "--cutmix", "1.0", "--ema", "--ema-decay", "0.9",
@@ -227,9 +249,14 @@ def test_resume_refuses_a_changed_recipe(tmp_path, data_dir):
         train(_args(tmp_path, data_dir))
 
 
-def test_bad_options_are_refused(tmp_path, data_dir):
+def test_bad_options_are_refused(tmp_path, data_dir, monkeypatch):
     with pytest.raises(ValueError, match="needs a CUDA device"):
         train(_args(tmp_path / "a", data_dir, "--amp", "fp16", "--device", "cpu"))
+    with pytest.raises(FileNotFoundError):
+        train(_args(tmp_path / "t", data_dir, "--teacher", str(tmp_path / "no_teacher.safetensors")))
+    monkeypatch.setattr(train_module, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(ValueError, match="--amp bf16 on CPU needs native bf16"):
+        train(_args(tmp_path / "f", data_dir, "--amp", "bf16", "--device", "cpu"))
     with pytest.raises(ValueError, match="--exit-weights has 2 values but .* has 3 exits"):
         train(_args(tmp_path / "b", data_dir, "--exit-weights", "1", "2"))
     with pytest.raises(ValueError, match="do not fill one batch"):
@@ -319,3 +346,46 @@ def test_dvt_train_command(tmp_path, data_dir):
     assert main(argv + ["--max-steps", "1"]) == 1  # refuses to overwrite the finished run
     recipe = json.loads(load_canonical(tmp_path / "final.safetensors")[1].provenance)
     assert "handler" not in recipe["args"] and recipe["args"]["train_subset"] == 32
+
+
+def _tiny_run(data_dir, tmp_path, *extra):
+    args = _args(tmp_path, data_dir, *extra)
+    return TrainingRun(args, Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+
+
+@pytest.mark.skipif(not train_module.cpu_has_native_bf16(), reason="this CPU has no native bf16 (avx512_bf16 / amx_bf16)")
+def test_amp_bf16_on_a_cpu_with_native_bf16(tmp_path, data_dir):
+    run = _tiny_run(data_dir, tmp_path, "--amp", "bf16", "--device", "cpu")
+    images, labels = next(run.data.train_batches(0, 0, run.augment_generator))
+    outputs = run.forward(images)
+    assert all(o.dtype == torch.bfloat16 for o in outputs)
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    run.train_step(images, labels)
+    assert run.step == 1
+    assert all(v.dtype == torch.float32 for v in run.model.state_dict().values())  # weights stay float32
+    assert any(not torch.equal(before[k], v) for k, v in run.model.state_dict().items())
+
+
+SHIPPED_TEACHER = os.path.join(REPO, "weights", "resnet_fmnist.safetensors")
+
+
+def test_distillation_loss_is_the_mean_of_label_and_teacher_losses(tmp_path, data_dir):
+    plain = _tiny_run(data_dir, tmp_path / "plain", "--label-smoothing", "0.1")
+    taught = _tiny_run(data_dir, tmp_path / "taught", "--label-smoothing", "0.1", "--teacher", SHIPPED_TEACHER)
+    assert not any(p.requires_grad for p in taught.teacher.parameters()) and not taught.teacher.training
+    images, labels = next(taught.data.train_batches(0, 0, taught.augment_generator))
+    outputs = taught.forward(images)
+    with torch.no_grad():
+        teacher_labels = taught.teacher(images).argmax(dim=1)
+    assert not torch.equal(teacher_labels, labels)  # else the check below could not tell the two losses apart
+    expected = (
+        sum(torch.nn.functional.cross_entropy(o, labels, label_smoothing=0.1) for o in outputs)
+        + sum(torch.nn.functional.cross_entropy(o, teacher_labels) for o in outputs)
+    ) / 2
+    torch.testing.assert_close(taught.loss(outputs, labels, images), expected)
+    label_loss = sum(torch.nn.functional.cross_entropy(o, labels, label_smoothing=0.1) for o in outputs)
+    torch.testing.assert_close(plain.loss(outputs, labels, images), label_loss)
+    metrics = train(_args(tmp_path / "run", data_dir, "--teacher", SHIPPED_TEACHER, "--max-steps", "3"))
+    assert metrics["steps"] == 3
+    with pytest.raises(ValueError, match="--teacher .* 5 classes"):
+        train_module.load_teacher(SHIPPED_TEACHER, get_config("dvt_t2t_vit_fmnist", num_classes=5), torch.device("cpu"))
