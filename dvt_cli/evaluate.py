@@ -113,7 +113,7 @@ def mindspore_agreement(dvt: Evaluated, images: np.ndarray, thresholds) -> dict:
     model.set_train(False)
     batch, chunks = 500, []
     for start in tqdm(range(0, len(images), batch), desc="MindSpore", unit="batch", leave=False):
-        chunks.append(np.stack([o.asnumpy() for o in model(ms.Tensor(images[start:start + batch]))]))
+        chunks.append(np.stack([o.asnumpy() for o in model.forward_exits(ms.Tensor(images[start:start + batch]))]))
     ms_probs = softmax(np.concatenate(chunks, axis=1))
     torch_conf, ms_conf = confidences(dvt.test_probs), confidences(ms_probs)
     torch_exit, ms_exit = exit_indices(torch_conf, thresholds), exit_indices(ms_conf, thresholds)

@@ -103,12 +103,10 @@ def all_exit_probs(model, images: np.ndarray, batch: int = 256) -> np.ndarray:
     from tqdm import tqdm
 
     from dvt_shared.exit_policy import softmax
-    from dvt_torch.vt import exit_logits
-
     chunks = []
     with torch.inference_mode():
         for start in tqdm(range(0, len(images), batch), desc="scoring", unit="batch", leave=False):
-            outputs = exit_logits(model(torch.from_numpy(images[start:start + batch])))
+            outputs = model.forward_exits(torch.from_numpy(images[start:start + batch]))
             chunks.append(np.stack([o.numpy() for o in outputs]))
     return softmax(np.concatenate(chunks, axis=1))
 

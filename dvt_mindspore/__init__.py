@@ -1,6 +1,7 @@
 """The DVT cascade and VT in MindSpore, parameter for parameter the PyTorch backend's twin."""
-from .dvt import DVT, DVTStage, ReuseState, check_images, create_model, multi_exit_loss
+from .dvt import DVT, DVTStage, ReuseState, check_images, multi_exit_loss
 from .layers import Attention, Block, PatchEmbed, T2TStem, TokenPerformer
+from .models import create_model, list_models
 from .vt import (
     VTFPN,
     FilterTokenizer,
@@ -25,6 +26,7 @@ __all__ = [
     "TokenPerformer",
     "check_images",
     "create_model",
+    "list_models",
     "multi_exit_loss",
     "FilterTokenizer",
     "Projector",

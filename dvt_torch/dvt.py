@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dvt_shared.configs import DVTConfig, get_config
+from dvt_shared.data_config import pretrained_cfg
 from dvt_shared.image_checks import check_finite, check_image_dtype, check_image_shape
 from dvt_shared.token_schedule import resample_matrix_1d, sinusoid_table
 
@@ -99,9 +100,10 @@ class DVTStage(nn.Module):
         mixed = resample_relations(self.relation_reuse_conv(relations), self.resample_t)
         return mixed.chunk(self.depth, dim=1)
 
-    def forward(
+    def forward_features(
         self, x: torch.Tensor, state: ReuseState | None = None, keep_relations: bool = True
     ) -> tuple[torch.Tensor, ReuseState]:
+        """Normalised tokens (B, N, D), class token first, and the reuse state the next stage needs."""
         if (self.feature_reuse or self.relation_reuse) and state is None:
             raise ValueError("this stage reuses the previous stage's work: pass the ReuseState it returned")
         x = self.embed(x)
@@ -112,16 +114,30 @@ class DVTStage(nn.Module):
             x, block_logits = block(x, reused, self.resample_t if self.feature_reuse else None, bias)
             logits.append(block_logits)
         relations = torch.cat(logits, dim=1) if keep_relations else None
-        out = self.head(self.norm(x)[:, 0])
-        return out, ReuseState(features=x, relations=relations)
+        return self.norm(x), ReuseState(features=x, relations=relations)
+
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The class token's logits (or the class token itself, `pre_logits`)."""
+        return tokens[:, 0] if pre_logits else self.head(tokens[:, 0])
+
+    def forward(
+        self, x: torch.Tensor, state: ReuseState | None = None, keep_relations: bool = True
+    ) -> tuple[torch.Tensor, ReuseState]:
+        tokens, new_state = self.forward_features(x, state, keep_relations)
+        return self.forward_head(tokens), new_state
 
 
 class DVT(nn.Module):
-    """The cascade. `model(x)` returns the per-exit logits, fewest tokens first.
+    """The cascade, with timm's model contract.
 
-    `forward_stage(k, x, state)` runs exit k alone given what exit k-1 returned; real
-    early exit is built on it.
+    `model.forward_exits(x)` returns the per-exit logits, fewest tokens first (the release's
+    output). `model(x)` returns them too in training mode (the loss needs every exit); in
+    eval mode it returns the last exit's logits alone, the prediction of the whole cascade
+    that every timm user expects from one tensor. `forward_stage(k, x, state)` runs exit k
+    alone given what exit k-1 returned; real early exit (`AdaptiveDVT`) is built on it.
     """
+
+    output_fmt = "NLC"
 
     def __init__(self, config: DVTConfig):
         super().__init__()
@@ -129,6 +145,15 @@ class DVT(nn.Module):
         self.stage_names = tuple(stage.name for stage in config.stages)
         for index, name in enumerate(self.stage_names):
             self.add_module(name, DVTStage(config, index))
+        self.num_classes = config.num_classes
+        self.num_features = self.head_hidden_size = config.embed_dim
+        self.global_pool = "token"
+        self.pretrained_cfg = pretrained_cfg(config)
+
+    @property
+    def default_cfg(self) -> dict:
+        """timm's older name of `pretrained_cfg`."""
+        return self.pretrained_cfg
 
     @property
     def num_exits(self) -> int:
@@ -162,13 +187,51 @@ class DVT(nn.Module):
             new_state = ReuseState(None, new_state.relations)
         return logits, new_state
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward_exits(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every exit's logits, fewest tokens first, in any mode."""
         check_images(x, self.config, self.dtype)
         outputs, state = [], None
         for index in range(self.num_exits):
             logits, state = self.run_stage(index, x, state)
             outputs.append(logits)
         return tuple(outputs)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's normalised tokens (B, N, D), class token first; the earlier stages run for their reuse."""
+        check_images(x, self.config, self.dtype)
+        state = None
+        for index in range(self.num_exits - 1):
+            _, state = self.run_stage(index, x, state)
+        tokens, _ = self.stage(self.num_exits - 1).forward_features(x, state, keep_relations=False)
+        return tokens
+
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The last exit's logits of `forward_features`' tokens (its class token, `pre_logits`)."""
+        return self.stage(self.num_exits - 1).forward_head(tokens, pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        outputs = self.forward_exits(x)
+        return outputs if self.training else outputs[-1]
+
+    def get_classifier(self) -> tuple[nn.Module, ...]:
+        """Every exit's head, first exit first (timm's distilled models also return a tuple)."""
+        return tuple(self.stage(index).head for index in range(self.num_exits))
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New heads for `num_classes` on every exit (identities for 0: the model then returns class tokens)."""
+        if global_pool not in (None, "token"):
+            raise ValueError(f"{self.config.name} reads its class token: global_pool must be 'token', got {global_pool!r}")
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+            raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
+        for index in range(self.num_exits):
+            stage = self.stage(index)
+            device, dtype = stage.cls_token.device, stage.cls_token.dtype
+            head = nn.Linear(self.num_features, num_classes, device=device, dtype=dtype) if num_classes else nn.Identity()
+            head.apply(init_weights)
+            stage.head = head
+        self.num_classes = num_classes
+        if num_classes:
+            self.config = self.config.replace(num_classes=num_classes)
 
 
 def create_model(name: str, num_classes: int | None = None, **overrides) -> DVT:
