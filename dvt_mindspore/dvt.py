@@ -14,7 +14,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import TruncatedNormal, initializer
 
-from dvt_shared.configs import DVTConfig, get_config
+from dvt_shared.configs import DVTConfig
 from dvt_shared.data_config import pretrained_cfg
 from dvt_shared.image_checks import check_finite, check_image_dtype, check_image_shape
 from dvt_shared.token_schedule import resample_matrix_1d, sinusoid_table
@@ -252,12 +252,6 @@ class DVT(nn.Cell):
         if num_classes:
             self.config = self.config.replace(num_classes=num_classes)
         forget_compiled_graphs(self)
-
-
-def create_model(name: str, num_classes: int | None = None, **overrides) -> DVT:
-    """A DVT built from the registered `dvt_shared` config `name`; its class count stands unless
-    `num_classes` (or any other field) is overridden."""
-    return DVT(get_config(name, num_classes=num_classes, **overrides))
 
 
 def multi_exit_loss(

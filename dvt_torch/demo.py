@@ -12,7 +12,8 @@ import torch
 from dvt_shared import config_from_release_json
 from dvt_shared.flops import exit_gflops, stage_flops
 
-from .dvt import DVT, create_model
+from .dvt import DVT
+from .models import create_model
 
 REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "release"
 

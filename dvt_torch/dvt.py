@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dvt_shared.configs import DVTConfig, get_config
+from dvt_shared.configs import DVTConfig
 from dvt_shared.data_config import pretrained_cfg
 from dvt_shared.image_checks import check_finite, check_image_dtype, check_image_shape
 from dvt_shared.token_schedule import resample_matrix_1d, sinusoid_table
@@ -232,12 +232,6 @@ class DVT(nn.Module):
         self.num_classes = num_classes
         if num_classes:
             self.config = self.config.replace(num_classes=num_classes)
-
-
-def create_model(name: str, num_classes: int | None = None, **overrides) -> DVT:
-    """A DVT built from the registered `dvt_shared` config `name`; its class count stands unless
-    `num_classes` (or any other field) is overridden."""
-    return DVT(get_config(name, num_classes=num_classes, **overrides))
 
 
 def multi_exit_loss(
