@@ -91,6 +91,20 @@ def test_eval_forward_is_one_tensor_of_forward_features_then_head(name):
     torch.testing.assert_close(exits[-1], out, rtol=0, atol=0)
 
 
+def test_vt_fpn_forward_is_one_per_pixel_tensor_of_its_levels():
+    model = create("vt_fpn_r50").eval()
+    x = inputs(model)
+    with torch.no_grad():
+        out = model(x)
+        levels = model.forward_features(x)
+        merged = model.forward_head(levels, pre_logits=True)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, model.num_classes, 40 // 4, 56 // 4)
+    assert [level.shape[1] for level in levels] == [model.num_features] * 4
+    torch.testing.assert_close(model.forward_head(levels), out, rtol=0, atol=0)
+    assert merged.shape == (2, model.head_hidden_size, 10, 14)
+    assert model.forward_exits(x)[0].shape == out.shape
+
+
 @pytest.mark.parametrize("name", CLASSIFIERS)
 def test_reset_classifier(name):
     model = create(name).eval()
