@@ -4,7 +4,7 @@
 from here, so the evaluation transform a timm user gets is the one this project evaluates
 with: one-channel 28x28 models take Fashion-MNIST's normalisation at their own size,
 three-channel models the release's (bicubic resize of the short side to size / 0.875,
-centre crop, ImageNet mean and std).
+centre crop, ImageNet mean and std); other channel counts are only scaled to [0, 1].
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def data_config(config) -> dict:
     elif config.in_chans == 3:
         mean, std, interpolation, crop_pct = IMAGENET_MEAN, IMAGENET_STD, "bicubic", RELEASE_CROP_PCT
     else:
-        raise ValueError(f"{config.name}: no input statistics for {config.in_chans} channels (only 1 or 3)")
+        # No data set of ours has this many channels: no statistics to apply, pixels only scaled to [0, 1].
+        mean, std, interpolation, crop_pct = (0.0,) * config.in_chans, (1.0,) * config.in_chans, "bilinear", 1.0
     return dict(
         input_size=(config.in_chans, *image_size(config)), mean=mean, std=std, interpolation=interpolation,
         crop_pct=crop_pct, crop_mode="center",

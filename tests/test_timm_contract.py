@@ -179,6 +179,11 @@ def test_features_only_is_refused_for_a_cascade():
         create("dvt_t2t_vit_fmnist", features_only=True)
 
 
+def test_other_channel_counts_get_no_statistics():
+    cfg = create("dvt_t2t_vit_fmnist", in_chans=2).pretrained_cfg
+    assert cfg["input_size"] == (2, 28, 28) and cfg["mean"] == (0.0, 0.0) and cfg["std"] == (1.0, 1.0)
+
+
 def test_pretrained_cfg_overlay_is_applied():
     model = create("resnet_fmnist", pretrained_cfg_overlay={"crop_pct": 0.9})
     assert model.pretrained_cfg["crop_pct"] == 0.9 and model.pretrained_cfg["input_size"] == (1, 28, 28)
