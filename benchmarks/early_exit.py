@@ -53,7 +53,7 @@ def prepare(name: str, work: Path, count: int) -> dict:
     save_canonical(work / WEIGHTS_FILE, to_canonical(model), WeightMetadata(config=model.config, provenance="benchmark"))
     export_onnx(model, work / "onnx")
     with torch.inference_mode():
-        logits = np.stack([o.numpy() for o in model(torch.from_numpy(images_for(model.config, count)))])
+        logits = np.stack([o.numpy() for o in model.forward_exits(torch.from_numpy(images_for(model.config, count)))])
     thresholds = find_thresholds(softmax(logits), np.asarray(SHARES, dtype=np.float32))
     return {"thresholds": thresholds.tolist(), "cumulative_macs": list(cumulative_flops(model.config))}
 

@@ -14,10 +14,11 @@ from mindspore.common.initializer import TruncatedNormal, initializer
 
 from dvt_shared.cascade import ReuseState, run_stage
 from dvt_shared.configs import DVTConfig
+from dvt_shared.data_config import pretrained_cfg
 from dvt_shared.image_checks import check_finite, check_image_dtype, check_image_shape
 from dvt_shared.token_schedule import resample_matrix_1d, sinusoid_table
 
-from .layers import Block, PatchEmbed, T2TStem, dense, gelu, layer_norm, resample_relations
+from .layers import Block, PatchEmbed, T2TStem, dense, forget_compiled_graphs, gelu, layer_norm, resample_relations
 
 _FLOAT_DTYPES = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
 
@@ -96,13 +97,22 @@ class DVTStage(nn.Cell):
         mixed = resample_relations(self.relation_reuse_conv(relations), self.resample_t)
         return ops.chunk(mixed, self.depth, axis=1)
 
-    def construct(self, x, features=None, relations=None):
+    def tokens(self, x, features=None, relations=None):
+        """Last-block tokens before the final norm, and every block's attention logits."""
         x = self.embed(x)
         biases = self.relation_biases(relations) if self.relation_reuse else (None,) * self.depth
         logits = ()
         for block, bias in zip(self.blocks, biases):
             x, block_logits = block(x, features, self.resample_t, bias)
             logits = logits + (block_logits,)
+        return x, logits
+
+    def forward_head(self, tokens, pre_logits: bool = False):
+        """The class token's logits (or the class token itself, `pre_logits`) of normalised tokens."""
+        return tokens[:, 0] if pre_logits else self.head(tokens[:, 0])
+
+    def construct(self, x, features=None, relations=None):
+        x, logits = self.tokens(x, features, relations)
         out = self.head(self.norm(x)[:, 0])
         next_features = x if self.keep_features else None
         next_relations = ops.cat(logits, axis=1) if self.keep_relations else None
@@ -110,11 +120,15 @@ class DVTStage(nn.Cell):
 
 
 class DVT(nn.Cell):
-    """The cascade. `model(x)` returns the per-exit logits, fewest tokens first.
+    """The cascade, with the PyTorch twin's (timm's) model contract.
 
-    `forward_stage(k, x, state)` runs exit k alone given what exit k-1 returned; real
-    early exit is built on it.
+    `model.forward_exits(x)` returns the per-exit logits, fewest tokens first. `model(x)`
+    returns them too in training mode; in eval mode (a Cell's default) it returns the last
+    exit's logits alone. `forward_stage(k, x, state)` runs exit k alone given what exit k-1
+    returned; real early exit is built on it.
     """
+
+    output_fmt = "NLC"
 
     def __init__(self, config: DVTConfig):
         super().__init__()
@@ -122,6 +136,15 @@ class DVT(nn.Cell):
         self.stage_names = tuple(stage.name for stage in config.stages)
         for index, name in enumerate(self.stage_names):
             setattr(self, name, DVTStage(config, index))
+        self.num_classes = config.num_classes
+        self.num_features = self.head_hidden_size = config.embed_dim
+        self.global_pool = "token"
+        self.pretrained_cfg = pretrained_cfg(config)
+
+    @property
+    def default_cfg(self) -> dict:
+        """timm's older name of `pretrained_cfg`."""
+        return self.pretrained_cfg
 
     @property
     def num_exits(self) -> int:
@@ -149,6 +172,10 @@ class DVT(nn.Cell):
     def __call__(self, x):
         # Checked here, in Python, so that graph mode compiles only the model itself.
         check_images(x, self.config, self.dtype)
+        if self.training:
+            # Graph mode keeps a Cell's graph with the training flag it was first compiled under, so
+            # the per-exit tuple of training comes from the stage graphs, never from the eval graph.
+            return self.run_exits(x)
         return super().__call__(x)
 
     def construct(self, x):
@@ -157,7 +184,56 @@ class DVT(nn.Cell):
         for name in self.stage_names:
             logits, features, relations = getattr(self, name)(x, features, relations)
             outputs = outputs + (logits,)
+        if self.training:
+            return outputs
+        return outputs[-1]
+
+    def forward_exits(self, x: Tensor) -> tuple[Tensor, ...]:
+        """Every exit's logits, fewest tokens first, in any mode (each stage its own graph in graph mode)."""
+        check_images(x, self.config, self.dtype)
+        return self.run_exits(x)
+
+    def run_exits(self, x: Tensor) -> tuple[Tensor, ...]:
+        """`forward_exits` without input checks."""
+        outputs, state = (), None
+        for index in range(self.num_exits):
+            logits, state = self.run_stage(index, x, state)
+            outputs = outputs + (logits,)
         return outputs
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The last stage's normalised tokens (B, N, D), class token first; the earlier stages run for their reuse."""
+        check_images(x, self.config, self.dtype)
+        state = ReuseState(None, None)
+        for index in range(self.num_exits - 1):
+            _, state = self.run_stage(index, x, state)
+        last = self.stage(self.num_exits - 1)
+        tokens, _ = last.tokens(x, state.features, state.relations)
+        return last.norm(tokens)
+
+    def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
+        """The last exit's logits of `forward_features`' tokens (its class token, `pre_logits`)."""
+        return self.stage(self.num_exits - 1).forward_head(tokens, pre_logits)
+
+    def get_classifier(self) -> tuple[nn.Cell, ...]:
+        """Every exit's head, first exit first."""
+        return tuple(self.stage(index).head for index in range(self.num_exits))
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New heads for `num_classes` on every exit (identities for 0: the model then returns class tokens)."""
+        if global_pool not in (None, "token"):
+            raise ValueError(f"{self.config.name} reads its class token: global_pool must be 'token', got {global_pool!r}")
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+            raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
+        for index, name in enumerate(self.stage_names):
+            self.stage(index).head = dense(self.num_features, num_classes) if num_classes else nn.Identity()
+            # A Cell set on a stage that already belongs to the model is named from the stage down only.
+            for param in self.stage(index).head.get_parameters():
+                param.name = f"{name}.{param.name}"
+        self.num_classes = num_classes
+        if num_classes:
+            self.config = self.config.replace(num_classes=num_classes)
+        forget_compiled_graphs(self)
 
 
 def multi_exit_loss(

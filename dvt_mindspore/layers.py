@@ -6,6 +6,7 @@ MindSpore's LayerNorm, whose parameters are `gamma`/`beta` (mapped in `convert.p
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import mindspore as ms
@@ -239,3 +240,13 @@ def resample_relations(relations, resample_t):
     top = ops.cat((cls_cls, cls_row.reshape(batch, channels, 1, dst * dst)), axis=3)
     rest = ops.cat((cls_col.reshape(batch, channels, dst * dst, 1), grid), axis=3)
     return ops.cat((top, rest), axis=2)
+
+
+def forget_compiled_graphs(cell: nn.Cell) -> None:
+    """Make graph mode compile `cell` and its sub-cells afresh after a sub-cell was replaced.
+
+    MindSpore keys a Cell's compiled graph by the Cell's creation time and id, not by what it
+    holds, so a new head would otherwise leave the old graph (and the old head) running.
+    """
+    for _, sub in cell.cells_and_names():
+        object.__setattr__(sub, "_create_time", time.time_ns())

@@ -13,7 +13,7 @@ from dvt_shared.models import ModelConfig, build, get_model_config, list_model_n
 from .checkpoint import load_weights
 from .convert import from_canonical
 from .dvt import DVT
-from .vt import VTFPN, ResNet, VTResNet, exit_logits
+from .vt import VTFPN, ResNet, VTResNet
 
 BUILDERS = {"t2t_vit": DVT, "deit": DVT, "vt_resnet": VTResNet, "resnet": ResNet, "vt_fpn": VTFPN}
 for _family, _builder in BUILDERS.items():
@@ -29,10 +29,14 @@ def create_model(
     name: str, num_classes: int | None = None, checkpoint_path: str | os.PathLike | None = None, **overrides
 ) -> nn.Cell:
     """The registered model `name`, as mindcv's `create_model`: its config's class count stands unless
-    `num_classes` (or any other field) is overridden. With `checkpoint_path` (.safetensors, .ckpt) its
-    weights are loaded."""
-    model = build_model(get_model_config(name, num_classes=num_classes, **overrides))
-    return load_weights(model, checkpoint_path) if checkpoint_path is not None else model
+    `num_classes` (or any other field) is overridden, and `num_classes=0` removes the heads. With
+    `checkpoint_path` (.safetensors, .ckpt) its weights are loaded first."""
+    model = build_model(get_model_config(name, num_classes=num_classes or None, **overrides))
+    if checkpoint_path is not None:
+        load_weights(model, checkpoint_path)
+    if num_classes == 0:
+        model.reset_classifier(0)
+    return model
 
 
 def list_models(pattern: str | None = None) -> list[str]:
@@ -64,6 +68,6 @@ def all_exit_logits(model: nn.Cell, images: np.ndarray, batch: int = 256) -> np.
     """(exits, n, classes) logits of every exit (one for a classifier), in batches with a progress bar."""
     chunks = []
     for start in tqdm(range(0, len(images), batch), desc="MindSpore", unit="batch", leave=False):
-        outputs = exit_logits(model(Tensor(images[start:start + batch])))
+        outputs = model.forward_exits(Tensor(images[start:start + batch]))
         chunks.append(np.stack([o.asnumpy().astype(np.float32) for o in outputs]))
     return np.concatenate(chunks, axis=1)

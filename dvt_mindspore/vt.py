@@ -12,6 +12,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 from mindspore.common.initializer import HeNormal, TruncatedNormal
 
+from dvt_shared.data_config import pretrained_cfg
 from dvt_shared.image_checks import check_image_dtype, check_image_shape
 from dvt_shared.vt import (
     STEM_GEOMETRY,
@@ -21,7 +22,7 @@ from dvt_shared.vt import (
     VTSpec,
 )
 
-from .layers import batch_matmul, matmul_last
+from .layers import batch_matmul, forget_compiled_graphs, matmul_last
 
 _FLOAT_DTYPES = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
 
@@ -219,10 +220,36 @@ def resnet_trunk(trunk: ResNetSpec, in_chans: int, stages: int) -> list[tuple[st
 
 
 class _Trunk(nn.Cell):
+    """The ResNet trunk every VT model starts with, and the parts of timm's model contract they share."""
+
     def _add_trunk(self, config, stages: int) -> None:
         for name, cell in resnet_trunk(config.trunk, config.in_chans, stages):
             setattr(self, name, cell)
         self.stage_names = tuple(f"layer{i}" for i in range(1, stages + 1))
+        self.num_classes = config.num_classes
+        self.pretrained_cfg = pretrained_cfg(config)
+
+    @property
+    def default_cfg(self) -> dict:
+        """timm's older name of `pretrained_cfg`."""
+        return self.pretrained_cfg
+
+    def check_images(self, x) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"images must be a mindspore.Tensor, got {type(x).__name__}")
+        check_image_shape(x.shape, self.config)
+        check_image_dtype(x.dtype, x.dtype in _FLOAT_DTYPES)
+
+    def forward_exits(self, x: Tensor) -> tuple[Tensor]:
+        """The model's one output as a 1-tuple, so that code written for DVT's exits takes it unchanged."""
+        return (self(x),)
+
+    def forward_features(self, x: Tensor):
+        self.check_images(x)
+        return self.features(x)
+
+    def construct(self, x):
+        return self.forward_head(self.features(x))
 
     @property
     def dtype(self):
@@ -238,11 +265,13 @@ class _Trunk(nn.Cell):
 
     def __call__(self, x):
         # Checked here, in Python, so that graph mode compiles only the model itself.
-        if not isinstance(x, Tensor):
-            raise TypeError(f"images must be a mindspore.Tensor, got {type(x).__name__}")
-        check_image_shape(x.shape, self.config)
-        check_image_dtype(x.dtype, x.dtype in _FLOAT_DTYPES)
+        self.check_images(x)
         return super().__call__(x)
+
+
+def _check_num_classes(num_classes) -> None:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+        raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
 
 
 class ResNet(_Trunk):
@@ -254,10 +283,34 @@ class ResNet(_Trunk):
             raise ValueError(f"{config.name} is a {config.family}; build it with VTResNet")
         self.config = config
         self._add_trunk(config, stages=4)
-        self.fc = nn.Dense(config.trunk.stage_channels[3], config.num_classes)
+        self.num_features = self.head_hidden_size = config.trunk.stage_channels[3]
+        self.global_pool = "avg"
+        self.fc = nn.Dense(self.num_features, config.num_classes)
 
-    def construct(self, x):
-        return self.fc(self.run_trunk(x)[-1].mean(axis=(2, 3)))
+    def features(self, x):
+        """layer4's feature map (B, C, H, W)."""
+        return self.run_trunk(x)[-1]
+
+    def forward_head(self, x, pre_logits: bool = False):
+        if self.global_pool == "avg":
+            x = x.mean(axis=(2, 3))
+        if pre_logits:
+            return x
+        return self.fc(x)
+
+    def get_classifier(self) -> nn.Cell:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new `fc` for `num_classes` (an identity for 0); global_pool "" keeps the feature map."""
+        _check_num_classes(num_classes)
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"{self.config.name}: global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.fc = nn.Dense(self.num_features, num_classes) if num_classes else nn.Identity()
+        self.num_classes = num_classes
+        forget_compiled_graphs(self)
 
 
 class VTResNet(_Trunk):
@@ -274,22 +327,52 @@ class VTResNet(_Trunk):
         self.vt = nn.CellList(
             [VTModule(channels, config.vt, recurrent=i > 0, project=i < count - 1) for i in range(count)]
         )
-        self.head = nn.Dense(
-            config.vt.token_dim, config.num_classes, weight_init=TruncatedNormal(sigma=0.02), bias_init="zeros",
-        )
+        self.num_features = self.head_hidden_size = config.vt.token_dim
+        self.global_pool = "avg"
+        self.head = self._new_head(config.num_classes)
 
-    def construct(self, x):
+    def _new_head(self, num_classes: int) -> nn.Cell:
+        if not num_classes:
+            return nn.Identity()
+        return nn.Dense(self.num_features, num_classes, weight_init=TruncatedNormal(sigma=0.02), bias_init="zeros")
+
+    def features(self, x):
+        """The last module's tokens (B, L, C_T)."""
         features = to_positions(self.run_trunk(x)[-1])
         tokens = None
         for module in self.vt:
             features, tokens = module(features, tokens)
-        return self.head(tokens.mean(axis=1))
+        return tokens
+
+    def forward_head(self, tokens, pre_logits: bool = False):
+        """The tokens' average (global_pool "avg"; "" keeps every token), then the linear head."""
+        x = tokens
+        if self.global_pool == "avg":
+            x = tokens.mean(axis=1)
+        if pre_logits:
+            return x
+        return self.head(x)
+
+    def get_classifier(self) -> nn.Cell:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new head for `num_classes` (an identity for 0); global_pool "" keeps every token."""
+        _check_num_classes(num_classes)
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"{self.config.name}: global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.head = self._new_head(num_classes)
+        self.num_classes = num_classes
+        forget_compiled_graphs(self)
 
 
 class VTFPN(_Trunk):
     """ResNet trunk, FPN lateral 1x1 convolutions, VT in place of the FPN's output convolutions.
 
-    `model(x)` returns (logits, levels), as the PyTorch twin does.
+    `model(x)` returns per-pixel logits at stride 4, `forward_features(x)` the four FPN
+    outputs and `forward_head(levels)` the logits, as the PyTorch twin does.
     """
 
     def __init__(self, config: VTFPNConfig):
@@ -301,11 +384,13 @@ class VTFPN(_Trunk):
         self.tokenizers = nn.CellList([FilterTokenizer(channels, vt) for _ in range(config.num_levels)])
         self.transformer = VTTransformer(vt)
         self.projectors = nn.CellList([Projector(channels, vt) for _ in range(config.num_levels)])
+        self.num_features = self.head_hidden_size = channels
         self.classifier = _conv(channels, config.num_classes, 1, bias=True)
         self.own_level = config.projector_tokens == "own_level"
         self.level_tokens = vt.tokens
 
-    def construct(self, x):
+    def features(self, x):
+        """The four FPN outputs (B, fpn_channels, h, w), finest first."""
         features = self.run_trunk(x)
         maps = ()
         tokens = ()
@@ -322,11 +407,29 @@ class VTFPN(_Trunk):
                 level_tokens = tokens[:, index * self.level_tokens:(index + 1) * self.level_tokens]
             projected = self.projectors[index](to_positions(maps[index]), level_tokens)
             levels = levels + (to_map(projected, height, width),)
+        return levels
+
+    def forward_head(self, levels, pre_logits: bool = False):
+        """The levels summed at the finest one's size (nearest upsampling), then the 1x1 classifier."""
         finest = (levels[0].shape[2], levels[0].shape[3])
         merged = levels[0]
         for level in levels[1:]:
             merged = merged + ops.interpolate(level, size=finest, mode="nearest")
-        return self.classifier(merged), levels
+        if pre_logits:
+            return merged
+        return self.classifier(merged)
+
+    def get_classifier(self) -> nn.Cell:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new 1x1 classifier for `num_classes` (an identity for 0: the model then returns the merged map)."""
+        _check_num_classes(num_classes)
+        if global_pool:
+            raise ValueError(f"{self.config.name} predicts per pixel: it has no global pool, got {global_pool!r}")
+        self.classifier = _conv(self.num_features, num_classes, 1, bias=True) if num_classes else nn.Identity()
+        self.num_classes = num_classes
+        forget_compiled_graphs(self)
 
 
 def exit_logits(outputs) -> tuple[Tensor, ...]:

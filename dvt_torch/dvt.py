@@ -11,6 +11,7 @@ from torch import nn
 
 from dvt_shared.cascade import ReuseState, run_stage
 from dvt_shared.configs import DVTConfig
+from dvt_shared.data_config import pretrained_cfg
 from dvt_shared.image_checks import check_finite, check_image_dtype, check_image_shape
 from dvt_shared.token_schedule import resample_matrix_1d, sinusoid_table
 
@@ -88,11 +89,11 @@ class DVTStage(nn.Module):
         mixed = resample_relations(self.relation_reuse_conv(relations), self.resample_t)
         return mixed.chunk(self.depth, dim=1)
 
-    def forward(
+    def forward_features(
         self, x: torch.Tensor, features: torch.Tensor | None = None, relations: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(logits, features, relations): the last two are what the next stage reuses, None where it
-        reuses nothing (and after the last stage)."""
+        """(normalised tokens (B, N, D) with the class token first, features, relations): the last two
+        are what the next stage reuses, None where it reuses nothing (and after the last stage)."""
         x = self.embed(x)
         biases = self.relation_biases(relations) if self.relation_reuse else (None,) * self.depth
         reused = features if self.feature_reuse else None
@@ -100,18 +101,33 @@ class DVTStage(nn.Module):
         for block, bias in zip(self.blocks, biases):
             x, block_logits = block(x, reused, self.resample_t if self.feature_reuse else None, bias)
             logits.append(block_logits)
-        out = self.head(self.norm(x)[:, 0])
         next_features = x if self.keep_features else None
         next_relations = torch.cat(logits, dim=1) if self.keep_relations else None
-        return out, next_features, next_relations
+        return self.norm(x), next_features, next_relations
+
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The class token's logits (or the class token itself, `pre_logits`)."""
+        return tokens[:, 0] if pre_logits else self.head(tokens[:, 0])
+
+    def forward(
+        self, x: torch.Tensor, features: torch.Tensor | None = None, relations: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(logits, features, relations): the stage contract of `dvt_shared.cascade`."""
+        tokens, next_features, next_relations = self.forward_features(x, features, relations)
+        return self.forward_head(tokens), next_features, next_relations
 
 
 class DVT(nn.Module):
-    """The cascade. `model(x)` returns the per-exit logits, fewest tokens first.
+    """The cascade, with timm's model contract.
 
-    `forward_stage(k, x, state)` runs exit k alone given what exit k-1 returned; real
-    early exit is built on it.
+    `model.forward_exits(x)` returns the per-exit logits, fewest tokens first (the release's
+    output). `model(x)` returns them too in training mode (the loss needs every exit); in
+    eval mode it returns the last exit's logits alone, the prediction of the whole cascade
+    that every timm user expects from one tensor. `forward_stage(k, x, state)` runs exit k
+    alone given what exit k-1 returned; real early exit (`AdaptiveDVT`) is built on it.
     """
+
+    output_fmt = "NLC"
 
     def __init__(self, config: DVTConfig):
         super().__init__()
@@ -119,6 +135,15 @@ class DVT(nn.Module):
         self.stage_names = tuple(stage.name for stage in config.stages)
         for index, name in enumerate(self.stage_names):
             self.add_module(name, DVTStage(config, index))
+        self.num_classes = config.num_classes
+        self.num_features = self.head_hidden_size = config.embed_dim
+        self.global_pool = "token"
+        self.pretrained_cfg = pretrained_cfg(config)
+
+    @property
+    def default_cfg(self) -> dict:
+        """timm's older name of `pretrained_cfg`."""
+        return self.pretrained_cfg
 
     @property
     def num_exits(self) -> int:
@@ -145,13 +170,52 @@ class DVT(nn.Module):
         """`forward_stage` without input checks, for callers that validated the batch once."""
         return run_stage(self.stage(index), x, state)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward_exits(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every exit's logits, fewest tokens first, in any mode."""
         check_images(x, self.config, self.dtype)
         outputs, state = [], None
         for index in range(self.num_exits):
             logits, state = self.run_stage(index, x, state)
             outputs.append(logits)
         return tuple(outputs)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's normalised tokens (B, N, D), class token first; the earlier stages run for their reuse."""
+        check_images(x, self.config, self.dtype)
+        state = None
+        for index in range(self.num_exits - 1):
+            _, state = self.run_stage(index, x, state)
+        last = self.stage(self.num_exits - 1)
+        state = state or ReuseState(None, None)
+        return last.forward_features(x, state.features, state.relations)[0]
+
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The last exit's logits of `forward_features`' tokens (its class token, `pre_logits`)."""
+        return self.stage(self.num_exits - 1).forward_head(tokens, pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        outputs = self.forward_exits(x)
+        return outputs if self.training else outputs[-1]
+
+    def get_classifier(self) -> tuple[nn.Module, ...]:
+        """Every exit's head, first exit first (timm's distilled models also return a tuple)."""
+        return tuple(self.stage(index).head for index in range(self.num_exits))
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New heads for `num_classes` on every exit (identities for 0: the model then returns class tokens)."""
+        if global_pool not in (None, "token"):
+            raise ValueError(f"{self.config.name} reads its class token: global_pool must be 'token', got {global_pool!r}")
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+            raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
+        for index in range(self.num_exits):
+            stage = self.stage(index)
+            device, dtype = stage.cls_token.device, stage.cls_token.dtype
+            head = nn.Linear(self.num_features, num_classes, device=device, dtype=dtype) if num_classes else nn.Identity()
+            head.apply(init_weights)
+            stage.head = head
+        self.num_classes = num_classes
+        if num_classes:
+            self.config = self.config.replace(num_classes=num_classes)
 
 
 def multi_exit_loss(

@@ -409,7 +409,8 @@ def evaluate(model: torch.nn.Module, batches, device: torch.device, num_exits: i
     for images, labels in batches:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast():
-            outputs = exit_logits(model(images))
+            # DistributedDataParallel holds the model as `.module`; evaluation needs no gradient sync.
+            outputs = getattr(model, "module", model).forward_exits(images)
         correct += torch.stack([(o.argmax(dim=1) == labels).sum() for o in outputs]).cpu()
         seen += labels.numel()
     correct, seen = _all_reduce(dist_ctx, correct, seen)

@@ -11,10 +11,11 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from timm.layers import SelectAdaptivePool2d, trunc_normal_
 from timm.models.resnet import BasicBlock, Bottleneck, make_blocks
 from torch import nn
 
+from dvt_shared.data_config import pretrained_cfg
 from dvt_shared.image_checks import check_image_dtype, check_image_shape
 from dvt_shared.vt import (
     STEM_GEOMETRY,
@@ -170,11 +171,31 @@ def check_vt_images(x: torch.Tensor, config: VTResNetConfig | VTFPNConfig) -> No
     check_image_dtype(x.dtype, x.is_floating_point())
 
 
+def feature_info(trunk: ResNetSpec, stages: int) -> list[dict]:
+    """timm's feature_info of a trunk: the stem's activation and every stage, in module order (for features_only)."""
+    (_, conv_stride, _), pool = STEM_GEOMETRY[trunk.stem]
+    stem = conv_stride * (pool[1] if pool else 1)
+    return [dict(num_chs=trunk.stem_width, reduction=conv_stride, module="act1")] + [
+        dict(num_chs=channels, reduction=stem * 2 ** index, module=f"layer{index + 1}")
+        for index, channels in enumerate(trunk.stage_channels[:stages])
+    ]
+
+
 class _Trunk(nn.Module):
+    """The ResNet trunk every VT model starts with, and the parts of timm's model contract they share."""
+
     def _add_trunk(self, config, stages: int) -> None:
         for name, module in resnet_trunk(config.trunk, config.in_chans, stages):
             self.add_module(name, module)
         self.trunk_stages = stages
+        self.num_classes = config.num_classes
+        self.pretrained_cfg = pretrained_cfg(config)
+        self.feature_info = feature_info(config.trunk, stages)
+
+    @property
+    def default_cfg(self) -> dict:
+        """timm's older name of `pretrained_cfg`."""
+        return self.pretrained_cfg
 
     def run_trunk(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every stage's output."""
@@ -184,6 +205,18 @@ class _Trunk(nn.Module):
             x = getattr(self, f"layer{index}")(x)
             outputs.append(x)
         return outputs
+
+    def forward_exits(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        """The model's one output as a 1-tuple, so that code written for DVT's exits takes it unchanged."""
+        return (self(x),)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _check_num_classes(num_classes) -> None:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+        raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
 
 
 class ResNet(_Trunk):
@@ -195,17 +228,36 @@ class ResNet(_Trunk):
             raise ValueError(f"{config.name} is a {config.family}; build it with VTResNet")
         self.config = config
         self._add_trunk(config, stages=4)
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(config.trunk.stage_channels[3], config.num_classes)
+        self.num_features = self.head_hidden_size = config.trunk.stage_channels[3]
+        self.global_pool = SelectAdaptivePool2d(pool_type="avg", flatten=True)
+        self.fc = nn.Linear(self.num_features, config.num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """layer4's feature map (B, C, H, W)."""
         check_vt_images(x, self.config)
-        return self.fc(self.global_pool(self.run_trunk(x)[-1]).flatten(1))
+        return self.run_trunk(x)[-1]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        return x if pre_logits else self.fc(x)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new `fc` for `num_classes` (an identity for 0); global_pool "" keeps the feature map."""
+        _check_num_classes(num_classes)
+        if global_pool is not None:
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        self.num_classes = num_classes
 
 
 class VTResNet(_Trunk):
     """A ResNet's first three stages, VT modules at the third stage's resolution, and a
     head that averages the last module's tokens and applies a linear map."""
+
+    output_fmt = "NLC"
 
     def __init__(self, config: VTResNetConfig):
         super().__init__()
@@ -217,9 +269,17 @@ class VTResNet(_Trunk):
         self.vt = nn.ModuleList(
             VTModule(channels, config.vt, recurrent=i > 0, project=i < count - 1) for i in range(count)
         )
-        self.head = nn.Linear(config.vt.token_dim, config.num_classes)
-        trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        self.num_features = self.head_hidden_size = config.vt.token_dim
+        self.global_pool = "avg"
+        self.head = self._new_head(config.num_classes)
+
+    def _new_head(self, num_classes: int) -> nn.Module:
+        if not num_classes:
+            return nn.Identity()
+        head = nn.Linear(self.num_features, num_classes)
+        trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+        return head
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """The last module's tokens (B, L, C_T)."""
@@ -228,16 +288,35 @@ class VTResNet(_Trunk):
             features, tokens = module(features, tokens)
         return tokens
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last module's tokens (B, L, C_T)."""
         check_vt_images(x, self.config)
-        return self.head(self.forward_tokens(x).mean(dim=1))
+        return self.forward_tokens(x)
+
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The tokens' average (global_pool "avg"; "" keeps every token), then the linear head."""
+        x = tokens.mean(dim=1) if self.global_pool == "avg" else tokens
+        return x if pre_logits else self.head(x)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new head for `num_classes` (an identity for 0); global_pool "" keeps every token."""
+        _check_num_classes(num_classes)
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"{self.config.name}: global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.head = self._new_head(num_classes)
+        self.num_classes = num_classes
 
 
 class VTFPN(_Trunk):
     """ResNet trunk, FPN lateral 1x1 convolutions, VT in place of the FPN's output convolutions.
 
-    `model(x)` returns (logits, levels): per-pixel logits at stride 4 and the four FPN
-    outputs (B, fpn_channels, h, w), finest first.
+    `model(x)` returns per-pixel logits at stride 4; `forward_features(x)` returns the four
+    FPN outputs (B, fpn_channels, h, w), finest first, and `forward_head(levels)` the logits.
     """
 
     def __init__(self, config: VTFPNConfig):
@@ -249,9 +328,11 @@ class VTFPN(_Trunk):
         self.tokenizers = nn.ModuleList(FilterTokenizer(channels, vt) for _ in range(config.num_levels))
         self.transformer = VTTransformer(vt)
         self.projectors = nn.ModuleList(Projector(channels, vt) for _ in range(config.num_levels))
+        self.num_features = self.head_hidden_size = channels
         self.classifier = nn.Conv2d(channels, config.num_classes, 1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The four FPN outputs (B, fpn_channels, h, w), finest first."""
         check_vt_images(x, self.config)
         maps = [lateral(f) for lateral, f in zip(self.lateral, self.run_trunk(x))]
         positions = [to_positions(m) for m in maps]
@@ -260,15 +341,29 @@ class VTFPN(_Trunk):
             level_tokens = tokens.split(self.config.vt.tokens, dim=1)
         else:
             level_tokens = (tokens,) * self.config.num_levels
-        levels = tuple(
+        return tuple(
             to_map(projector(p, t), *m.shape[-2:])
             for projector, p, t, m in zip(self.projectors, positions, level_tokens, maps)
         )
+
+    def forward_head(self, levels: tuple[torch.Tensor, ...], pre_logits: bool = False) -> torch.Tensor:
+        """The levels summed at the finest one's size (nearest upsampling), then the 1x1 classifier."""
         finest = levels[0].shape[-2:]
         merged = levels[0]
         for level in levels[1:]:
             merged = merged + F.interpolate(level, size=finest, mode="nearest")
-        return self.classifier(merged), levels
+        return merged if pre_logits else self.classifier(merged)
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new 1x1 classifier for `num_classes` (an identity for 0: the model then returns the merged map)."""
+        _check_num_classes(num_classes)
+        if global_pool:
+            raise ValueError(f"{self.config.name} predicts per pixel: it has no global pool, got {global_pool!r}")
+        self.classifier = nn.Conv2d(self.num_features, num_classes, 1) if num_classes else nn.Identity()
+        self.num_classes = num_classes
 
 
 def exit_logits(outputs) -> tuple[torch.Tensor, ...]:

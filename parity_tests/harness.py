@@ -93,13 +93,13 @@ def images(config: DVTConfig, batch: int, seed: int) -> np.ndarray:
 def torch_outputs(model: TorchDVT, x: np.ndarray, device: str = "cpu") -> list[np.ndarray]:
     model = model.to(device)
     with torch.no_grad():
-        outputs = model(torch.from_numpy(x).to(device))
+        outputs = model.forward_exits(torch.from_numpy(x).to(device))
     model.to("cpu")
     return [o.cpu().numpy() for o in outputs]
 
 
 def mindspore_outputs(model: MsDVT, x: np.ndarray) -> list[np.ndarray]:
-    return [o.asnumpy() for o in model(ms.Tensor(x))]
+    return [o.asnumpy() for o in model.forward_exits(ms.Tensor(x))]
 
 
 def _named_outputs(name: str, output) -> list[tuple[str, np.ndarray]]:

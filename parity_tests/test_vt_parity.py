@@ -67,11 +67,13 @@ def images(config, batch: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch, config.in_chans, *size)).astype(np.float32)
 
 
-def named_outputs(config, outputs) -> list[tuple[str, np.ndarray]]:
+def named_outputs(config, model, x) -> list[tuple[str, np.ndarray]]:
+    """The logits, and for VT-FPN every level of `forward_features` as well."""
     if isinstance(config, VTFPNConfig):
-        logits, levels = outputs
-        return [("logits", logits)] + [(f"level {i} (stride {4 << i})", level) for i, level in enumerate(levels)]
-    return [("logits", outputs)]
+        levels = model.forward_features(x)
+        named = [(f"level {i} (stride {4 << i})", level) for i, level in enumerate(levels)]
+        return [("logits", model.forward_head(levels))] + named
+    return [("logits", model(x))]
 
 
 def _arrays(value) -> list:
@@ -116,9 +118,9 @@ def test_vt_outputs(name, target):
     x = images(config, BATCH, seed=1)
     torch_model.to(target.torch_device)
     with torch.no_grad():
-        reference = named_outputs(config, torch_model(torch.from_numpy(x).to(target.torch_device)))
+        reference = named_outputs(config, torch_model, torch.from_numpy(x).to(target.torch_device))
     torch_model.to("cpu")
-    ours = named_outputs(config, ms_model(ms.Tensor(x)))
+    ours = named_outputs(config, ms_model, ms.Tensor(x))
     tolerance = target.logits_small
     failures = []
     for (label, theirs), (_, mine) in zip(reference, ours):

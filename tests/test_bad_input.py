@@ -3,7 +3,7 @@ names the problem (expected vs received where there is one).
 
 Model cases run once per backend (PyTorch eager, MindSpore graph mode; images also on the
 ONNX Runtime engine); file, exit-policy and command-line cases once. Covered elsewhere and
-not repeated here: unknown model names (test_torch_model, test_mindspore_model), missing,
+not repeated here: unknown model names (test_dvt_model), missing,
 extra and mis-shaped tensors listed at once (test_convert), truncated or corrupt
 safetensors and .pth files (test_weight_format, test_checkpoint), a shipped weight file
 whose sha256 differs from weights/manifest.json (test_shipped_weights), budgets outside
@@ -16,18 +16,14 @@ import json
 import os
 from pathlib import Path
 
-import mindspore as ms
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import dvt_mindspore
 import dvt_torch
 from dvt_cli import CommandError, main
 from dvt_mindspore import checkpoint as ms_checkpoint
-from dvt_mindspore import convert as ms_convert
-from dvt_mindspore.engine import AdaptiveDVT as MsAdaptiveDVT
 from dvt_mindspore.export import MindIRAdaptiveDVT
 from dvt_shared import StageSpec, StemSpec, get_config, softmax
 from dvt_shared.datasets import FASHION_MNIST_FILES, write_idx
@@ -36,7 +32,6 @@ from dvt_shared.flops import exit_gflops
 from dvt_shared.io_utils import sha256_file
 from dvt_shared.weight_format import WeightMetadata, save_canonical
 from dvt_torch import convert as torch_convert
-from dvt_torch.engine import AdaptiveDVT
 from dvt_onnx import OnnxAdaptiveDVT
 from dvt_torch.export import export_onnx
 
@@ -50,84 +45,12 @@ def torch_model():
     return dvt_torch.DVT(CONFIG).eval()
 
 
-class TorchBackend:
-    name = "torch"
-    convert = torch_convert
-
-    def __init__(self, model):
-        self.model = model
-
-    @staticmethod
-    def tensor(array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array)
-
-    @staticmethod
-    def build(config):
-        return dvt_torch.DVT(config)
-
-    @staticmethod
-    def create_model(name, **overrides):
-        return dvt_torch.create_model(name, **overrides)
-
-    def logits(self, x) -> list[np.ndarray]:
-        with torch.no_grad():
-            return [o.numpy() for o in self.model(x)]
-
-    def engine(self, thresholds, **kwargs):
-        return AdaptiveDVT(self.model, thresholds, **kwargs)
-
-    def layouts(self, images: np.ndarray) -> dict:
-        """The same images held in other memory layouts."""
-        x = torch.from_numpy(images)
-        wide = torch.zeros(*images.shape[:3], 2 * images.shape[3])
-        wide[..., ::2] = x
-        return {"channels-last": x.to(memory_format=torch.channels_last), "strided view": wide[..., ::2],
-                "transposed view": x.transpose(2, 3).contiguous().transpose(2, 3)}
-
-
-class MindSporeBackend:
-    name = "mindspore"
-    convert = ms_convert
-
-    def __init__(self, torch_model):
-        self.model = ms_convert.from_canonical(dvt_mindspore.DVT(CONFIG), torch_convert.to_canonical(torch_model))
-        # In graph mode an engine compiles each stage once for any batch size; every run below reuses them.
-        self.engine(THRESHOLDS)
-
-    @staticmethod
-    def tensor(array: np.ndarray) -> ms.Tensor:
-        return ms.Tensor(array)
-
-    @staticmethod
-    def build(config):
-        return dvt_mindspore.DVT(config)
-
-    @staticmethod
-    def create_model(name, **overrides):
-        return dvt_mindspore.create_model(name, **overrides)
-
-    def logits(self, x) -> list[np.ndarray]:
-        ms.set_context(mode=ms.GRAPH_MODE)  # the root conftest restores PyNative after every test
-        out, state = [], None
-        for index in range(self.model.num_exits):
-            logits, state = self.model.forward_stage(index, x, state)
-            out.append(logits.asnumpy())
-        return out
-
-    def engine(self, thresholds, **kwargs):
-        ms.set_context(mode=ms.GRAPH_MODE)
-        return MsAdaptiveDVT(self.model, thresholds, **kwargs)
-
-    def layouts(self, images: np.ndarray) -> dict:
-        nhwc = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
-        return {"channels-last": ms.Tensor(nhwc.transpose(0, 3, 1, 2)),
-                "strided view": ms.Tensor(np.repeat(images, 2, axis=3)[..., ::2]),
-                "transposed view": ms.Tensor(nhwc).transpose(0, 3, 1, 2)}
-
-
-@pytest.fixture(params=["torch", "mindspore"], scope="module")
-def backend(request, torch_model):
-    return TorchBackend(torch_model) if request.param == "torch" else MindSporeBackend(torch_model)
+@pytest.fixture(scope="module")
+def model(backend, torch_model):
+    """`torch_model`'s weights in `backend`; in MindSpore graph mode its engine's stages compile once for any batch size."""
+    twin = backend.twin(torch_model)
+    backend.engine(twin, THRESHOLDS)
+    return twin
 
 
 def images(count: int = 3, seed: int = 0) -> np.ndarray:
@@ -159,11 +82,11 @@ BAD_IMAGES = {
 
 
 @pytest.mark.parametrize("case", BAD_IMAGES, ids=str)
-def test_bad_images_are_refused_by_every_entry_point(backend, case):
+def test_bad_images_are_refused_by_every_entry_point(backend, model, case):
     make, error, message = BAD_IMAGES[case]
     x = backend.tensor(make())
-    for entry in (lambda: backend.model(x), lambda: backend.model.forward_stage(0, x),
-                  lambda: backend.engine(THRESHOLDS).predict(x)):
+    for entry in (lambda: model(x), lambda: model.forward_exits(x), lambda: model.forward_stage(0, x),
+                  lambda: backend.engine(model, THRESHOLDS).predict(x)):
         with pytest.raises(error, match=message):
             entry()
 
@@ -182,10 +105,10 @@ def test_bad_images_are_refused_by_the_onnx_engine(onnx_dir, case):
         OnnxAdaptiveDVT(onnx_dir, THRESHOLDS).predict(make())
 
 
-def test_images_must_be_a_tensor(backend):
+def test_images_must_be_a_tensor(backend, model):
     expected = "torch.Tensor" if backend.name == "torch" else "mindspore.Tensor"
     with pytest.raises(TypeError, match=f"images must be a {expected}, got list"):
-        backend.model(images().tolist())
+        model(images().tolist())
 
 
 def test_onnx_engine_images_must_be_a_numpy_array(onnx_dir):
@@ -193,22 +116,23 @@ def test_onnx_engine_images_must_be_a_numpy_array(onnx_dir):
         OnnxAdaptiveDVT(onnx_dir, THRESHOLDS).predict(torch.zeros(1, 1, 28, 28))
 
 
-def test_other_memory_layouts_give_the_same_logits(backend):
+def test_other_memory_layouts_give_the_same_logits(backend, model):
+    backend.mode(backend.modes[-1])  # MindSpore: graph mode
     x = images(4, seed=1)
-    expected = backend.logits(backend.tensor(x))
-    reference = backend.engine(THRESHOLDS).predict(backend.tensor(x))
+    expected = backend.exits(model, backend.tensor(x))
+    reference = backend.engine(model, THRESHOLDS).predict(backend.tensor(x))
     for layout, other in backend.layouts(x).items():
-        for got, want in zip(backend.logits(other), expected):
+        for got, want in zip(backend.exits(model, other), expected):
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=layout)
-        prediction = backend.engine(THRESHOLDS).predict(other)
+        prediction = backend.engine(model, THRESHOLDS).predict(other)
         np.testing.assert_array_equal(prediction.exit_index, reference.exit_index, err_msg=layout)
         np.testing.assert_allclose(prediction.logits, reference.logits, rtol=0, atol=1e-6, err_msg=layout)
 
 
-def test_a_batch_larger_than_max_batch_goes_through_in_chunks(backend):
+def test_a_batch_larger_than_max_batch_goes_through_in_chunks(backend, model):
     """A batch too large to run at once never reaches a stage whole: it is cut into max_batch chunks."""
     x = backend.tensor(images(37, seed=2))
-    engine = backend.engine([0.5, 0.5, -1e8], max_batch=8)
+    engine = backend.engine(model, [0.5, 0.5, -1e8], max_batch=8)
     seen = []
     run_stage = engine._run_stage
 
@@ -219,20 +143,21 @@ def test_a_batch_larger_than_max_batch_goes_through_in_chunks(backend):
     engine._run_stage = counting
     chunked = engine.predict(x)
     assert seen and max(seen) <= 8
-    whole = backend.engine([0.5, 0.5, -1e8], max_batch=64).predict(x)
+    whole = backend.engine(model, [0.5, 0.5, -1e8], max_batch=64).predict(x)
     np.testing.assert_array_equal(chunked.exit_index, whole.exit_index)
     np.testing.assert_allclose(chunked.logits, whole.logits, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("max_batch", [0, -4, 2.5, True])
-def test_max_batch_must_be_a_positive_integer(backend, max_batch):
+def test_max_batch_must_be_a_positive_integer(backend, model, max_batch):
     with pytest.raises(ValueError, match=f"max_batch must be an integer >= 1, got {max_batch!r}"):
-        backend.engine(THRESHOLDS, max_batch=max_batch)
+        backend.engine(model, THRESHOLDS, max_batch=max_batch)
 
 
 # --- models and weights ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("num_classes", [0, -3])
+# 0 is timm's "no classifier" (tests/test_timm_contract.py).
+@pytest.mark.parametrize("num_classes", [-3, 1.5])
 def test_class_count_must_be_positive(backend, num_classes):
     with pytest.raises(ValueError, match=f"num_classes must be a positive integer, got {num_classes}"):
         backend.create_model("dvt_t2t_vit_fmnist", num_classes=num_classes)
@@ -371,9 +296,9 @@ def test_broken_export_folders_are_named(tmp_path, fmt, damage, error, message):
     ([0.5, 0.5, 0.5, -1e8], r"one per exit, got \(4,\)"),
     ([0.5, float("nan"), -1e8], "thresholds must not be NaN"),
 ], ids=["too few", "too many", "NaN"])
-def test_bad_thresholds_are_refused(backend, thresholds, message):
+def test_bad_thresholds_are_refused(backend, model, thresholds, message):
     with pytest.raises(ValueError, match=message):
-        backend.engine(thresholds)
+        backend.engine(model, thresholds)
 
 
 CALIBRATION = softmax(np.random.default_rng(3).normal(size=(3, 40, 10)))

@@ -63,7 +63,7 @@ def spread_thresholds(weights, images) -> str:
     tensors, metadata = load_canonical(weights)
     model = from_canonical(DVT(metadata.config), tensors).eval()
     with torch.inference_mode():
-        logits = model(torch.from_numpy(load_images(images, metadata.config)))
+        logits = model.forward_exits(torch.from_numpy(load_images(images, metadata.config)))
     conf = confidences(softmax(np.stack([o.numpy() for o in logits])))
     first = np.sort(conf[0])[::-1]
     half = len(first) // 2

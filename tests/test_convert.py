@@ -82,13 +82,9 @@ def broken(tensors: dict) -> dict:
     return tensors
 
 
-@pytest.mark.parametrize("backend", ["torch", "mindspore"])
 def test_load_errors_name_every_bad_tensor_and_load_nothing(backend):
     canonical = torch_convert.to_canonical(torch_model())
-    if backend == "torch":
-        model, convert = torch_model(seed=3), torch_convert
-    else:
-        model, convert = dvt_mindspore.DVT(CONFIG), ms_convert
+    model, convert = backend.build(CONFIG), backend.convert
     before = convert.to_canonical(model)
     with pytest.raises(ValueError) as info:
         convert.from_canonical(model, broken(canonical), source="broken.safetensors")

@@ -27,42 +27,16 @@ def sharp_tiny_model(seed=0):
     return model
 
 
-class TorchBackend:
-    name = "torch"
-    logits_tolerance = 1e-5  # same kernels, other batch compositions
-
-    def engine(self, model, thresholds, **kwargs):
-        return AdaptiveDVT(model, thresholds, **kwargs)
-
-    def images(self, x: torch.Tensor):
-        return x
+# How far an engine's logits may be from PyTorch's all-exit run of the same images.
+LOGITS_TOLERANCE = {
+    "torch": 1e-5,  # same kernels, other batch compositions
+    "mindspore": 1e-4,  # other kernels on these deliberately large weights; parity_tests bound the rest
+}
 
 
-class MindSporeBackend:
-    name = "mindspore"
-    logits_tolerance = 1e-4  # other kernels on these deliberately large weights; parity_tests bound the rest
-
-    def engine(self, model, thresholds, **kwargs):
-        import mindspore as ms
-
-        import dvt_mindspore
-        from dvt_mindspore.convert import from_canonical
-        from dvt_mindspore.engine import AdaptiveDVT as MsAdaptiveDVT
-        from dvt_torch.convert import to_canonical
-
-        ms.set_context(mode=ms.GRAPH_MODE)
-        twin = from_canonical(dvt_mindspore.DVT(model.config), to_canonical(model))
-        return MsAdaptiveDVT(twin, thresholds, **kwargs)
-
-    def images(self, x: torch.Tensor):
-        import mindspore as ms
-
-        return ms.Tensor(x.numpy())
-
-
-@pytest.fixture(params=[TorchBackend(), MindSporeBackend()], ids=lambda b: b.name, scope="module")
-def backend(request):
-    return request.param
+def engine(backend, model, thresholds, **kwargs):
+    """`backend`'s engine over a twin of the PyTorch `model` (MindSpore: graph mode)."""
+    return backend.engine(backend.twin(model), thresholds, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +44,7 @@ def case():
     model = sharp_tiny_model()
     images = torch.randn(300, 1, 28, 28)
     with torch.no_grad():
-        all_exit = np.stack([o.numpy() for o in model(images)])
+        all_exit = np.stack([o.numpy() for o in model.forward_exits(images)])
     probs = softmax(all_exit, axis=-1)
     thresholds = find_thresholds(probs, np.array([0.45, 0.3, 0.25], dtype=np.float32))
     return model, images, all_exit, probs, thresholds
@@ -80,7 +54,7 @@ def test_decisions_equal_shared_policy(case, backend):
     model, images, all_exit, probs, thresholds = case
     expected = exit_indices(probs, thresholds)
     assert set(np.unique(expected)) == {0, 1, 2}, "thresholds must use every exit"
-    got = backend.engine(model, thresholds, max_batch=128).predict(backend.images(images))
+    got = engine(backend, model, thresholds, max_batch=128).predict(backend.tensor(images.numpy()))
     conf = probs.max(-1)
     borderline = np.zeros(len(images), dtype=bool)
     for k in range(2):
@@ -90,18 +64,18 @@ def test_decisions_equal_shared_policy(case, backend):
           f"mismatched {mismatched.sum()}")
     assert not (mismatched & ~borderline).any()
     rows = np.arange(len(images))
-    np.testing.assert_allclose(got.logits, all_exit[got.exit_index, rows], rtol=0, atol=backend.logits_tolerance)
-    np.testing.assert_allclose(got.confidence, conf[got.exit_index, rows], rtol=0, atol=backend.logits_tolerance)
+    np.testing.assert_allclose(got.logits, all_exit[got.exit_index, rows], rtol=0, atol=LOGITS_TOLERANCE[backend.name])
+    np.testing.assert_allclose(got.confidence, conf[got.exit_index, rows], rtol=0, atol=LOGITS_TOLERANCE[backend.name])
     np.testing.assert_array_equal(got.macs, np.asarray(cumulative_flops(model.config))[got.exit_index])
 
 
 def test_batch_of_one_streams_the_same(case, backend):
     model, images, _, _, thresholds = case
-    engine = backend.engine(model, thresholds)
-    batched = engine.predict(backend.images(images[:40]))
-    single = [engine.predict(backend.images(images[i:i + 1])) for i in range(40)]
+    streaming = engine(backend, model, thresholds)
+    batched = streaming.predict(backend.tensor(images[:40].numpy()))
+    single = [streaming.predict(backend.tensor(images[i:i + 1].numpy())) for i in range(40)]
     np.testing.assert_array_equal(batched.exit_index, [p.exit_index[0] for p in single])
-    np.testing.assert_allclose(batched.logits, np.concatenate([p.logits for p in single]), atol=backend.logits_tolerance)
+    np.testing.assert_allclose(batched.logits, np.concatenate([p.logits for p in single]), atol=LOGITS_TOLERANCE[backend.name])
 
 
 def test_work_really_stops():
@@ -123,7 +97,7 @@ def test_nan_logits_are_reported_not_assigned(backend):
     model = sharp_tiny_model()
     images = torch.randn(4, 1, 28, 28)
     images[2] = images[2].sign() * 3e38  # finite, but the first norm's variance overflows
-    got = backend.engine(model, [0.5, 0.5, -1e8]).predict(backend.images(images))
+    got = engine(backend, model, [0.5, 0.5, -1e8]).predict(backend.tensor(images.numpy()))
     assert np.isnan(got.confidence[2]) and got.exit_index[2] == -1 and got.undecided == 1
     assert (got.exit_index[[0, 1, 3]] >= 0).all()
 
