@@ -27,7 +27,7 @@ from .layers import TokenPerformer
 
 __all__ = [
     "AdaptiveDVT", "DEFAULT_GEARS", "MindSporeEngine", "PRECISIONS", "Prediction", "StageGraph",
-    "stage_inputs", "mixed_precision",
+    "all_exit_logits", "mixed_precision", "stage_inputs",
 ]
 
 # Measured with benchmarks/early_exit.py (README): static gears run faster than the dynamic axis.
@@ -91,6 +91,16 @@ def mixed_precision(graph: nn.Cell, precision: str) -> nn.Cell:
             cell.to_float(ms.float32)
     # Operator-level lists: MatMul/BatchMatMul/Conv2D/Dense in fp16; LayerNorm, Softmax, Exp, sums in fp32.
     return ms.amp.auto_mixed_precision(graph, "auto", dtype=ms.float16)
+
+
+def all_exit_logits(model: DVT, images: Tensor, precision: str = "fp32") -> tuple[Tensor, ...]:
+    """Float32 logits of every exit at `precision`, stage by stage (the mirror of dvt_torch's)."""
+    check_images(images, model.config, model.dtype)
+    outputs, state = [], ()
+    for index in range(model.num_exits):
+        logits, *state = mixed_precision(StageGraph(model, index), precision)(images, *state)
+        outputs.append(logits)
+    return tuple(outputs)
 
 
 class MindSporeEngine(AdaptiveEngine):
