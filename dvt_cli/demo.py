@@ -39,7 +39,8 @@ def shipped_weights(role: str) -> tuple[Path, dict]:
 
 
 def speedup(path: Path, images: np.ndarray, thresholds) -> list[dict]:
-    """Wall time of every exit on every image vs the early-exit engine, PyTorch and MindSpore graph."""
+    """Wall time of every exit on every image vs the early-exit engine: PyTorch fp32 and bf16,
+    MindSpore graph fp32 and fp16 (each through the same stages as its engine)."""
     import mindspore as ms
     import torch
 
@@ -56,34 +57,35 @@ def speedup(path: Path, images: np.ndarray, thresholds) -> list[dict]:
     rows = []
     model = torch_model(config, tensors)
     chunks = [torch.from_numpy(images[s:s + batch]) for s in range(0, len(images), batch)]
-    engine = AdaptiveDVT(model, thresholds)
-
-    def every_exit():
-        with torch.inference_mode():
-            for x in chunks:
-                model(x)
-
-    rows.append(_timed("PyTorch eager", every_exit, lambda: [engine.predict(x) for x in chunks], config, engine))
+    for precision in ("fp32", "bf16"):
+        rows.append(_timed(f"PyTorch {precision}", AdaptiveDVT(model, thresholds, precision=precision), chunks))
     ms.set_context(mode=ms.GRAPH_MODE)
     ms_model = ms_from_canonical(MsDVT(config), tensors)
-    ms_model.set_train(False)
     ms_chunks = [ms.Tensor(images[s:s + batch]) for s in range(0, len(images), batch)]
-    ms_engine = MsAdaptiveDVT(ms_model, thresholds)
-    rows.append(_timed("MindSpore graph", lambda: [ms_model(x)[-1].asnumpy() for x in ms_chunks],
-                       lambda: [ms_engine.predict(x) for x in ms_chunks], config, ms_engine))
+    for precision in ("fp32", "fp16"):
+        engine = MsAdaptiveDVT(ms_model, thresholds, max_batch=batch, precision=precision)
+        rows.append(_timed(f"MindSpore {precision}", engine, ms_chunks))
     return rows
 
 
-def _timed(label, every_exit, adaptive, config, engine) -> dict:
+def _timed(label, engine, chunks) -> dict:
+    """Every exit on every image, then real early exit, through the same engine (the same compiled stages)."""
+    from dvt_shared.exit_policy import check_thresholds
     from dvt_shared.flops import cumulative_flops
 
-    every_exit()  # warm-up (graph compilation)
+    def run_all():
+        return [engine.predict(x) for x in chunks]
+
+    config, thresholds = engine.config, engine.thresholds
+    engine.thresholds = check_thresholds([1e8] * (config.num_exits - 1) + [-1e8], config.num_exits)
+    run_all()  # warm-up (graph compilation)
     start = time.perf_counter()
-    every_exit()
+    run_all()
     full_s = time.perf_counter() - start
-    adaptive()
+    engine.thresholds = thresholds
+    run_all()
     start = time.perf_counter()
-    predictions = adaptive()
+    predictions = run_all()
     engine_s = time.perf_counter() - start
     spent = sum(int(p.macs.sum()) for p in predictions)
     count = sum(len(p.macs) for p in predictions)
@@ -105,17 +107,17 @@ def run_demo(args: argparse.Namespace) -> None:
     dvt_path, entry = shipped_weights("dvt")
     static_path, _ = shipped_weights("static")
     out = Path(args.out)
-    report = evaluate(str(dvt_path), str(static_path), args.data_dir, out, mindspore=True)
+    report = evaluate(str(dvt_path), str(static_path), args.data_dir, out, mindspore=True, precisions=("fp16", "bf16"))
     print(markdown(report))
     thresholds = entry["thresholds"]
     rows = speedup(dvt_path, fashion_mnist(args.data_dir)["test_images"][:SPEEDUP_IMAGES], thresholds)
-    same = int((rows[0]["exit_index"] == rows[1]["exit_index"]).sum())
     print(f"Real early exit on the first {SPEEDUP_IMAGES} test images (thresholds {thresholds}, batch 256):")
-    print(f"{'backend':<16} {'every exit s':>12} {'engine s':>9} {'theoretical':>11} {'practical':>9} {'efficiency':>10}")
+    print(f"{'backend':<16} {'every exit s':>12} {'engine s':>9} {'theoretical':>11} {'practical':>9} {'efficiency':>10}"
+          f" {'same exit as PyTorch fp32':>26}")
     for r in rows:
+        same = int((r["exit_index"] == rows[0]["exit_index"]).sum())
         print(f"{r['backend']:<16} {r['every_exit_s']:>12.2f} {r['engine_s']:>9.2f} {r['theoretical']:>11.2f} "
-              f"{r['practical']:>9.2f} {r['practical'] / r['theoretical']:>10.2f}")
-    print(f"PyTorch and MindSpore engines send {same} of {len(rows[0]['exit_index'])} images to the same exit")
+              f"{r['practical']:>9.2f} {r['practical'] / r['theoretical']:>10.2f} {same:>20} / {len(r['exit_index'])}")
     print(f"report: {out}/evaluation.md, {out}/accuracy_vs_gflops.png; demo took {time.perf_counter() - start:.0f} s")
 
 

@@ -14,6 +14,16 @@ from . import CommandError, positive_float, positive_int, read_weights
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKENDS = ("torch", "mindspore", "onnx")
+# The backend that runs each precision: fp16 as Ascend computes it (MindSpore), bf16 by autocast (PyTorch).
+PRECISION_BACKENDS = {"fp32": BACKENDS, "fp16": ("mindspore",), "bf16": ("torch",)}
+
+
+def check_precision(precision: str, backend: str) -> None:
+    if backend not in PRECISION_BACKENDS[precision]:
+        raise CommandError(
+            f"--precision {precision} does not exist for --backend {backend}: "
+            f"{precision} runs on {' or '.join(PRECISION_BACKENDS[precision])}"
+        )
 
 
 def torch_model(config, tensors):
@@ -97,19 +107,40 @@ def _calibration_images(args, config: DVTConfig) -> tuple[np.ndarray, np.ndarray
     return normalise_fashion_mnist(images[rows]), labels[rows].astype(np.int64)
 
 
-def all_exit_probs(model, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    """(exits, n, classes) softmax outputs of every exit (one for a VT model), PyTorch, in batches with a progress bar."""
+def all_exit_probs(model, images: np.ndarray, batch: int = 256, precision: str = "fp32") -> np.ndarray:
+    """(exits, n, classes) softmax outputs of every exit (one for a VT model), PyTorch at `precision`
+    (fp32 or bf16), in batches with a progress bar."""
     import torch
     from tqdm import tqdm
 
     from dvt_shared.exit_policy import softmax
+    from dvt_torch.engine import autocast_for
     from dvt_torch.vt import exit_logits
 
     chunks = []
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(images), batch), desc="scoring", unit="batch", leave=False):
+    with torch.inference_mode(), autocast_for("cpu", precision):
+        for start in tqdm(range(0, len(images), batch), desc=f"scoring ({precision})", unit="batch", leave=False):
             outputs = exit_logits(model(torch.from_numpy(images[start:start + batch])))
-            chunks.append(np.stack([o.numpy() for o in outputs]))
+            chunks.append(np.stack([o.float().numpy() for o in outputs]))
+    return softmax(np.concatenate(chunks, axis=1))
+
+
+def mindspore_all_exit_probs(config, tensors, images: np.ndarray, precision: str = "fp32", batch: int = 500) -> np.ndarray:
+    """(exits, n, classes) softmax outputs of a DVT's every exit in MindSpore graph mode at `precision`
+    (fp32 or fp16), in batches with a progress bar."""
+    import mindspore as ms
+    from tqdm import tqdm
+
+    from dvt_mindspore.convert import from_canonical
+    from dvt_mindspore.dvt import DVT
+    from dvt_mindspore.engine import AllExitLogits
+    from dvt_shared.exit_policy import softmax
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    run = AllExitLogits(from_canonical(DVT(config), tensors), precision)
+    chunks = []
+    for start in tqdm(range(0, len(images), batch), desc=f"MindSpore ({precision})", unit="batch", leave=False):
+        chunks.append(np.stack([o.asnumpy() for o in run(ms.Tensor(images[start:start + batch]))]))
     return softmax(np.concatenate(chunks, axis=1))
 
 
@@ -174,13 +205,15 @@ def _predict(args: argparse.Namespace) -> None:
     thresholds = args.thresholds or (metadata.thresholds if metadata is not None else None)
     if not thresholds:
         raise CommandError(f"{args.weights} holds no thresholds: run `dvt calibrate` or pass --thresholds")
+    check_precision(args.precision, args.backend)
     images = load_images(args.images, config)
     if args.backend == "torch":
         import torch
 
         from dvt_torch.engine import AdaptiveDVT
 
-        prediction = AdaptiveDVT(torch_model(config, tensors), thresholds).predict(torch.from_numpy(images))
+        engine = AdaptiveDVT(torch_model(config, tensors), thresholds, precision=args.precision)
+        prediction = engine.predict(torch.from_numpy(images))
     elif args.backend == "mindspore":
         import mindspore as ms
 
@@ -189,7 +222,8 @@ def _predict(args: argparse.Namespace) -> None:
         from dvt_mindspore.engine import AdaptiveDVT
 
         ms.set_context(mode=ms.GRAPH_MODE)
-        prediction = AdaptiveDVT(from_canonical(DVT(config), tensors), thresholds).predict(ms.Tensor(images))
+        engine = AdaptiveDVT(from_canonical(DVT(config), tensors), thresholds, precision=args.precision)
+        prediction = engine.predict(ms.Tensor(images))
     else:
         from dvt_torch.onnx_export import OnnxAdaptiveDVT, export_onnx
 
@@ -225,6 +259,8 @@ def add_predict(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     parser.add_argument("--weights", required=True, help="weights (.safetensors, .pth, .ckpt)")
     parser.add_argument("--backend", choices=BACKENDS, default="torch")
+    parser.add_argument("--precision", choices=tuple(PRECISION_BACKENDS), default="fp32",
+                        help="fp32 (default); fp16 = MindSpore computing as Ascend does; bf16 = PyTorch autocast")
     parser.add_argument("--thresholds", type=_parse_thresholds, help="comma-separated, one per exit "
                         "(default: the calibrated ones stored with the weights)")
     parser.add_argument("--onnx-dir", help="graphs from `dvt export --format onnx` (default: export to a temp dir)")
@@ -233,9 +269,27 @@ def add_predict(subparsers, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_predict)
 
 
+DEFAULT_EXPORT_GEARS = "1,2,4,8,16,32,64"
+
+
+def _parse_gears(text: str) -> list[int] | str:
+    """'dynamic' (one graph per stage, dynamic batch axis) as it is, else comma-separated batch sizes."""
+    if text == "dynamic":
+        return text
+    try:
+        gears = [int(v) for v in text.split(",")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"gears must be 'dynamic' or comma-separated batch sizes, got {text!r}") from exc
+    if min(gears) < 1:
+        raise argparse.ArgumentTypeError(f"gears must be batch sizes >= 1, got {text!r}")
+    return gears
+
+
 def _export(args: argparse.Namespace) -> None:
     config, tensors, _, _ = read_weights(args.weights, args.model, args.num_classes)
     if args.format == "onnx":
+        if args.gears is not None:
+            raise CommandError("--gears applies to --format mindir; ONNX graphs have a dynamic batch axis")
         from dvt_torch.onnx_export import export_onnx
 
         manifest = export_onnx(torch_model(config, tensors), args.out)
@@ -247,7 +301,8 @@ def _export(args: argparse.Namespace) -> None:
         from dvt_mindspore.mindir_export import export_mindir
 
         ms.set_context(mode=ms.GRAPH_MODE)
-        manifest = export_mindir(from_canonical(DVT(config), tensors), args.out)
+        gears = args.gears or _parse_gears(DEFAULT_EXPORT_GEARS)
+        manifest = export_mindir(from_canonical(DVT(config), tensors), args.out, None if gears == "dynamic" else gears)
     print(f"wrote {config.num_exits} {args.format} stage graphs and {Path(manifest).name} to {args.out}")
 
 
@@ -259,6 +314,9 @@ def add_export(subparsers, common: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--weights", required=True)
     parser.add_argument("--format", choices=("onnx", "mindir"), required=True)
+    parser.add_argument("--gears", type=_parse_gears,
+                        help=f"MindIR: batch sizes to write each stage for (default {DEFAULT_EXPORT_GEARS}: the fixed "
+                             "shapes Ascend takes), or 'dynamic' for one graph per stage with a dynamic batch axis")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--model", help="registered config, for weights that record none")
     parser.add_argument("--num-classes", type=positive_int)

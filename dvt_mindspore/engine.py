@@ -26,7 +26,7 @@ from .dvt import DVT, ReuseState, check_images
 from .layers import TokenPerformer
 
 __all__ = [
-    "AdaptiveDVT", "DEFAULT_GEARS", "MindSporeEngine", "PRECISIONS", "Prediction", "StageGraph",
+    "AdaptiveDVT", "AllExitLogits", "DEFAULT_GEARS", "MindSporeEngine", "PRECISIONS", "Prediction", "StageGraph",
     "all_exit_logits", "mixed_precision", "stage_inputs",
 ]
 
@@ -93,14 +93,27 @@ def mixed_precision(graph: nn.Cell, precision: str) -> nn.Cell:
     return ms.amp.auto_mixed_precision(graph, "auto", dtype=ms.float16)
 
 
+class AllExitLogits:
+    """`AllExitLogits(model, precision)(images)`: float32 logits of every exit at `precision`, stage by
+    stage (the mirror of dvt_torch's `all_exit_logits`); its stage graphs compile once per shape."""
+
+    def __init__(self, model: DVT, precision: str = "fp32"):
+        self.model = model
+        model.set_train(False)
+        self.graphs = [mixed_precision(StageGraph(model, index), precision) for index in range(model.num_exits)]
+
+    def __call__(self, images: Tensor) -> tuple[Tensor, ...]:
+        check_images(images, self.model.config, self.model.dtype)
+        outputs, state = [], ()
+        for graph in self.graphs:
+            logits, *state = graph(images, *state)
+            outputs.append(logits)
+        return tuple(outputs)
+
+
 def all_exit_logits(model: DVT, images: Tensor, precision: str = "fp32") -> tuple[Tensor, ...]:
-    """Float32 logits of every exit at `precision`, stage by stage (the mirror of dvt_torch's)."""
-    check_images(images, model.config, model.dtype)
-    outputs, state = [], ()
-    for index in range(model.num_exits):
-        logits, *state = mixed_precision(StageGraph(model, index), precision)(images, *state)
-        outputs.append(logits)
-    return tuple(outputs)
+    """Float32 logits of every exit at `precision` (one call; reuse an `AllExitLogits` for many)."""
+    return AllExitLogits(model, precision)(images)
 
 
 class MindSporeEngine(AdaptiveEngine):

@@ -27,11 +27,11 @@ def reduced_logits(target: PrecisionTarget, model: TorchDVT, x: np.ndarray, batc
     else:
         import mindspore as ms
 
-        from dvt_mindspore.engine import all_exit_logits as ms_all_exit_logits
+        from dvt_mindspore.engine import AllExitLogits
 
-        twin = harness.mindspore_twin(model)
+        run = AllExitLogits(harness.mindspore_twin(model), target.precision)
         for start in range(0, len(x), batch):
-            outputs = ms_all_exit_logits(twin, ms.Tensor(x[start:start + batch]), target.precision)
+            outputs = run(ms.Tensor(x[start:start + batch]))
             chunks.append(np.stack([o.asnumpy() for o in outputs]))
     return np.concatenate(chunks, axis=1).astype(np.float32)
 
