@@ -22,7 +22,7 @@ from mindspore import Tensor, nn, ops
 
 from dvt_shared.adaptive import DEFAULT_MAX_BATCH, AdaptiveEngine, Prediction, check_gears, gear_for, power_of_two_gears
 
-from .dvt import DVT, ReuseState, check_images
+from .dvt import DVT, check_images
 from .layers import TokenPerformer
 
 __all__ = [
@@ -139,8 +139,7 @@ class MindSporeEngine(AdaptiveEngine):
 
     def _take_state(self, state: tuple, rows: np.ndarray) -> tuple:
         index = Tensor(rows.astype(np.int32))
-        taken = [None if t is None else ops.gather(t, index, 0) for t in state]
-        return state._make(taken) if isinstance(state, ReuseState) else tuple(taken)
+        return tuple(ops.gather(t, index, 0) for t in state)
 
     def _run_stage(self, index: int, images: Tensor, state):
         inputs = (images, *(state or ()))
@@ -182,8 +181,8 @@ class AdaptiveDVT(MindSporeEngine):
         self.input_dtype = model.dtype
         self.precision = precision
         model.set_train(False)
-        # The engine's own graph cells: the model itself is left as it is, and their compile caches
-        # hold exactly this engine's shapes.
+        # The engine's own graph cells, whose compile caches hold exactly this engine's shapes (the
+        # model's cells are shared; fp16 marks its T2T performers fp32, a no-op at fp32).
         self.graphs = [mixed_precision(StageGraph(model, index), precision) for index in range(model.num_exits)]
         resolved = resolve_gears(gears, max_batch)
         graph_mode = ms.get_context("mode") == ms.GRAPH_MODE
