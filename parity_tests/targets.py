@@ -95,8 +95,9 @@ class PrecisionTarget:
     each matmul rounds its inputs (relative error <= u each, fp32 accumulation) and, where its output
     stays low-precision, its output (u more); rounding errors of independent blocks add like a random
     walk, sqrt(blocks); and they scale with the logits. `factor` holds the per-block constant (about
-    4 roundings of 1-3 u each, amplified by the norms) with headroom over the largest factor observed
-    on the seeded release-size configs and the shipped model (README, "Reduced precision").
+    4 roundings of 1-3 u each, amplified by the norms) with about 2x headroom over the largest factor
+    observed on the seeded release-size configs and on all 10,000 Fashion-MNIST test images through
+    the shipped model (fp16: 0.90, bf16: 2.33; README, "Reduced precision").
 
     Decisions: for softmax p, |dp_i| <= 2 p_i (1 - p_i) max|dz| <= max|dz| / 2, so a confidence
     moves by at most half the logit bound; a sample switches exits only if a threshold lies between
@@ -123,7 +124,7 @@ class PrecisionTarget:
 # norms, softmax and reductions in fp32.
 ASCEND_FP16 = PrecisionTarget("ascend-fp16", "mindspore", "fp16", 2.0**-11, factor=2.0, max_borderline_share=0.02)
 # PyTorch autocast bfloat16 (u = 2^-8: 8 mantissa bits), against PyTorch fp32.
-BF16 = PrecisionTarget("bf16", "torch", "bf16", 2.0**-8, factor=2.0, max_borderline_share=0.15)
+BF16 = PrecisionTarget("bf16", "torch", "bf16", 2.0**-8, factor=4.0, max_borderline_share=0.25)
 
 PRECISION_TARGETS = (ASCEND_FP16, BF16)
 PRECISION_TARGET_PARAMS = [pytest.param(target, id=target.name) for target in PRECISION_TARGETS]

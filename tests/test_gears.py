@@ -97,3 +97,7 @@ def test_mindir_gears_run_like_the_engine(model, graph_mode, tmp_path):
     expected = AdaptiveDVT(model, thresholds, max_batch=4).predict(x)
     np.testing.assert_array_equal(got.exit_index, expected.exit_index)
     np.testing.assert_allclose(got.logits, expected.logits, rtol=0, atol=1e-5)
+    # every gear's graph is held to its sha256 in the manifest
+    (tmp_path / "stage1_b4.mindir").write_bytes(b"tampered")
+    with pytest.raises(ValueError, match="stage1_b4.mindir: sha256 .* does not match dvt_mindir.json's"):
+        MindIRAdaptiveDVT(tmp_path, thresholds)
