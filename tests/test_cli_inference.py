@@ -146,3 +146,22 @@ def test_mindspore_logs_are_silenced_unless_verbose(monkeypatch):
     assert "GLOG_v" not in os.environ
     quiet_mindspore(verbose=False)
     assert os.environ["GLOG_v"] == "3"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_evaluate_precision_agreement(weights, precision):
+    """`dvt evaluate --precision` scores the same images at the reduced precision and compares with fp32."""
+    from dvt_cli.evaluate import Evaluated, precision_agreement
+    from dvt_cli.inference import all_exit_probs, torch_model
+
+    tensors, metadata = load_canonical(weights)
+    images = np.random.default_rng(3).standard_normal((64, 1, 28, 28)).astype(np.float32)
+    probs = all_exit_probs(torch_model(metadata.config, tensors), images)
+    labels = probs[-1].argmax(-1)  # fp32's last exit is right by construction
+    evaluated = Evaluated(metadata.config, tensors, None, probs, None, 0)
+    got = precision_agreement(evaluated, images, labels, [0.5, 0.5, -1e8], precision)
+    assert got["precision"] == precision and got["images"] == 64
+    assert len(got["exit_accuracy"]) == len(got["same_prediction_per_exit"]) == 3
+    # reduced precision moves confidences a little, not a lot: nearly every prediction stands
+    assert min(got["same_prediction_per_exit"]) >= 60 and got["exit_accuracy"][-1] >= 60 / 64 * 100
+    assert 0 < got["max_abs_conf_delta"] < 0.05
