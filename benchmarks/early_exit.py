@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import print_table, run_worker
+from common import MINDSPORE_DEFAULT_GLOG_V, print_table, run_worker
 
 SHARES = (0.60, 0.25, 0.15)
 WEIGHTS_FILE = "weights.safetensors"
@@ -231,8 +231,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--thresholds", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if not args.verbose:
-        os.environ.setdefault("GLOG_v", "3")  # before any worker imports MindSpore; workers inherit it
+    if args.verbose:
+        os.environ["GLOG_v"] = MINDSPORE_DEFAULT_GLOG_V  # before any worker imports MindSpore; workers inherit it
 
     if args.worker == "prepare":
         print(json.dumps(prepare(args.config, Path(args.work), args.count)))

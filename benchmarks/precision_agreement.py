@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import print_table
+from common import MINDSPORE_DEFAULT_GLOG_V, print_table
 
 REPO = Path(__file__).resolve().parents[1]
 # parity_tests is not an installed package; its targets hold every bound this script reports.
@@ -59,8 +59,8 @@ def main() -> None:
     parser.add_argument("--png", default="out/precision_agreement.png", help="plot path ('' for none)")
     parser.add_argument("--verbose", action="store_true", help="show MindSpore's C++ log lines")
     args = parser.parse_args()
-    if not args.verbose:
-        os.environ.setdefault("GLOG_v", "3")
+    if args.verbose:
+        os.environ["GLOG_v"] = MINDSPORE_DEFAULT_GLOG_V
 
     import mindspore as ms
     import torch
