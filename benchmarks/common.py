@@ -2,8 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+
+# MindSpore's C++ log lines are silenced (errors only) in every benchmark and its workers unless
+# GLOG_v is set; `--verbose` (early_exit.py, precision_agreement.py) restores MindSpore's default.
+os.environ.setdefault("GLOG_v", "3")
+MINDSPORE_DEFAULT_GLOG_V = "2"
 
 
 def run_worker(script: str, backend: str, args: list[str]) -> dict:

@@ -175,11 +175,14 @@ def _subcommands() -> tuple[Callable, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     debug_help = "show the full traceback of an error"
+    verbose_help = "show MindSpore's C++ log lines (silenced by default)"
     parser = _Parser(prog="dvt", description="Dynamic Vision Transformer tools.")
     parser.add_argument("--debug", action="store_true", help=debug_help)
+    parser.add_argument("--verbose", action="store_true", help=verbose_help)
     # Also accepted after the subcommand; SUPPRESS keeps a --debug given before it.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _subcommands():
         add(subparsers, common)
@@ -197,8 +200,16 @@ def _outputs(args: argparse.Namespace) -> list[tuple[str, Callable[[str], str]]]
     return []
 
 
+def quiet_mindspore(verbose: bool) -> None:
+    """Silence MindSpore's C++ logging (GLOG_v=3: errors only) unless `verbose`; it is read when
+    MindSpore is first imported, so call this before. A GLOG_v the user set stands."""
+    if not verbose:
+        os.environ.setdefault("GLOG_v", "3")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_mindspore(args.verbose)
     try:
         for path, check in _outputs(args):
             check(path)

@@ -15,14 +15,17 @@ class Backend:
     weights: str | None = None  # its own weight file format (dvt_shared.weight_format.WEIGHT_FORMATS)
     exports: str | None = None  # the graph format its `export` writes
     graphs_from: str | None = None  # it runs the graphs that backend exports, not a model
+    precisions: tuple[str, ...] = ("fp32",)  # what its engine and scoring compute in
 
 
 BACKENDS = {
-    "torch": Backend("dvt_torch", weights="pth", exports="onnx"),
-    "mindspore": Backend("dvt_mindspore", weights="ckpt", exports="mindir"),
+    # bf16 by autocast (this CPU's AVX512-BF16/AMX, CUDA); fp16 as Ascend's Cube unit computes
+    "torch": Backend("dvt_torch", weights="pth", exports="onnx", precisions=("fp32", "bf16")),
+    "mindspore": Backend("dvt_mindspore", weights="ckpt", exports="mindir", precisions=("fp32", "fp16")),
     "onnx": Backend("dvt_onnx", graphs_from="torch"),
 }
 EXPORT_FORMATS = tuple(b.exports for b in BACKENDS.values() if b.exports)
+PRECISIONS = tuple(dict.fromkeys(p for b in BACKENDS.values() for p in b.precisions))
 
 
 class BackendMissing(RuntimeError):
@@ -47,16 +50,26 @@ def for_export(graph_format: str) -> ModuleType:
     return load(next(name for name, b in BACKENDS.items() if b.exports == graph_format))
 
 
-def engine(name: str, config, tensors, thresholds, graphs_dir: str | None = None):
-    """Backend `name`'s early-exit engine over the model `config` and `tensors` describe.
+def check_precision(precision: str, name: str) -> None:
+    """ValueError unless backend `name` computes at `precision`."""
+    if precision not in BACKENDS[name].precisions:
+        runs_it = [n for n, b in BACKENDS.items() if precision in b.precisions]
+        raise ValueError(
+            f"--precision {precision} does not exist for --backend {name}: {precision} runs on {' or '.join(runs_it)}"
+        )
+
+
+def engine(name: str, config, tensors, thresholds, graphs_dir: str | None = None, precision: str = "fp32"):
+    """Backend `name`'s early-exit engine at `precision` over the model `config` and `tensors` describe.
 
     A backend that runs exported graphs takes them from `graphs_dir`, or from a temporary
     folder that the exporting backend fills first.
     """
+    check_precision(precision, name)
     facade = load(name)
     source = BACKENDS[name].graphs_from
     if source is None:
-        return facade.AdaptiveDVT(facade.inference_model(config, tensors), thresholds)
+        return facade.AdaptiveDVT(facade.inference_model(config, tensors), thresholds, precision=precision)
     if graphs_dir is None:
         exporter = load(source)
         graphs_dir = tempfile.mkdtemp(prefix=f"dvt_{name}_")

@@ -124,6 +124,28 @@ def mindspore_agreement(dvt: Evaluated, images: np.ndarray, thresholds) -> dict:
     }
 
 
+def precision_agreement(dvt: Evaluated, images: np.ndarray, labels: np.ndarray, thresholds, precision: str) -> dict:
+    """A reduced-precision run against PyTorch fp32 on the same images: per-exit accuracy, same
+    predictions, same exits; fp16 is MindSpore (graph mode, as Ascend computes), bf16 PyTorch autocast."""
+    from dvt_shared.exit_policy import confidences, exit_indices
+
+    backend = next(name for name, b in backends.BACKENDS.items() if precision in b.precisions)
+    probs = all_exit_probs(dvt.config, dvt.tensors, images, backend=backend, batch=500, precision=precision)
+    runs_on = f"{backend} {precision}"
+    ref_conf, conf = confidences(dvt.test_probs), confidences(probs)
+    thresholds = np.asarray(thresholds, dtype=np.float32)
+    ref_exit, got_exit = exit_indices(ref_conf, thresholds), exit_indices(conf, thresholds)
+    # A sample switches exits only if a threshold lies between its two confidences.
+    conf_delta = np.abs(conf - ref_conf)
+    return {
+        "precision": precision, "runs_on": runs_on, "images": len(images),
+        "exit_accuracy": ((probs.argmax(-1) == labels[None]).mean(axis=1) * 100).tolist(),
+        "same_prediction_per_exit": (probs.argmax(-1) == dvt.test_probs.argmax(-1)).sum(axis=1).tolist(),
+        "same_exit": int((ref_exit == got_exit).sum()),
+        "max_abs_conf_delta": float(conf_delta.max()),
+    }
+
+
 def _save_figure(fig, path: Path) -> None:
     """PNG bytes rendered in memory, then written atomically: a failed render leaves nothing behind."""
     import matplotlib.pyplot as plt
@@ -182,7 +204,18 @@ def markdown(report: dict) -> str:
                   f"{agreement['same_prediction_per_exit']}, same exit {agreement['same_exit']} "
                   f"({agreement['borderline']} borderline within 1e-5 of a threshold, "
                   f"{agreement['differ_not_borderline']} others differ), max |d prob| {agreement['max_abs_prob_delta']:.1e}."]
+    lines += precision_lines(report.get("precisions", []))
     return "\n".join(lines) + "\n"
+
+
+def precision_lines(agreements: list[dict]) -> list[str]:
+    lines = []
+    for a in agreements:
+        lines += ["", f"{a['runs_on']} against PyTorch fp32 on the same {a['images']} images: accuracy per exit "
+                  f"{' / '.join(f'{v:.2f}' for v in a['exit_accuracy'])} %, same prediction per exit "
+                  f"{a['same_prediction_per_exit']}, same exit {a['same_exit']}, max |d confidence| "
+                  f"{a['max_abs_conf_delta']:.1e}."]
+    return lines
 
 
 def classifier_agreement(evaluated: Evaluated, images: np.ndarray) -> dict:
@@ -227,7 +260,9 @@ def classifier_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _cascade_report(dvt: Evaluated, weights: str, baseline: str | None, data: dict, mindspore: bool) -> dict:
+def _cascade_report(
+    dvt: Evaluated, weights: str, baseline: str | None, data: dict, mindspore: bool, precisions: tuple[str, ...] = (),
+) -> dict:
     labels = data["test_labels"]
     if dvt.config.num_exits < 2:
         raise CommandError(f"{weights} holds a single-exit model; pass the DVT as --weights and it as --baseline")
@@ -235,9 +270,11 @@ def _cascade_report(dvt: Evaluated, weights: str, baseline: str | None, data: di
     if baseline:
         report["baseline"] = baseline_point(score(baseline, data, calibrate=False), labels)
         report["dvt_matching_baseline"] = matching_budget(report["dvt"], report["baseline"])
+    thresholds = dvt.thresholds or report["dvt"]["budgets"][len(BUDGET_FRACTIONS) // 2]["thresholds"]
     if mindspore:
-        thresholds = dvt.thresholds or report["dvt"]["budgets"][len(BUDGET_FRACTIONS) // 2]["thresholds"]
         report["mindspore"] = mindspore_agreement(dvt, data["test_images"], thresholds)
+    report["precisions"] = [precision_agreement(dvt, data["test_images"], labels, thresholds, precision)
+                            for precision in precisions]
     return report
 
 
@@ -257,11 +294,17 @@ def render(report: dict) -> str:
     return classifier_markdown(report) if "classifiers" in report else markdown(report)
 
 
-def evaluate(weights: str, baseline: str | None, data: dict, out: Path, mindspore: bool) -> tuple[dict, Evaluated]:
-    """The report on `data` (see `fashion_mnist`), written under `out`, and the scored model."""
+def evaluate(
+    weights: str, baseline: str | None, data: dict, out: Path, mindspore: bool, precisions: tuple[str, ...] = (),
+) -> tuple[dict, Evaluated]:
+    """The report on `data` (see `fashion_mnist`), written under `out`, and the scored model.
+
+    precisions: reduced precisions ("fp16", "bf16") to hold against fp32 (a DVT only)."""
     evaluated = score(weights, data)
     if family_of(evaluated.config).cascade:
-        report = _cascade_report(evaluated, weights, baseline, data, mindspore)
+        report = _cascade_report(evaluated, weights, baseline, data, mindspore, precisions)
+    elif precisions:
+        raise CommandError(f"--precision {precisions[0]} is checked on DVT cascades; {evaluated.config.name} is not one")
     else:
         report = _classifier_report(evaluated, baseline, data, mindspore)
     out.mkdir(parents=True, exist_ok=True)
@@ -276,7 +319,10 @@ def evaluate(weights: str, baseline: str | None, data: dict, out: Path, mindspor
 
 def _evaluate(args: argparse.Namespace) -> None:
     start = time.perf_counter()
-    report, _ = evaluate(args.weights, args.baseline, fashion_mnist(args.data_dir), Path(args.out), not args.no_mindspore)
+    precisions = () if args.precision == "fp32" else (args.precision,)
+    report, _ = evaluate(
+        args.weights, args.baseline, fashion_mnist(args.data_dir), Path(args.out), not args.no_mindspore, precisions
+    )
     print(render(report))
     print(f"wrote {args.out}/evaluation.md, evaluation.json, accuracy_vs_gflops.png in {time.perf_counter() - start:.0f} s")
 
@@ -294,4 +340,7 @@ def add_evaluate(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="folder with the four Fashion-MNIST IDX files")
     parser.add_argument("--out", default="out", help="report folder (default out/)")
     parser.add_argument("--no-mindspore", action="store_true", help="skip the MindSpore agreement check")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                        help="also score at fp16 (MindSpore, as Ascend computes) or bf16 (PyTorch autocast) and "
+                             "report accuracy and agreement with fp32 (default fp32: nothing extra)")
     parser.set_defaults(handler=_evaluate)

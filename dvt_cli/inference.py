@@ -53,13 +53,16 @@ def _calibration_images(args, config: DVTConfig) -> tuple[np.ndarray, np.ndarray
     return normalise_fashion_mnist(images[rows]), labels[rows].astype(np.int64)
 
 
-def all_exit_probs(config, tensors, images: np.ndarray, backend: str = SCORING_BACKEND, batch: int = 256) -> np.ndarray:
+def all_exit_probs(
+    config, tensors, images: np.ndarray, backend: str = SCORING_BACKEND, batch: int = 256, precision: str = "fp32"
+) -> np.ndarray:
     """(exits, n, classes) softmax outputs of every exit (one for a VT model) of the model `config` and
-    `tensors` describe, run by `backend`."""
+    `tensors` describe, run by `backend` at `precision`."""
     from dvt_shared.exit_policy import softmax
 
+    backends.check_precision(precision, backend)
     facade = backends.load(backend)
-    return softmax(facade.all_exit_logits(facade.inference_model(config, tensors), images, batch))
+    return softmax(facade.all_exit_logits(facade.inference_model(config, tensors), images, batch, precision))
 
 
 def _calibrate(args: argparse.Namespace) -> None:
@@ -123,8 +126,11 @@ def _predict(args: argparse.Namespace) -> None:
     thresholds = args.thresholds or (metadata.thresholds if metadata is not None else None)
     if not thresholds:
         raise CommandError(f"{args.weights} holds no thresholds: run `dvt calibrate` or pass --thresholds")
+    backends.check_precision(args.precision, args.backend)
     images = load_images(args.images, config)
-    engine = backends.engine(args.backend, config, tensors, thresholds, graphs_dir=args.onnx_dir)
+    engine = backends.engine(
+        args.backend, config, tensors, thresholds, graphs_dir=args.onnx_dir, precision=args.precision
+    )
     prediction = engine.predict(backends.load(args.backend).tensor(images))
     names = _class_names(config)
     print(f"{'image':<40} {'class':<14} {'exit':>4} {'confidence':>10} {'GFLOPs':>8}")
@@ -151,6 +157,8 @@ def add_predict(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     parser.add_argument("--weights", required=True, help="weights (.safetensors, .pth, .ckpt)")
     parser.add_argument("--backend", choices=tuple(backends.BACKENDS), default="torch")
+    parser.add_argument("--precision", choices=backends.PRECISIONS, default="fp32",
+                        help="fp32 (default); fp16 = MindSpore computing as Ascend does; bf16 = PyTorch autocast")
     parser.add_argument("--thresholds", type=_parse_thresholds, help="comma-separated, one per exit "
                         "(default: the calibrated ones stored with the weights)")
     parser.add_argument("--onnx-dir", help="graphs from `dvt export --format onnx` (default: export to a temp dir)")
@@ -159,10 +167,32 @@ def add_predict(subparsers, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_predict)
 
 
+DEFAULT_EXPORT_GEARS = "1,2,4,8,16,32,64"
+
+
+def _parse_gears(text: str) -> list[int] | str:
+    """'dynamic' (one graph per stage, dynamic batch axis) as it is, else comma-separated batch sizes."""
+    if text == "dynamic":
+        return text
+    try:
+        gears = [int(v) for v in text.split(",")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"gears must be 'dynamic' or comma-separated batch sizes, got {text!r}") from exc
+    if min(gears) < 1:
+        raise argparse.ArgumentTypeError(f"gears must be batch sizes >= 1, got {text!r}")
+    return gears
+
+
 def _export(args: argparse.Namespace) -> None:
     config, tensors, _, _ = read_weights(args.weights, args.model, args.num_classes)
+    if args.gears is not None and args.format != "mindir":
+        raise CommandError(f"--gears applies to --format mindir; {args.format} graphs have a dynamic batch axis")
     facade = backends.for_export(args.format)
-    manifest = facade.export(facade.inference_model(config, tensors), args.out)
+    options = {}
+    if args.format == "mindir":
+        gears = args.gears or _parse_gears(DEFAULT_EXPORT_GEARS)
+        options["gears"] = None if gears == "dynamic" else gears
+    manifest = facade.export(facade.inference_model(config, tensors), args.out, **options)
     print(f"wrote {config.num_exits} {args.format} stage graphs and {Path(manifest).name} to {args.out}")
 
 
@@ -174,6 +204,9 @@ def add_export(subparsers, common: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--weights", required=True)
     parser.add_argument("--format", choices=backends.EXPORT_FORMATS, required=True)
+    parser.add_argument("--gears", type=_parse_gears,
+                        help=f"MindIR: batch sizes to write each stage for (default {DEFAULT_EXPORT_GEARS}: the fixed "
+                             "shapes Ascend takes), or 'dynamic' for one graph per stage with a dynamic batch axis")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--model", help="registered config, for weights that record none")
     parser.add_argument("--num-classes", type=positive_int)

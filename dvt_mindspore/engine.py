@@ -1,42 +1,134 @@
 """Real early exit in MindSpore: the shared compaction loop over a `DVT`'s stages.
 
-In graph mode each stage is compiled once for a dynamic batch size, so compaction
-(smaller and smaller batches) never triggers a recompilation.
+In graph mode a stage is compiled either for fixed batch sizes ("gears", the shapes Ascend's
+inference stack takes: a compacted batch is padded up to the next gear, and each gear
+compiles once per process) or once for a dynamic batch axis (`gears="dynamic"`).
+
+`precision="fp16"` computes as Ascend does: matmuls and convolutions in fp16, normalisation,
+softmax, exponentials and reductions in fp32, through MindSpore's operator-level mixed
+precision (`mindspore.amp.auto_mixed_precision(..., "auto")`). That mechanism casts per
+primitive, so it reaches the BatchMatMul/MatMul primitives and `ops.softmax` inside our
+cells; the cell-level ones (`Cell.to_float`, the "O1" rewrite) would cast whole cells or
+need the network rewritten, and would leave the softmax in `Attention` in fp16. One fp32
+island: the T2T stem's performer (see `mixed_precision`).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import mindspore as ms
 import numpy as np
-from mindspore import Tensor, ops
+from mindspore import Tensor, nn, ops
 
-from dvt_shared.adaptive import DEFAULT_MAX_BATCH, AdaptiveEngine, Prediction
+from dvt_shared.adaptive import DEFAULT_MAX_BATCH, AdaptiveEngine, Prediction, check_gears, gear_for, power_of_two_gears
 
-from .dvt import DVT, ReuseState, check_images
+from .dvt import DVT, check_images
+from .layers import TokenPerformer
 
-__all__ = ["AdaptiveDVT", "MindSporeEngine", "Prediction", "dynamic_stage_inputs"]
+__all__ = [
+    "AdaptiveDVT", "AllExitLogits", "DEFAULT_GEARS", "MindSporeEngine", "PRECISIONS", "Prediction", "StageGraph",
+    "all_exit_logits", "mixed_precision", "stage_inputs",
+]
+
+# Measured with benchmarks/early_exit.py (README): static gears run faster than the dynamic axis.
+DEFAULT_GEARS = "powers-of-two"
+PRECISIONS = ("fp32", "fp16")
 
 
-def dynamic_stage_inputs(model: DVT, index: int) -> tuple:
-    """Input placeholders of stage `index` with a dynamic batch axis (None where unused)."""
+def stage_inputs(model: DVT, index: int, batch: int | None = None) -> tuple:
+    """What stage `index`'s graph takes (images, then the reuse tensors it reads): zeros of `batch`
+    rows, or placeholders with a dynamic batch axis for `batch=None`."""
     config = model.config
-    images = Tensor(shape=[None, config.in_chans, config.img_size, config.img_size], dtype=ms.float32)
-    if index == 0:
-        return images, None, None
-    stage = model.stage(index)
-    tokens = config.num_tokens[index - 1]
-    features = Tensor(shape=[None, tokens, config.embed_dim], dtype=ms.float32) if stage.feature_reuse else None
-    relations = (
-        Tensor(shape=[None, config.relation_channels, tokens, tokens], dtype=ms.float32)
-        if stage.relation_reuse else None
-    )
-    return images, features, relations
+    shapes = [(config.in_chans, config.img_size, config.img_size)]
+    if index > 0:
+        stage = model.stage(index)
+        tokens = config.num_tokens[index - 1]
+        if stage.feature_reuse:
+            shapes.append((tokens, config.embed_dim))
+        if stage.relation_reuse:
+            shapes.append((config.relation_channels, tokens, tokens))
+    if batch is None:
+        return tuple(Tensor(shape=[None, *shape], dtype=ms.float32) for shape in shapes)
+    return tuple(Tensor(np.zeros((batch, *shape), dtype=np.float32)) for shape in shapes)
+
+
+class StageGraph(nn.Cell):
+    """Stage `index` with exactly the tensors it consumes and produces: what the engine compiles and
+    `dvt export --format mindir` writes."""
+
+    def __init__(self, model: DVT, index: int):
+        super().__init__()
+        self.stage = model.stage(index)
+        self.takes_features = self.stage.feature_reuse
+        self.takes_relations = self.stage.relation_reuse
+        self.gives_features = self.stage.keep_features
+        self.gives_relations = self.stage.keep_relations
+
+    def construct(self, images, *reuse):
+        features = reuse[0] if self.takes_features else None
+        relations = reuse[-1] if self.takes_relations else None
+        logits, next_features, next_relations = self.stage(images, features, relations)
+        # float32 between graphs whatever the precision inside: one contract for every graph
+        out = (logits.astype(ms.float32),)
+        if self.gives_features:
+            out = out + (next_features.astype(ms.float32),)
+        if self.gives_relations:
+            out = out + (next_relations.astype(ms.float32),)
+        return out
+
+
+def mixed_precision(graph: nn.Cell, precision: str) -> nn.Cell:
+    """`graph` computing at `precision`: "fp32" as it is, "fp16" the way Ascend runs it (see the module doc)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"MindSpore precision must be one of {PRECISIONS}, got {precision!r} (bf16 is PyTorch's)")
+    if precision == "fp32":
+        return graph
+    # The T2T stem's performer stays fp32: its positive random features exp(w.x - |x|^2/2) exceed
+    # fp16's 65504 on real images (the shipped model's stem gives inf, then NaN, on every one),
+    # and `to_float` takes precedence over the operator lists (no-op casts at fp32).
+    for _, cell in graph.cells_and_names():
+        if isinstance(cell, TokenPerformer):
+            cell.to_float(ms.float32)
+    # Operator-level lists: MatMul/BatchMatMul/Conv2D/Dense in fp16; LayerNorm, Softmax, Exp, sums in fp32.
+    return ms.amp.auto_mixed_precision(graph, "auto", dtype=ms.float16)
+
+
+class AllExitLogits:
+    """`AllExitLogits(model, precision)(images)`: float32 logits of every exit at `precision`, stage by
+    stage (the mirror of dvt_torch's `all_exit_logits`); its stage graphs compile once per shape."""
+
+    def __init__(self, model: DVT, precision: str = "fp32"):
+        self.model = model
+        model.set_train(False)
+        self.graphs = [mixed_precision(StageGraph(model, index), precision) for index in range(model.num_exits)]
+
+    def __call__(self, images: Tensor) -> tuple[Tensor, ...]:
+        check_images(images, self.model.config, self.model.dtype)
+        outputs, state = [], ()
+        for graph in self.graphs:
+            logits, *state = graph(images, *state)
+            outputs.append(logits)
+        return tuple(outputs)
+
+
+def all_exit_logits(model: DVT, images: Tensor, precision: str = "fp32") -> tuple[Tensor, ...]:
+    """Float32 logits of every exit at `precision` (one call; reuse an `AllExitLogits` for many)."""
+    return AllExitLogits(model, precision)(images)
 
 
 class MindSporeEngine(AdaptiveEngine):
-    """Batch handling of the early-exit loop on MindSpore tensors; subclasses run the stages."""
+    """Batch handling of the early-exit loop on MindSpore tensors, over `self.graphs` (one callable
+    per stage: images and the previous stage's reuse tensors in, logits and its own out).
 
-    # The dtype the stages compute in; exported graphs are float32.
+    With gears, a batch is padded to the next gear with copies of its first row: rows of a batch
+    never mix, so the padding cannot change the real rows' results.
+    """
+
+    # The dtype the stages take; exported graphs are float32.
     input_dtype = ms.float32
+    # Batch sizes the stages are run at; None for any size (a dynamic batch axis, or PyNative).
+    gears: tuple[int, ...] | None = None
+    graphs: list
 
     def _num_images(self, images: Tensor) -> int:
         check_images(images, self.config, self.input_dtype)
@@ -47,22 +139,58 @@ class MindSporeEngine(AdaptiveEngine):
 
     def _take_state(self, state: tuple, rows: np.ndarray) -> tuple:
         index = Tensor(rows.astype(np.int32))
-        taken = [None if t is None else ops.gather(t, index, 0) for t in state]
-        return state._make(taken) if isinstance(state, ReuseState) else tuple(taken)
+        return tuple(ops.gather(t, index, 0) for t in state)
+
+    def _run_stage(self, index: int, images: Tensor, state):
+        inputs = (images, *(state or ()))
+        batch = images.shape[0]
+        if self.gears is not None:
+            gear = gear_for(batch, self.gears)
+            # A state nobody left since the last stage still has that stage's gear rows.
+            pad = Tensor(np.concatenate([np.arange(batch), np.zeros(gear - batch, dtype=np.int64)]).astype(np.int32))
+            inputs = tuple(t if t.shape[0] == gear else ops.gather(t, pad, 0) for t in inputs)
+        outputs = self.graphs[index](*inputs)
+        return outputs[0].asnumpy()[:batch].astype(np.float32), tuple(outputs[1:])
+
+
+def resolve_gears(gears, max_batch: int) -> tuple[int, ...] | None:
+    """The gear tuple for `gears` ("powers-of-two", "dynamic" -> None, or batch sizes)."""
+    if isinstance(gears, str):
+        if gears == "dynamic":
+            return None
+        if gears == "powers-of-two":
+            return power_of_two_gears(max_batch)
+        raise ValueError(f"gears must be 'powers-of-two', 'dynamic' or a list of batch sizes, got {gears!r}")
+    return check_gears(gears, max_batch)
 
 
 class AdaptiveDVT(MindSporeEngine):
-    """`AdaptiveDVT(model, thresholds).predict(images)`: each image runs only the stages it needs."""
+    """`AdaptiveDVT(model, thresholds).predict(images)`: each image runs only the stages it needs.
 
-    def __init__(self, model: DVT, thresholds, max_batch: int = DEFAULT_MAX_BATCH):
+    gears: "powers-of-two" (1, 2, 4, ... up to max_batch), a list of batch sizes, or "dynamic"
+    (one graph per stage with a dynamic batch axis); used in graph mode only.
+    precision: "fp32" or "fp16" (matmuls and convolutions in fp16, as on Ascend).
+    """
+
+    def __init__(
+        self, model: DVT, thresholds, max_batch: int = DEFAULT_MAX_BATCH,
+        gears: str | Sequence[int] = DEFAULT_GEARS, precision: str = "fp32",
+    ):
         super().__init__(model.config, thresholds, max_batch)
         self.model = model
         self.input_dtype = model.dtype
+        self.precision = precision
         model.set_train(False)
-        if ms.get_context("mode") == ms.GRAPH_MODE:
-            for index in range(model.num_exits):
-                model.stage(index).set_inputs(*dynamic_stage_inputs(model, index))
+        # The engine's own graph cells, whose compile caches hold exactly this engine's shapes (the
+        # model's cells are shared; fp16 marks its T2T performers fp32, a no-op at fp32).
+        self.graphs = [mixed_precision(StageGraph(model, index), precision) for index in range(model.num_exits)]
+        resolved = resolve_gears(gears, max_batch)
+        graph_mode = ms.get_context("mode") == ms.GRAPH_MODE
+        self.gears = resolved if graph_mode else None
+        if graph_mode and resolved is None:
+            for index, graph in enumerate(self.graphs):
+                graph.set_inputs(*stage_inputs(model, index))
 
-    def _run_stage(self, index: int, images: Tensor, state: ReuseState | None):
-        logits, state = self.model.run_stage(index, images, state)
-        return logits.asnumpy().astype(np.float32), state
+    def compiled_shapes(self) -> list[int]:
+        """How many graphs each stage has compiled so far in this process."""
+        return [len(graph.compile_cache) for graph in self.graphs]

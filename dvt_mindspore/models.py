@@ -8,11 +8,12 @@ import numpy as np
 from mindspore import Tensor, nn
 from tqdm import tqdm
 
-from dvt_shared.models import ModelConfig, build, get_model_config, list_model_names, register_builder
+from dvt_shared.models import ModelConfig, build, family_of, get_model_config, list_model_names, register_builder
 
 from .checkpoint import load_weights
 from .convert import from_canonical
 from .dvt import DVT
+from .engine import AllExitLogits
 from .vt import VTFPN, ResNet, VTResNet
 
 BUILDERS = {"t2t_vit": DVT, "deit": DVT, "vt_resnet": VTResNet, "resnet": ResNet, "vt_fpn": VTFPN}
@@ -64,10 +65,14 @@ def count_parameters(model: nn.Cell) -> int:
     return sum(int(np.prod(p.shape)) for p in model.trainable_params())
 
 
-def all_exit_logits(model: nn.Cell, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    """(exits, n, classes) logits of every exit (one for a classifier), in batches with a progress bar."""
+def all_exit_logits(model: nn.Cell, images: np.ndarray, batch: int = 256, precision: str = "fp32") -> np.ndarray:
+    """(exits, n, classes) float32 logits of every exit (one for a classifier) at `precision` ("fp32", or
+    "fp16" as Ascend computes, for a DVT), in batches with a progress bar."""
+    if precision != "fp32" and not family_of(model.config).cascade:
+        raise ValueError(f"{model.config.name}: MindSpore runs {precision} for DVT cascades only")
+    run = model.forward_exits if precision == "fp32" else AllExitLogits(model, precision)
     chunks = []
-    for start in tqdm(range(0, len(images), batch), desc="MindSpore", unit="batch", leave=False):
-        outputs = model.forward_exits(Tensor(images[start:start + batch]))
+    for start in tqdm(range(0, len(images), batch), desc=f"MindSpore {precision}", unit="batch", leave=False):
+        outputs = run(Tensor(images[start:start + batch]))
         chunks.append(np.stack([o.asnumpy().astype(np.float32) for o in outputs]))
     return np.concatenate(chunks, axis=1)

@@ -1,5 +1,12 @@
-"""Real early exit in PyTorch: the shared compaction loop over a `DVT`'s stages."""
+"""Real early exit in PyTorch: the shared compaction loop over a `DVT`'s stages.
+
+`precision="bf16"` runs the stages under `torch.autocast` (CPU or CUDA, from the model's
+device): matmuls, linears and convolutions in bfloat16, the ops autocast keeps in fp32
+(softmax, norms, reductions where listed) in fp32; weights stay fp32.
+"""
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import torch
@@ -8,16 +15,44 @@ from dvt_shared.adaptive import DEFAULT_MAX_BATCH, AdaptiveEngine, Prediction
 
 from .dvt import DVT, ReuseState, check_images
 
-__all__ = ["AdaptiveDVT", "Prediction"]
+__all__ = ["AdaptiveDVT", "PRECISIONS", "Prediction", "all_exit_logits", "autocast_for"]
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast_for(device: torch.device | str, precision: str):
+    """The context a forward pass at `precision` runs in on `device`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"PyTorch precision must be one of {PRECISIONS}, got {precision!r} (fp16 is MindSpore's)")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+@torch.inference_mode()
+def all_exit_logits(model: DVT, images: torch.Tensor, precision: str = "fp32") -> tuple[torch.Tensor, ...]:
+    """Float32 logits of every exit at `precision`, stage by stage."""
+    check_images(images, model.config, model.dtype)
+    outputs, state = [], None
+    with autocast_for(images.device, precision):
+        for index in range(model.num_exits):
+            logits, state = model.run_stage(index, images, state)
+            outputs.append(logits.float())
+    return tuple(outputs)
 
 
 class AdaptiveDVT(AdaptiveEngine):
-    """`AdaptiveDVT(model, thresholds).predict(images)`: each image runs only the stages it needs."""
+    """`AdaptiveDVT(model, thresholds).predict(images)`: each image runs only the stages it needs.
 
-    def __init__(self, model: DVT, thresholds, max_batch: int = DEFAULT_MAX_BATCH):
+    precision: "fp32", or "bf16" (autocast on the model's device).
+    """
+
+    def __init__(self, model: DVT, thresholds, max_batch: int = DEFAULT_MAX_BATCH, precision: str = "fp32"):
         super().__init__(model.config, thresholds, max_batch)
         self.model = model.eval()
         self.device = next(model.parameters()).device
+        autocast_for(self.device, precision)  # checks the name
+        self.precision = precision
 
     def _num_images(self, images: torch.Tensor) -> int:
         check_images(images, self.config, self.model.dtype)
@@ -25,7 +60,8 @@ class AdaptiveDVT(AdaptiveEngine):
 
     @torch.inference_mode()
     def _run_stage(self, index: int, images: torch.Tensor, state: ReuseState | None):
-        logits, state = self.model.run_stage(index, images.to(self.device), state)
+        with autocast_for(self.device, self.precision):
+            logits, state = self.model.run_stage(index, images.to(self.device), state)
         return logits.float().cpu().numpy(), state
 
     def _take(self, images: torch.Tensor, rows: np.ndarray) -> torch.Tensor:

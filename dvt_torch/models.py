@@ -13,6 +13,7 @@ from dvt_shared.models import ModelConfig, build, get_model_config, list_model_n
 from .checkpoint import load_weights
 from .convert import from_canonical
 from .dvt import DVT
+from .engine import autocast_for
 from .vt import VTFPN, ResNet, VTResNet
 
 BUILDERS = {"t2t_vit": DVT, "deit": DVT, "vt_resnet": VTResNet, "resnet": ResNet, "vt_fpn": VTFPN}
@@ -58,11 +59,13 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def all_exit_logits(model: nn.Module, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    """(exits, n, classes) logits of every exit (one for a classifier), in batches with a progress bar."""
+def all_exit_logits(model: nn.Module, images: np.ndarray, batch: int = 256, precision: str = "fp32") -> np.ndarray:
+    """(exits, n, classes) float32 logits of every exit (one for a classifier) at `precision` ("fp32" or
+    "bf16" autocast), in batches with a progress bar."""
     chunks = []
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(images), batch), desc="PyTorch", unit="batch", leave=False):
+    device = next(model.parameters()).device
+    with torch.inference_mode(), autocast_for(device, precision):
+        for start in tqdm(range(0, len(images), batch), desc=f"PyTorch {precision}", unit="batch", leave=False):
             outputs = model.forward_exits(torch.from_numpy(images[start:start + batch]))
             chunks.append(np.stack([o.float().numpy() for o in outputs]))
     return np.concatenate(chunks, axis=1)

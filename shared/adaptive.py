@@ -21,6 +21,36 @@ from .flops import cumulative_flops
 DEFAULT_MAX_BATCH = 256
 
 
+def power_of_two_gears(max_batch: int) -> tuple[int, ...]:
+    """1, 2, 4, ... below `max_batch`, then `max_batch` itself: every batch up to it has a gear."""
+    gears, size = [], 1
+    while size < max_batch:
+        gears.append(size)
+        size *= 2
+    return (*gears, max_batch)
+
+
+def check_gears(gears, max_batch: int) -> tuple[int, ...]:
+    """`gears` as a sorted tuple of distinct batch sizes, the largest at least `max_batch`."""
+    try:
+        sizes = sorted({int(g) for g in gears})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"gears must be batch sizes (integers >= 1), got {gears!r}") from exc
+    if not sizes or sizes[0] < 1 or any(isinstance(g, bool) or int(g) != g for g in gears):
+        raise ValueError(f"gears must be batch sizes (integers >= 1), got {gears!r}")
+    if sizes[-1] < max_batch:
+        raise ValueError(f"the largest gear, {sizes[-1]}, is below max_batch {max_batch}: bigger chunks would have none")
+    return tuple(sizes)
+
+
+def gear_for(batch: int, gears: tuple[int, ...]) -> int:
+    """The smallest gear that holds `batch` images (the batch is padded up to it)."""
+    for gear in gears:
+        if gear >= batch:
+            return gear
+    raise ValueError(f"a batch of {batch} exceeds the largest gear, {gears[-1]}")
+
+
 @dataclass(frozen=True, eq=False)
 class Prediction:
     """Per image, in input order.

@@ -42,7 +42,9 @@ def read_manifest(folder: str | os.PathLike, name: str, fmt: str, export_command
         found = manifest.get("format")
         config = DVTConfig.from_dict(manifest["config"])
         stages = manifest["stages"]
-        listed = [(folder / stage["file"], stage["sha256"]) for stage in stages]
+        # a stage is one graph, or one graph per batch gear
+        entries = [entry for stage in stages for entry in stage.get("gears", [stage])]
+        listed = [(folder / entry["file"], entry["sha256"]) for entry in entries]
     except (UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise ValueError(f"{path} is not a valid export manifest ({type(exc).__name__}: {exc})") from exc
     if found != fmt:

@@ -1,5 +1,6 @@
 """`dvt calibrate`, `dvt predict` (three backends) and `dvt export`."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -96,10 +97,71 @@ def test_predict_missing_image(weights, capsys):
     assert "not an image file" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("fmt,suffix", [("onnx", ".onnx"), ("mindir", ".mindir")])
-def test_export_writes_one_graph_per_stage(weights, tmp_path, fmt, suffix):
-    assert main(["export", "--weights", str(weights), "--format", fmt, "--out", str(tmp_path)]) == 0
+@pytest.mark.parametrize("fmt,suffix,extra", [("onnx", ".onnx", []), ("mindir", ".mindir", ["--gears", "dynamic"])])
+def test_export_writes_one_graph_per_stage(weights, tmp_path, fmt, suffix, extra):
+    assert main(["export", "--weights", str(weights), "--format", fmt, "--out", str(tmp_path), *extra]) == 0
     manifest = json.loads(next(tmp_path.glob("dvt_*.json")).read_text())
     assert [s["file"] for s in manifest["stages"]] == [f"stage{k}{suffix}" for k in range(3)]
     assert manifest["stages"][1]["inputs"] == ["images", "prev_features", "prev_relations"]
     assert all((tmp_path / s["file"]).is_file() for s in manifest["stages"])
+
+
+def test_export_mindir_per_gear(weights, tmp_path):
+    assert main(["export", "--weights", str(weights), "--format", "mindir", "--gears", "1,4", "--out", str(tmp_path)]) == 0
+    manifest = json.loads((tmp_path / "dvt_mindir.json").read_text())
+    assert manifest["gears"] == [1, 4]
+    assert [[g["file"] for g in s["gears"]] for s in manifest["stages"]] == [
+        [f"stage{k}_b1.mindir", f"stage{k}_b4.mindir"] for k in range(3)
+    ]
+
+
+@pytest.mark.parametrize("precision,backend", [
+    ("bf16", "torch"), pytest.param("fp16", "mindspore", marks=pytest.mark.slow),  # compiles every gear twice
+])
+def test_predict_at_reduced_precision(weights, images, capsys, precision, backend):
+    thresholds = spread_thresholds(weights, images)
+    assert main(["predict", "--weights", str(weights), "--backend", backend, "--thresholds", thresholds, *images]) == 0
+    fp32 = [line.split()[:3] for line in capsys.readouterr().out.strip().splitlines()[1:-1]]
+    assert main(["predict", "--weights", str(weights), "--backend", backend, "--precision", precision,
+                 "--thresholds", thresholds, *images]) == 0
+    reduced = [line.split()[:3] for line in capsys.readouterr().out.strip().splitlines()[1:-1]]
+    assert len(reduced) == len(images)
+    # same classes; exits may move only for an image whose confidence sits at a threshold
+    assert [row[1] for row in reduced] == [row[1] for row in fp32]
+
+
+@pytest.mark.parametrize("precision,backend", [("fp16", "torch"), ("fp16", "onnx"), ("bf16", "mindspore"), ("bf16", "onnx")])
+def test_precision_that_does_not_exist_is_refused(weights, images, capsys, precision, backend):
+    assert main(["predict", "--weights", str(weights), "--backend", backend, "--precision", precision,
+                 "--thresholds", "0.5,0.5,-1e8", images[0]]) == 1
+    err = capsys.readouterr().err
+    assert f"--precision {precision} does not exist for --backend {backend}" in err
+
+
+def test_mindspore_logs_are_silenced_unless_verbose(monkeypatch):
+    from dvt_cli import quiet_mindspore
+
+    monkeypatch.delenv("GLOG_v", raising=False)
+    quiet_mindspore(verbose=True)
+    assert "GLOG_v" not in os.environ
+    quiet_mindspore(verbose=False)
+    assert os.environ["GLOG_v"] == "3"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_evaluate_precision_agreement(weights, precision):
+    """`dvt evaluate --precision` scores the same images at the reduced precision and compares with fp32."""
+    from dvt_cli.evaluate import Evaluated, precision_agreement
+    from dvt_cli.inference import all_exit_probs, torch_model
+
+    tensors, metadata = load_canonical(weights)
+    images = np.random.default_rng(3).standard_normal((64, 1, 28, 28)).astype(np.float32)
+    probs = all_exit_probs(torch_model(metadata.config, tensors), images)
+    labels = probs[-1].argmax(-1)  # fp32's last exit is right by construction
+    evaluated = Evaluated(metadata.config, tensors, None, probs, None, 0)
+    got = precision_agreement(evaluated, images, labels, [0.5, 0.5, -1e8], precision)
+    assert got["precision"] == precision and got["images"] == 64
+    assert len(got["exit_accuracy"]) == len(got["same_prediction_per_exit"]) == 3
+    # reduced precision moves confidences a little, not a lot: nearly every prediction stands
+    assert min(got["same_prediction_per_exit"]) >= 60 and got["exit_accuracy"][-1] >= 60 / 64 * 100
+    assert 0 < got["max_abs_conf_delta"] < 0.05

@@ -1,0 +1,96 @@
+"""Reduced precision against PyTorch fp32 on the same weights: per-exit logits and exit decisions.
+
+Shared by `test_precision.py` (few images) and `benchmarks/precision_agreement.py` (the whole
+Fashion-MNIST test set), so both measure the same thing against the bounds of `targets.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dvt_shared.exit_policy import confidences, exit_indices, softmax
+from dvt_torch import DVT as TorchDVT
+from dvt_torch.engine import all_exit_logits as torch_all_exit_logits
+from parity_tests import harness
+from parity_tests.targets import PrecisionTarget
+
+
+def reduced_logits(target: PrecisionTarget, model: TorchDVT, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """(exits, n, classes) float32 logits of `model`'s weights run at the target's precision."""
+    chunks = []
+    if target.backend == "torch":
+        for start in range(0, len(x), batch):
+            outputs = torch_all_exit_logits(model, torch.from_numpy(x[start:start + batch]), target.precision)
+            chunks.append(np.stack([o.numpy() for o in outputs]))
+    else:
+        import mindspore as ms
+
+        from dvt_mindspore.engine import AllExitLogits
+
+        run = AllExitLogits(harness.mindspore_twin(model), target.precision)
+        for start in range(0, len(x), batch):
+            outputs = run(ms.Tensor(x[start:start + batch]))
+            chunks.append(np.stack([o.asnumpy() for o in outputs]))
+    return np.concatenate(chunks, axis=1).astype(np.float32)
+
+
+def fp32_logits(model: TorchDVT, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    return np.concatenate(
+        [np.stack(harness.torch_outputs(model, x[start:start + batch])) for start in range(0, len(x), batch)], axis=1
+    )
+
+
+@dataclass(frozen=True)
+class ExitAgreement:
+    """Exit k of a reduced-precision run against fp32."""
+
+    max_delta: float  # max |d logit|
+    bound: float  # the target's logit bound for it
+    factor: float  # max_delta in units of u * sqrt(blocks) * max(1, logit scale): compare with target.factor
+
+    @property
+    def ok(self) -> bool:
+        return self.max_delta <= self.bound
+
+
+def logit_agreement(target: PrecisionTarget, reference: np.ndarray, reduced: np.ndarray, depth: int) -> list[ExitAgreement]:
+    rows = []
+    for k, (ref, got) in enumerate(zip(reference, reduced)):
+        blocks, scale = depth * (k + 1), float(np.abs(ref).max())
+        delta = harness.max_abs_delta(got, ref)
+        unit = target.logit_bound(blocks, scale) / target.factor
+        rows.append(ExitAgreement(delta, target.logit_bound(blocks, scale), delta / unit))
+    return rows
+
+
+@dataclass(frozen=True)
+class DecisionAgreement:
+    samples: int
+    differ: int  # samples leaving at another exit
+    borderline: int  # samples within the margin of a threshold they met on the way
+    unexplained: np.ndarray  # indices of samples that differ without being borderline
+    margin: float
+
+    @property
+    def borderline_share(self) -> float:
+        return self.borderline / self.samples
+
+
+def decision_agreement(
+    target: PrecisionTarget, reference: np.ndarray, reduced: np.ndarray, thresholds, agreements: list[ExitAgreement]
+) -> DecisionAgreement:
+    """Exits chosen at both precisions with the same thresholds; margins from each exit's logit bound."""
+    thresholds = np.asarray(thresholds, dtype=np.float32)
+    ref_conf, got_conf = confidences(softmax(reference)), confidences(softmax(reduced))
+    ref_exit, got_exit = exit_indices(ref_conf, thresholds), exit_indices(got_conf, thresholds)
+    margins = np.array([target.decision_margin(a.bound) for a in agreements[:-1]])[:, None]
+    # thresholds each sample met on its way at either precision (the last exit takes everyone)
+    passed = np.arange(len(thresholds) - 1)[:, None] <= np.maximum(ref_exit, got_exit)[None]
+    gap = np.minimum(np.abs(ref_conf[:-1] - thresholds[:-1, None]), np.abs(got_conf[:-1] - thresholds[:-1, None]))
+    borderline = ((gap <= margins) & passed).any(axis=0)
+    differ = ref_exit != got_exit
+    return DecisionAgreement(
+        len(ref_exit), int(differ.sum()), int(borderline.sum()), np.flatnonzero(differ & ~borderline), float(margins.max())
+    )

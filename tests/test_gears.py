@@ -1,0 +1,102 @@
+"""Fixed batch gears: the MindSpore engine pads compacted batches up to the next gear.
+
+Padded rows never change the real rows' results, each gear compiles once per process, the
+dynamic axis stays selectable, and `export_mindir` writes one graph per stage and gear that
+`MindIRAdaptiveDVT` runs with the same results.
+"""
+import mindspore as ms
+import numpy as np
+import pytest
+
+import dvt_mindspore
+from dvt_mindspore.engine import AdaptiveDVT
+from dvt_mindspore.export import MindIRAdaptiveDVT, export_mindir
+from dvt_shared import get_config
+from dvt_shared.adaptive import check_gears, gear_for, power_of_two_gears
+
+TINY = get_config("dvt_t2t_vit_fmnist", embed_dim=24, depth=1, num_heads=2, token_dim=8)
+EVERY_EXIT = [1e8, 1e8, -1e8]  # nobody stops early: every stage sees the whole batch
+
+
+def test_power_of_two_gears_cover_every_batch():
+    assert power_of_two_gears(1) == (1,)
+    assert power_of_two_gears(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert power_of_two_gears(100) == (1, 2, 4, 8, 16, 32, 64, 100)
+    gears = power_of_two_gears(100)
+    assert all(b <= gear_for(b, gears) < 2 * b for b in range(1, 101))
+
+
+@pytest.mark.parametrize("gears", [[], [0, 4], [2.5], ["x"], [True, 8]])
+def test_bad_gears_are_refused(gears):
+    with pytest.raises(ValueError, match="gears"):
+        check_gears(gears, 4)
+
+
+def test_gears_must_hold_max_batch():
+    with pytest.raises(ValueError, match="largest gear, 8, is below max_batch 16"):
+        check_gears([4, 8], 16)
+    with pytest.raises(ValueError, match="gears must be"):
+        AdaptiveDVT(dvt_mindspore.DVT(TINY), [0.5, 0.5, 0.5], gears="fast")
+
+
+@pytest.fixture(scope="module")
+def model():
+    ms.set_seed(0)
+    return dvt_mindspore.DVT(TINY)
+
+
+@pytest.fixture
+def graph_mode():
+    ms.set_context(mode=ms.GRAPH_MODE)
+    yield
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def images(count: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((count, 1, 28, 28)).astype(np.float32)
+
+
+def test_padding_never_changes_the_real_rows(model, graph_mode):
+    """5 images padded to gear 8 with copies of the first, against the same 5 beside 3 other images."""
+    engine = AdaptiveDVT(model, EVERY_EXIT, max_batch=8, gears=[4, 8])
+    real, others = images(5, seed=1), images(3, seed=2) * 3.0
+    padded = engine.predict(ms.Tensor(real))
+    beside_others = engine.predict(ms.Tensor(np.concatenate([real, others])))
+    np.testing.assert_array_equal(padded.logits, beside_others.logits[:5])
+    np.testing.assert_array_equal(padded.confidence, beside_others.confidence[:5])
+
+
+def test_each_gear_compiles_once(model, graph_mode):
+    engine = AdaptiveDVT(model, EVERY_EXIT, max_batch=4, gears="powers-of-two")
+    for count in (3, 1, 4):  # gears 4, 1, 4
+        engine.predict(ms.Tensor(images(count, seed=count)))
+    assert engine.compiled_shapes() == [2, 2, 2]
+    for count in (2, 1, 3):  # gear 2 is new, 1 and 4 are compiled
+        engine.predict(ms.Tensor(images(count, seed=count)))
+    assert engine.compiled_shapes() == [3, 3, 3]
+
+
+def test_dynamic_axis_compiles_once_and_agrees(model, graph_mode):
+    x = images(7, seed=3)
+    dynamic = AdaptiveDVT(model, EVERY_EXIT, max_batch=8, gears="dynamic")
+    got = [dynamic.predict(ms.Tensor(x[:count])) for count in (7, 3, 1)]
+    assert dynamic.compiled_shapes() == [1, 1, 1]
+    geared = AdaptiveDVT(model, EVERY_EXIT, max_batch=8).predict(ms.Tensor(x))
+    np.testing.assert_allclose(got[0].logits, geared.logits, rtol=0, atol=1e-5)
+
+
+def test_mindir_gears_run_like_the_engine(model, graph_mode, tmp_path):
+    export_mindir(model, tmp_path, gears=[4])
+    assert sorted(p.name for p in tmp_path.glob("*.mindir")) == [f"stage{k}_b4.mindir" for k in range(3)]
+    x = ms.Tensor(images(7, seed=4))  # chunks of 4 and 3 (padded to 4)
+    thresholds = [0.3, 0.3, -1e8]
+    served = MindIRAdaptiveDVT(tmp_path, thresholds)
+    assert served.max_batch == 4
+    got = served.predict(x)
+    expected = AdaptiveDVT(model, thresholds, max_batch=4).predict(x)
+    np.testing.assert_array_equal(got.exit_index, expected.exit_index)
+    np.testing.assert_allclose(got.logits, expected.logits, rtol=0, atol=1e-5)
+    # every gear's graph is held to its sha256 in the manifest
+    (tmp_path / "stage1_b4.mindir").write_bytes(b"tampered")
+    with pytest.raises(ValueError, match="stage1_b4.mindir: sha256 .* does not match dvt_mindir.json's"):
+        MindIRAdaptiveDVT(tmp_path, thresholds)
