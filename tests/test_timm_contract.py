@@ -252,6 +252,6 @@ def test_create_model_and_list_models_as_mindcv_users_expect(backend, tmp_path):
         assert all(np.array_equal(backend.convert.to_canonical(again)[key], tensors[key]) for key in tensors)
     with pytest.raises(ValueError, match=r"head\.weight: expected \(3, 16\) vs got \(10, 16\)"):
         backend.package.create_model("vt_resnet_fmnist", num_classes=3, checkpoint_path=path, **SMALL["vt_resnet_fmnist"])
-    with pytest.raises(ValueError, match="loads .safetensors"):
+    with pytest.raises(ValueError, match="cannot tell the weight format of .*vt.onnx"):
         backend.package.create_model("vt_resnet_fmnist", checkpoint_path=tmp_path / "vt.onnx")
     assert backend.package.create_model("dvt_t2t_vit_fmnist", num_classes=0, depth=1).num_classes == 0
