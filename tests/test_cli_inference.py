@@ -152,11 +152,11 @@ def test_mindspore_logs_are_silenced_unless_verbose(monkeypatch):
 def test_evaluate_precision_agreement(weights, precision):
     """`dvt evaluate --precision` scores the same images at the reduced precision and compares with fp32."""
     from dvt_cli.evaluate import Evaluated, precision_agreement
-    from dvt_cli.inference import all_exit_probs, torch_model
+    from dvt_cli.inference import all_exit_probs
 
     tensors, metadata = load_canonical(weights)
     images = np.random.default_rng(3).standard_normal((64, 1, 28, 28)).astype(np.float32)
-    probs = all_exit_probs(torch_model(metadata.config, tensors), images)
+    probs = all_exit_probs(metadata.config, tensors, images)
     labels = probs[-1].argmax(-1)  # fp32's last exit is right by construction
     evaluated = Evaluated(metadata.config, tensors, None, probs, None, 0)
     got = precision_agreement(evaluated, images, labels, [0.5, 0.5, -1e8], precision)
