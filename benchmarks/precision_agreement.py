@@ -10,7 +10,6 @@ share of samples within the decision margin of a threshold), printed as a table 
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ def plot(accuracy: dict[str, list[float]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dvt_shared.io_utils import atomic_write_bytes
+    from dvt_shared.io_utils import atomic_write_png
 
     fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120)
     width = 0.8 / len(accuracy)
@@ -44,11 +43,8 @@ def plot(accuracy: dict[str, list[float]], path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_png(path, fig)
 
 
 def main() -> None:

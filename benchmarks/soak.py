@@ -17,7 +17,6 @@ run it on a quiet machine.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -141,7 +140,7 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from dvt_shared.io_utils import atomic_write_bytes
+    from dvt_shared.io_utils import atomic_write_png
 
     fig, (memory, speed) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
     for result in results:
@@ -155,11 +154,8 @@ def plot(results: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_png(path, fig)
 
 
 def main() -> int:

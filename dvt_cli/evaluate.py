@@ -8,7 +8,6 @@ report is written as Markdown, JSON and a PNG plot under --out.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import time
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from dvt_shared.exit_policy import softmax
-from dvt_shared.io_utils import atomic_write_bytes
+from dvt_shared.io_utils import atomic_write_bytes, atomic_write_png
 from dvt_shared.models import ModelConfig, family_of
 
 from . import CommandError, backends, read_weights
@@ -146,16 +145,6 @@ def precision_agreement(dvt: Evaluated, images: np.ndarray, labels: np.ndarray, 
     }
 
 
-def _save_figure(fig, path: Path) -> None:
-    """PNG bytes rendered in memory, then written atomically: a failed render leaves nothing behind."""
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def plot(curve: dict, baseline: dict | None, path: Path) -> None:
     import matplotlib
 
@@ -179,7 +168,7 @@ def plot(curve: dict, baseline: dict | None, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    _save_figure(fig, path)
+    atomic_write_png(path, fig)
 
 
 def markdown(report: dict) -> str:
@@ -245,7 +234,7 @@ def classifier_plot(points: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    _save_figure(fig, path)
+    atomic_write_png(path, fig)
 
 
 def classifier_markdown(report: dict) -> str:

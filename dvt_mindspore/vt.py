@@ -222,6 +222,13 @@ def resnet_trunk(trunk: ResNetSpec, in_chans: int, stages: int) -> list[tuple[st
 class _Trunk(nn.Cell):
     """The ResNet trunk every VT model starts with, and the parts of timm's model contract they share."""
 
+    def _choose_global_pool(self, global_pool: str | None) -> None:
+        """reset_classifier's global_pool: "avg", "" (no pooling), or None to keep the current one."""
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"{self.config.name}: global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+
     def _add_trunk(self, config, stages: int) -> None:
         for name, cell in resnet_trunk(config.trunk, config.in_chans, stages):
             setattr(self, name, cell)
@@ -304,10 +311,7 @@ class ResNet(_Trunk):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new `fc` for `num_classes` (an identity for 0); global_pool "" keeps the feature map."""
         _check_num_classes(num_classes)
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"{self.config.name}: global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
+        self._choose_global_pool(global_pool)
         self.fc = nn.Dense(self.num_features, num_classes) if num_classes else nn.Identity()
         self.num_classes = num_classes
         forget_compiled_graphs(self)
@@ -359,10 +363,7 @@ class VTResNet(_Trunk):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new head for `num_classes` (an identity for 0); global_pool "" keeps every token."""
         _check_num_classes(num_classes)
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"{self.config.name}: global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
+        self._choose_global_pool(global_pool)
         self.head = self._new_head(num_classes)
         self.num_classes = num_classes
         forget_compiled_graphs(self)

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from dvt_shared.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_IMAGE_SIZE
-from dvt_shared.io_utils import atomic_write_bytes, atomic_writer
+from dvt_shared.io_utils import atomic_write_png, atomic_writer
 from dvt_shared.models import ModelConfig, family_of, get_model_config, model_gflops
 from dvt_shared.train_options import add_train_arguments
 from dvt_shared.weight_format import WeightMetadata, save_canonical
@@ -365,16 +365,8 @@ def history_figure(history: list[dict]):
 
 
 def plot_history(history: list[dict], path: str) -> None:
-    """history_figure as a PNG, rendered in memory, then written atomically."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    fig = history_figure(history)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    """history_figure as a PNG, written atomically."""
+    atomic_write_png(path, history_figure(history))
 
 
 def _save_weights(path: str, model: torch.nn.Module, config: ModelConfig, recipe: dict, metrics: dict) -> None:

@@ -184,6 +184,13 @@ def feature_info(trunk: ResNetSpec, stages: int) -> list[dict]:
 class _Trunk(nn.Module):
     """The ResNet trunk every VT model starts with, and the parts of timm's model contract they share."""
 
+    def _choose_global_pool(self, global_pool: str | None) -> None:
+        """reset_classifier's global_pool: "avg", "" (no pooling), or None to keep the current one."""
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"{self.config.name}: global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+
     def _add_trunk(self, config, stages: int) -> None:
         for name, module in resnet_trunk(config.trunk, config.in_chans, stages):
             self.add_module(name, module)
@@ -304,10 +311,7 @@ class VTResNet(_Trunk):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new head for `num_classes` (an identity for 0); global_pool "" keeps every token."""
         _check_num_classes(num_classes)
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"{self.config.name}: global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
+        self._choose_global_pool(global_pool)
         self.head = self._new_head(num_classes)
         self.num_classes = num_classes
 

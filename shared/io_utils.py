@@ -145,6 +145,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         handle.write(data)
 
 
+def atomic_write_png(path: str | os.PathLike, figure) -> None:
+    """A matplotlib figure as a PNG at `path`, then closed: rendered in memory and written
+    atomically, so a failed render leaves nothing behind."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     """Hex SHA-256 of a file, read in chunks so large weight files never sit in memory whole."""
     digest = hashlib.sha256()
