@@ -18,7 +18,9 @@ from dvt_shared.data_config import pretrained_cfg
 from dvt_shared.image_checks import check_finite, check_image_dtype, check_image_shape
 from dvt_shared.token_schedule import resample_matrix_1d, sinusoid_table
 
-from .layers import Block, PatchEmbed, T2TStem, dense, forget_compiled_graphs, gelu, layer_norm, resample_relations
+from .layers import (
+    Block, PatchEmbed, T2TStem, class_token, dense, forget_compiled_graphs, gelu, layer_norm, resample_relations,
+)
 
 _FLOAT_DTYPES = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
 
@@ -109,11 +111,11 @@ class DVTStage(nn.Cell):
 
     def forward_head(self, tokens, pre_logits: bool = False):
         """The class token's logits (or the class token itself, `pre_logits`) of normalised tokens."""
-        return tokens[:, 0] if pre_logits else self.head(tokens[:, 0])
+        return class_token(tokens) if pre_logits else self.head(class_token(tokens))
 
     def construct(self, x, features=None, relations=None):
         x, logits = self.tokens(x, features, relations)
-        out = self.head(self.norm(x)[:, 0])
+        out = self.head(class_token(self.norm(x)))
         next_features = x if self.keep_features else None
         next_relations = ops.cat(logits, axis=1) if self.keep_relations else None
         return out, next_features, next_relations

@@ -20,13 +20,16 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from dvt_shared.adaptive import DEFAULT_MAX_BATCH, AdaptiveEngine, Prediction, check_gears, gear_for, power_of_two_gears
+from dvt_shared.adaptive import (
+    DEFAULT_MAX_BATCH, AdaptiveEngine, Prediction, check_gears, gear_pieces, power_of_two_gears,
+)
 
 from .dvt import DVT, check_images
 from .layers import TokenPerformer
 
 __all__ = [
-    "AdaptiveDVT", "AllExitLogits", "DEFAULT_GEARS", "MindSporeEngine", "PRECISIONS", "Prediction", "StageGraph",
+    "AdaptiveDVT", "AllExitLogits", "DEFAULT_GEARS", "MindSporeEngine", "PRECISIONS", "Prediction", "SelectedRows",
+    "StageGraph",
     "all_exit_logits", "mixed_precision", "stage_inputs",
 ]
 
@@ -116,12 +119,37 @@ def all_exit_logits(model: DVT, images: Tensor, precision: str = "fp32") -> tupl
     return AllExitLogits(model, precision)(images)
 
 
+class SelectedRows:
+    """Rows `index` of `tensors`, selected lazily: the engine gathers once per stage input, when a
+    stage runs, however many times rows were selected since (compaction, chunking, gear padding)."""
+
+    def __init__(self, tensors: tuple, index: np.ndarray):
+        self.tensors, self.index = tensors, index
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the first tensor's selected rows."""
+        return (self.index.size, *self.tensors[0].shape[1:])
+
+    def take(self, rows: np.ndarray) -> "SelectedRows":
+        return SelectedRows(self.tensors, self.index[rows])
+
+    def gathered(self, rows: np.ndarray) -> tuple:
+        """The tensors at rows `index[rows]`, without a copy where that is all of them in order."""
+        index = self.index[rows]
+        if index.size == self.tensors[0].shape[0] and np.array_equal(index, np.arange(index.size)):
+            return self.tensors
+        index = Tensor(index.astype(np.int32))
+        return tuple(ops.gather(t, index, 0) for t in self.tensors)
+
+
 class MindSporeEngine(AdaptiveEngine):
     """Batch handling of the early-exit loop on MindSpore tensors, over `self.graphs` (one callable
     per stage: images and the previous stage's reuse tensors in, logits and its own out).
 
-    With gears, a batch is padded to the next gear with copies of its first row: rows of a batch
-    never mix, so the padding cannot change the real rows' results.
+    With gears, a batch runs as the pieces `gear_pieces` plans: a gear run full, or rows padded
+    up to a gear with copies of the piece's first row. Rows of a batch never mix, so neither
+    padding nor splitting can change the real rows' results.
     """
 
     # The dtype the stages take; exported graphs are float32.
@@ -130,27 +158,40 @@ class MindSporeEngine(AdaptiveEngine):
     gears: tuple[int, ...] | None = None
     graphs: list
 
-    def _num_images(self, images: Tensor) -> int:
+    def _num_images(self, images) -> int:
+        if isinstance(images, SelectedRows):
+            return images.index.size
         check_images(images, self.config, self.input_dtype)
         return images.shape[0]
 
-    def _take(self, images: Tensor, rows: np.ndarray) -> Tensor:
-        return ops.gather(images, Tensor(rows.astype(np.int32)), 0)
+    def _take(self, images, rows: np.ndarray) -> SelectedRows:
+        if isinstance(images, SelectedRows):
+            return images.take(rows)
+        return SelectedRows((images,), rows)
 
-    def _take_state(self, state: tuple, rows: np.ndarray) -> tuple:
-        index = Tensor(rows.astype(np.int32))
-        return tuple(ops.gather(t, index, 0) for t in state)
+    def _take_state(self, state: SelectedRows, rows: np.ndarray) -> SelectedRows:
+        return state.take(rows)
 
-    def _run_stage(self, index: int, images: Tensor, state):
-        inputs = (images, *(state or ()))
-        batch = images.shape[0]
-        if self.gears is not None:
-            gear = gear_for(batch, self.gears)
-            # A state nobody left since the last stage still has that stage's gear rows.
-            pad = Tensor(np.concatenate([np.arange(batch), np.zeros(gear - batch, dtype=np.int64)]).astype(np.int32))
-            inputs = tuple(t if t.shape[0] == gear else ops.gather(t, pad, 0) for t in inputs)
-        outputs = self.graphs[index](*inputs)
-        return outputs[0].asnumpy()[:batch].astype(np.float32), tuple(outputs[1:])
+    def _run_stage(self, index: int, images, state: SelectedRows | None):
+        if not isinstance(images, SelectedRows):  # a whole chunk, checked by `predict`
+            images = SelectedRows((images,), np.arange(images.shape[0]))
+        batch = images.index.size
+        pieces = gear_pieces(batch, self.gears) if self.gears is not None else [(batch, batch)]
+        logits, outputs, start = [], [], 0
+        for rows, gear in pieces:
+            # the piece's rows, then copies of its first row up to the gear
+            piece = np.concatenate([np.arange(start, start + rows), np.full(gear - rows, start)])
+            inputs = images.gathered(piece) + (state.gathered(piece) if state is not None else ())
+            out = self.graphs[index](*inputs)
+            logits.append(out[0].asnumpy()[:rows].astype(np.float32))
+            outputs.append(tuple(out[1:]))
+            start += rows
+        if not outputs[0]:
+            return np.concatenate(logits), None
+        offsets = np.cumsum([0] + [gear for _, gear in pieces[:-1]])
+        real = np.concatenate([offset + np.arange(rows) for offset, (rows, _) in zip(offsets, pieces)])
+        tensors = outputs[0] if len(outputs) == 1 else tuple(ops.cat(parts, axis=0) for parts in zip(*outputs))
+        return np.concatenate(logits), SelectedRows(tensors, real)
 
 
 def resolve_gears(gears, max_batch: int) -> tuple[int, ...] | None:

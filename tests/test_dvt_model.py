@@ -100,7 +100,8 @@ def test_eval_returns_the_last_exit_and_training_every_exit(backend):
     training = backend.call(model, x)
     assert isinstance(training, tuple) and len(training) == 3
     for ours, reference in zip(training, exits):
-        np.testing.assert_allclose(backend.numpy(ours), reference, rtol=0, atol=1e-6)
+        # the same values, up to summation order: MindSpore's training-mode kernels may add up in another
+        np.testing.assert_allclose(backend.numpy(ours), reference, rtol=0, atol=1e-5)
 
 
 def test_stagewise_api_equals_forward_exits(backend):

@@ -1,6 +1,7 @@
-"""Fixed batch gears: the MindSpore engine pads compacted batches up to the next gear.
+"""Fixed batch gears: the MindSpore engine runs compacted batches as gear-sized pieces.
 
-Padded rows never change the real rows' results, each gear compiles once per process, the
+Padded rows and split batches never change the real rows' results, each gear compiles once
+per process, the
 dynamic axis stays selectable, and `export_mindir` writes one graph per stage and gear that
 `MindIRAdaptiveDVT` runs with the same results.
 """
@@ -12,7 +13,7 @@ import dvt_mindspore
 from dvt_mindspore.engine import AdaptiveDVT
 from dvt_mindspore.export import MindIRAdaptiveDVT, export_mindir
 from dvt_shared import get_config
-from dvt_shared.adaptive import check_gears, gear_for, power_of_two_gears
+from dvt_shared.adaptive import check_gears, gear_for, gear_pieces, power_of_two_gears
 
 TINY = get_config("dvt_t2t_vit_fmnist", embed_dim=24, depth=1, num_heads=2, token_dim=8)
 EVERY_EXIT = [1e8, 1e8, -1e8]  # nobody stops early: every stage sees the whole batch
@@ -24,6 +25,25 @@ def test_power_of_two_gears_cover_every_batch():
     assert power_of_two_gears(100) == (1, 2, 4, 8, 16, 32, 64, 100)
     gears = power_of_two_gears(100)
     assert all(b <= gear_for(b, gears) < 2 * b for b in range(1, 101))
+
+
+@pytest.mark.parametrize("gears", [(1, 2, 4, 8, 16, 32, 64), (4, 8), (3, 5, 100)])
+def test_gear_pieces_cover_the_batch_in_order(gears):
+    for batch in range(1, gears[-1] + 1):
+        pieces = gear_pieces(batch, gears)
+        assert sum(rows for rows, _ in pieces) == batch
+        assert all(gear in gears and rows <= gear for rows, gear in pieces)
+        assert all(rows == gear for rows, gear in pieces[:-1])  # only the last piece is padded
+        padding = pieces[-1][1] - pieces[-1][0]
+        assert padding <= gear_for(batch, gears) - batch  # never more padding than padding alone
+
+
+def test_gear_pieces_split_when_padding_wastes_more():
+    gears = power_of_two_gears(64)
+    assert gear_pieces(17, gears) == [(16, 16), (1, 1)]  # not 15 padded rows at gear 32
+    assert gear_pieces(28, gears) == [(28, 32)]  # 4 padded rows beat 12 left over after 16
+    assert gear_pieces(20, gears) == [(16, 16), (4, 4)]
+    assert gear_pieces(5, (4, 8)) == [(4, 4), (1, 4)]
 
 
 @pytest.mark.parametrize("gears", [[], [0, 4], [2.5], ["x"], [True, 8]])
@@ -58,12 +78,27 @@ def images(count: int, seed: int) -> np.ndarray:
 
 def test_padding_never_changes_the_real_rows(model, graph_mode):
     """5 images padded to gear 8 with copies of the first, against the same 5 beside 3 other images."""
-    engine = AdaptiveDVT(model, EVERY_EXIT, max_batch=8, gears=[4, 8])
+    engine = AdaptiveDVT(model, EVERY_EXIT, max_batch=8, gears=[8])
     real, others = images(5, seed=1), images(3, seed=2) * 3.0
     padded = engine.predict(ms.Tensor(real))
     beside_others = engine.predict(ms.Tensor(np.concatenate([real, others])))
     np.testing.assert_array_equal(padded.logits, beside_others.logits[:5])
     np.testing.assert_array_equal(padded.confidence, beside_others.confidence[:5])
+
+
+def test_split_batches_agree_with_one_gear(model, graph_mode):
+    """5 images as gears 4 + 1 (and their reuse state put back together) against one gear of 8,
+    with thresholds that send some images on: real compaction between split stages."""
+    x = ms.Tensor(images(5, seed=5))
+    first_exit = AdaptiveDVT(model, [-1e8] * 3, max_batch=8, gears=[8]).predict(x)  # everyone stops at exit 0
+    middle = float(np.median(first_exit.confidence))
+    thresholds = [middle, middle, -1e8]
+    split = AdaptiveDVT(model, thresholds, max_batch=8, gears=[1, 2, 4, 8])
+    assert gear_pieces(5, split.gears) == [(4, 4), (1, 1)]
+    got, expected = split.predict(x), AdaptiveDVT(model, thresholds, max_batch=8, gears=[8]).predict(x)
+    assert 0 < (got.exit_index > 0).sum() < 5
+    np.testing.assert_array_equal(got.exit_index, expected.exit_index)
+    np.testing.assert_allclose(got.logits, expected.logits, rtol=0, atol=1e-5)
 
 
 def test_each_gear_compiles_once(model, graph_mode):
