@@ -30,7 +30,7 @@ from .layers import TokenPerformer
 __all__ = [
     "AdaptiveDVT", "AllExitLogits", "DEFAULT_GEARS", "MindSporeEngine", "PRECISIONS", "Prediction", "SelectedRows",
     "StageGraph",
-    "all_exit_logits", "mixed_precision", "stage_inputs",
+    "mixed_precision", "stage_inputs",
 ]
 
 # Measured with benchmarks/early_exit.py (README): static gears run faster than the dynamic axis.
@@ -98,7 +98,7 @@ def mixed_precision(graph: nn.Cell, precision: str) -> nn.Cell:
 
 class AllExitLogits:
     """`AllExitLogits(model, precision)(images)`: float32 logits of every exit at `precision`, stage by
-    stage (the mirror of dvt_torch's `all_exit_logits`); its stage graphs compile once per shape."""
+    stage, through graphs that compile once per shape (what `all_exit_logits` runs below fp32)."""
 
     def __init__(self, model: DVT, precision: str = "fp32"):
         self.model = model
@@ -112,11 +112,6 @@ class AllExitLogits:
             logits, *state = graph(images, *state)
             outputs.append(logits)
         return tuple(outputs)
-
-
-def all_exit_logits(model: DVT, images: Tensor, precision: str = "fp32") -> tuple[Tensor, ...]:
-    """Float32 logits of every exit at `precision` (one call; reuse an `AllExitLogits` for many)."""
-    return AllExitLogits(model, precision)(images)
 
 
 class SelectedRows:

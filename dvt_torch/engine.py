@@ -15,7 +15,7 @@ from dvt_shared.adaptive import DEFAULT_MAX_BATCH, AdaptiveEngine, Prediction
 
 from .dvt import DVT, ReuseState, check_images
 
-__all__ = ["AdaptiveDVT", "PRECISIONS", "Prediction", "all_exit_logits", "autocast_for"]
+__all__ = ["AdaptiveDVT", "PRECISIONS", "Prediction", "autocast_for"]
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -27,18 +27,6 @@ def autocast_for(device: torch.device | str, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-
-
-@torch.inference_mode()
-def all_exit_logits(model: DVT, images: torch.Tensor, precision: str = "fp32") -> tuple[torch.Tensor, ...]:
-    """Float32 logits of every exit at `precision`, stage by stage."""
-    check_images(images, model.config, model.dtype)
-    outputs, state = [], None
-    with autocast_for(images.device, precision):
-        for index in range(model.num_exits):
-            logits, state = model.run_stage(index, images, state)
-            outputs.append(logits.float())
-    return tuple(outputs)
 
 
 class AdaptiveDVT(AdaptiveEngine):

@@ -66,6 +66,6 @@ def all_exit_logits(model: nn.Module, images: np.ndarray, batch: int = 256, prec
     device = next(model.parameters()).device
     with torch.inference_mode(), autocast_for(device, precision):
         for start in tqdm(range(0, len(images), batch), desc=f"PyTorch {precision}", unit="batch", leave=False):
-            outputs = model.forward_exits(torch.from_numpy(images[start:start + batch]))
-            chunks.append(np.stack([o.float().numpy() for o in outputs]))
+            outputs = model.forward_exits(torch.from_numpy(images[start:start + batch]).to(device))
+            chunks.append(np.stack([o.float().cpu().numpy() for o in outputs]))
     return np.concatenate(chunks, axis=1)

@@ -8,38 +8,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
+import dvt_torch
 from dvt_shared.exit_policy import confidences, exit_indices, softmax
 from dvt_torch import DVT as TorchDVT
-from dvt_torch.engine import all_exit_logits as torch_all_exit_logits
 from parity_tests import harness
 from parity_tests.targets import PrecisionTarget
 
 
 def reduced_logits(target: PrecisionTarget, model: TorchDVT, x: np.ndarray, batch: int = 256) -> np.ndarray:
     """(exits, n, classes) float32 logits of `model`'s weights run at the target's precision."""
-    chunks = []
     if target.backend == "torch":
-        for start in range(0, len(x), batch):
-            outputs = torch_all_exit_logits(model, torch.from_numpy(x[start:start + batch]), target.precision)
-            chunks.append(np.stack([o.numpy() for o in outputs]))
-    else:
-        import mindspore as ms
+        return dvt_torch.all_exit_logits(model, x, batch, target.precision)
+    import dvt_mindspore
 
-        from dvt_mindspore.engine import AllExitLogits
-
-        run = AllExitLogits(harness.mindspore_twin(model), target.precision)
-        for start in range(0, len(x), batch):
-            outputs = run(ms.Tensor(x[start:start + batch]))
-            chunks.append(np.stack([o.asnumpy() for o in outputs]))
-    return np.concatenate(chunks, axis=1).astype(np.float32)
+    return dvt_mindspore.all_exit_logits(harness.mindspore_twin(model), x, batch, target.precision)
 
 
 def fp32_logits(model: TorchDVT, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    return np.concatenate(
-        [np.stack(harness.torch_outputs(model, x[start:start + batch])) for start in range(0, len(x), batch)], axis=1
-    )
+    return dvt_torch.all_exit_logits(model, x, batch)
 
 
 @dataclass(frozen=True)

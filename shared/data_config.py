@@ -9,6 +9,7 @@ centre crop, ImageNet mean and std); other channel counts are only scaled to [0,
 from __future__ import annotations
 
 from .datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from .models import family_of
 
 # The release's evaluation statistics and crop (torchvision's ImageNet mean/std, 224 of 256).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -38,28 +39,13 @@ def data_config(config) -> dict:
     )
 
 
-# The classifier's name in each VT family's state dict (timm's `classifier`).
-_VT_CLASSIFIERS = {"resnet": "fc", "vt_resnet": "head", "vt_fpn": "classifier"}
-
-
-def _layer_names(config) -> tuple[str | tuple[str, ...], str | tuple[str, ...]]:
-    """(classifier, first_conv) of a model's state dict; a DVT has one of each per exit."""
-    if config.family in _VT_CLASSIFIERS:
-        return _VT_CLASSIFIERS[config.family], "conv1"
-    stages = tuple(stage.name for stage in config.stages)
-    first = tuple(
-        "tokens_to_token.attention1.kqv" if stage.stem.kind == "t2t" else "patch_embed.proj" for stage in config.stages
-    )
-    return tuple(f"{name}.head" for name in stages), tuple(f"{name}.{layer}" for name, layer in zip(stages, first))
-
-
 def pretrained_cfg(config) -> dict:
     """timm's pretrained_cfg of the model built from `config` (either backend), without weights to fetch.
 
     `fixed_input_size`: every model checks that its input has the config's size (token grids
     and resampling matrices are built for it), so timm must not pick another.
     """
-    classifier, first_conv = _layer_names(config)
+    classifier, first_conv = family_of(config).layer_names(config)
     return dict(
         architecture=config.name, url="", hf_hub_id=None, num_classes=config.num_classes,
         pool_size=None, fixed_input_size=True, first_conv=first_conv, classifier=classifier,

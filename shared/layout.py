@@ -9,6 +9,8 @@ from .configs import DVTConfig
 from .vt import STEM_GEOMETRY, ResNetSpec, VTFPNConfig, VTResNetConfig, VTSpec
 
 Layout = dict[str, tuple[int, ...]]
+# (classifier, first convolution): the layers timm's `pretrained_cfg` names; a DVT has one of each per exit.
+LayerNames = tuple[str | tuple[str, ...], str | tuple[str, ...]]
 
 
 def _linear(prefix: str, in_features: int, out_features: int, bias: bool = True) -> Layout:
@@ -96,6 +98,14 @@ def dvt_layout(config: DVTConfig) -> Layout:
     return layout
 
 
+def dvt_layer_names(config: DVTConfig) -> LayerNames:
+    stages = tuple(stage.name for stage in config.stages)
+    first = tuple(
+        "tokens_to_token.attention1.kqv" if stage.stem.kind == "t2t" else "patch_embed.proj" for stage in config.stages
+    )
+    return tuple(f"{name}.head" for name in stages), tuple(f"{name}.{layer}" for name, layer in zip(stages, first))
+
+
 # ---------------------------------------------------------------- VT
 
 
@@ -176,6 +186,10 @@ def vt_resnet_layout(config: VTResNetConfig) -> Layout:
     return layout
 
 
+def vt_resnet_layer_names(config: VTResNetConfig) -> LayerNames:
+    return ("fc" if config.family == "resnet" else "head"), "conv1"
+
+
 def vt_fpn_layout(config: VTFPNConfig) -> Layout:
     """Keys and shapes of a VT-FPN: trunk, lateral 1x1 convolutions, tokenizers, transformer, projectors, classifier."""
     layout = _trunk(config.trunk, config.in_chans, 4)
@@ -189,3 +203,7 @@ def vt_fpn_layout(config: VTFPNConfig) -> Layout:
         layout.update(_projector(f"projectors.{i}", channels, vt))
     layout.update(_conv("classifier", channels, config.num_classes, 1, bias=True))
     return layout
+
+
+def vt_fpn_layer_names(config: VTFPNConfig) -> LayerNames:
+    return "classifier", "conv1"

@@ -17,7 +17,10 @@ from typing import Any, Callable
 
 from .configs import DVTConfig, get_config, list_configs
 from .flops import exit_gflops
-from .layout import Layout, dvt_layout, vt_fpn_layout, vt_resnet_layout
+from .layout import (
+    LayerNames, Layout, dvt_layer_names, dvt_layout, vt_fpn_layer_names, vt_fpn_layout, vt_resnet_layer_names,
+    vt_resnet_layout,
+)
 from .vt import VTFPNConfig, VTResNetConfig, get_vt_config, list_vt_configs, vt_fpn_macs, vt_resnet_macs
 
 ModelConfig = DVTConfig | VTResNetConfig | VTFPNConfig
@@ -31,6 +34,7 @@ class ModelFamily:
     config_class: type
     gflops: Callable[[Any], tuple[float, ...]]  # cumulative GFLOPs (10^9 multiply-adds) of every exit
     layout: Callable[[Any], Layout]  # canonical key -> shape
+    layer_names: Callable[[Any], LayerNames]  # (classifier, first convolution) for timm's pretrained_cfg
     cascade: bool  # several exits with thresholds between them
     task: str = "classification"  # or "segmentation": per-pixel logits
 
@@ -49,11 +53,16 @@ def _single_exit(macs: Callable[[Any], Any]) -> Callable[[Any], tuple[float]]:
 
 
 for _name in ("t2t_vit", "deit"):
-    register_family(ModelFamily(_name, DVTConfig, exit_gflops, dvt_layout, cascade=True))
+    register_family(ModelFamily(_name, DVTConfig, exit_gflops, dvt_layout, dvt_layer_names, cascade=True))
 for _name in ("vt_resnet", "resnet"):
-    register_family(ModelFamily(_name, VTResNetConfig, _single_exit(vt_resnet_macs), vt_resnet_layout, cascade=False))
+    register_family(ModelFamily(
+        _name, VTResNetConfig, _single_exit(vt_resnet_macs), vt_resnet_layout, vt_resnet_layer_names, cascade=False,
+    ))
 register_family(
-    ModelFamily("vt_fpn", VTFPNConfig, _single_exit(vt_fpn_macs), vt_fpn_layout, cascade=False, task="segmentation")
+    ModelFamily(
+        "vt_fpn", VTFPNConfig, _single_exit(vt_fpn_macs), vt_fpn_layout, vt_fpn_layer_names, cascade=False,
+        task="segmentation",
+    )
 )
 
 MODEL_CONFIG_TYPES = tuple(dict.fromkeys(family.config_class for family in FAMILIES.values()))
