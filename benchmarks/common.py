@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 # MindSpore's C++ log lines are silenced (errors only) in every benchmark and its workers unless
 # GLOG_v is set; `--verbose` (early_exit.py, precision_agreement.py) restores MindSpore's default.
@@ -28,3 +29,15 @@ def print_table(header: list[str], rows: list[list]) -> None:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
         if n == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def best_time(fn, repeats: int, clock=time.perf_counter, warmup: int = 1) -> float:
+    """The shortest of `repeats` timed calls of `fn` on `clock`, after `warmup` untimed ones (compilation)."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = clock()
+        fn()
+        best = min(best, clock() - start)
+    return best

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import MINDSPORE_DEFAULT_GLOG_V, print_table, run_worker
+from common import MINDSPORE_DEFAULT_GLOG_V, best_time, print_table, run_worker
 
 SHARES = (0.60, 0.25, 0.15)
 WEIGHTS_FILE = "weights.safetensors"
@@ -88,16 +88,6 @@ def prepare(name: str, work: Path, count: int) -> dict:
             "weights": "seeded"}
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up (and graph compilation)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def batches(images: np.ndarray, batch: int) -> list[np.ndarray]:
     return [images[i:i + batch] for i in range(0, len(images), batch)]
 
@@ -118,10 +108,10 @@ def every_exit(engine):
 def compare(engine, chunks: list, repeats: int) -> dict:
     """Wall time of every exit on every image against real early exit, through the same engine (its stages)."""
     thresholds = engine.thresholds
-    all_exit = timed(lambda: [every_exit(engine).predict(x) for x in chunks], repeats)
+    all_exit = best_time(lambda: [every_exit(engine).predict(x) for x in chunks], repeats)
     engine.thresholds = thresholds
     macs = []
-    adaptive = timed(lambda: macs.append(sum(int(engine.predict(x).macs.sum()) for x in chunks)), repeats)
+    adaptive = best_time(lambda: macs.append(sum(int(engine.predict(x).macs.sum()) for x in chunks)), repeats)
     return {"all_exit_s": all_exit, "engine_s": adaptive, "macs": macs[-1]}
 
 
@@ -160,7 +150,7 @@ def stage_times(engine, images, repeats: int) -> list[float]:
     for k in range(engine.config.num_exits):
         run = lambda k=k, state=state: engine._run_stage(k, images, state)  # noqa: E731
         _, next_state = run()
-        times.append(timed(run, repeats))
+        times.append(best_time(run, repeats))
         state = next_state
     return times
 

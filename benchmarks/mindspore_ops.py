@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import print_table
+from common import best_time, print_table
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -54,16 +54,6 @@ def stage_inputs_for(config_name: str, batch: int):
     return config, None, images
 
 
-def best_of(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def mindspore_worker(config_name: str, batch: int, stage: int, steps: int) -> dict:
     import mindspore as ms
 
@@ -83,7 +73,7 @@ def mindspore_worker(config_name: str, batch: int, stage: int, steps: int) -> di
         _, *state = graph(x, *state)
     graph = graphs[stage]
     run = lambda: graph(x, *state)[0].asnumpy()  # noqa: E731
-    wall = best_of(run, steps)
+    wall = best_time(run, steps)
     out = tempfile.mkdtemp(prefix="ms_profile_")
     try:
         profiler = ms.Profiler(output_path=out)
@@ -117,7 +107,7 @@ def torch_worker(config_name: str, batch: int, stage: int, steps: int) -> dict:
         for k in range(stage):
             _, features, relations = model.stage(k)(x, features, relations)
         current = model.stage(stage)
-        wall = best_of(lambda: current(x, features, relations), steps)
+        wall = best_time(lambda: current(x, features, relations), steps)
     return {"wall_ms": wall * 1e3}
 
 

@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections import defaultdict
 
-os.environ.setdefault("GLOG_v", "3")
+from common import best_time, print_table  # (common also silences MindSpore's C++ logs)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -40,15 +40,9 @@ REPO = os.path.dirname(HERE)
 MODEL_FILES = ("dvt_torch/layers.py", "dvt_torch/dvt.py")
 
 
-def best_time(fn, repeats: int, clock=time.process_time, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = clock()
-        fn()
-        times.append(clock() - start)
-    return min(times)
+def step_time(fn, repeats: int, wall: bool = False) -> float:
+    """Best CPU time of `fn` in this process (all its threads), or its wall time."""
+    return best_time(fn, repeats, clock=time.perf_counter if wall else time.process_time)
 
 
 class StepRunner:
@@ -145,7 +139,7 @@ def replay_ms(calls: list, repeats: int) -> float:
     def run():
         for fn, args in calls:
             _backward_all(fn(*args))
-    return 1e3 * best_time(run, repeats)
+    return 1e3 * step_time(run, repeats)
 
 
 def resampling_calls(model, batch: int) -> dict[str, list]:
@@ -172,22 +166,22 @@ def resampling_calls(model, batch: int) -> dict[str, list]:
 def step_parts(runner: StepRunner, repeats: int) -> dict[str, float]:
     """ms per step of every part (see the module docstring), the whole step last."""
     run = runner.run
-    parts = {"data + augmentation": 1e3 * best_time(runner.next_batch, repeats)}
+    parts = {"data + augmentation": 1e3 * step_time(runner.next_batch, repeats)}
     images, labels = runner.next_batch()
     outputs = tuple(o.detach() for o in run.forward(images))
-    parts["loss (fwd + bwd)"] = 1e3 * best_time(
+    parts["loss (fwd + bwd)"] = 1e3 * step_time(
         lambda: run.loss(tuple(o.clone().requires_grad_() for o in outputs), labels, images).backward(), repeats
     )
     run.loss(run.forward(images), labels, images).backward()
-    parts["optimizer step"] = 1e3 * best_time(run.optimizer.step, repeats)
+    parts["optimizer step"] = 1e3 * step_time(run.optimizer.step, repeats)
     groups = part_modules(runner.model)
     inputs = capture_inputs([m for ms in groups.values() for m in ms], runner.step)
     for name, modules in groups.items():
         parts[name] = replay_ms([(m, args) for m in modules for args in inputs[m]], repeats)
     for name, calls in resampling_calls(runner.model, runner.batch_size).items():
         parts[name] = replay_ms(calls, repeats)
-    parts["step"] = 1e3 * best_time(runner.step, repeats)
-    parts["step (wall)"] = 1e3 * best_time(runner.step, repeats, clock=time.perf_counter)
+    parts["step"] = 1e3 * step_time(runner.step, repeats)
+    parts["step (wall)"] = 1e3 * step_time(runner.step, repeats, wall=True)
     outer = sum(ms for name, ms in parts.items() if "   " not in name and not name.startswith("step"))
     parts["rest (autograd, glue, Python)"] = parts["step"] - outer
     return parts
@@ -215,15 +209,15 @@ def worker(kind: str, options: argparse.Namespace) -> dict:
         return {"parts": step_parts(runner, options.repeats), "ops": top_ops(runner)}
     if kind == "amp":
         runner = StepRunner(options.model, options.batch, amp=options.amp)
-        return {"step": 1e3 * best_time(runner.step, options.repeats)}
+        return {"step": 1e3 * step_time(runner.step, options.repeats)}
     if kind == "ddp":
         from dvt_torch.train import setup_distributed
 
         dist_ctx = setup_distributed("cpu")
         runner = StepRunner(options.model, options.batch, dist_ctx=dist_ctx)
         steps = lambda: [runner.step() for _ in range(options.ddp_steps)]  # noqa: E731
-        wall = best_time(steps, options.repeats, clock=time.perf_counter)
-        cpu = best_time(steps, options.repeats)  # this process's threads, spin-waits included
+        wall = step_time(steps, options.repeats, wall=True)
+        cpu = step_time(steps, options.repeats)  # this process's threads, spin-waits included
         images = options.batch * options.ddp_steps
         return {"images_per_s": dist_ctx.world_size * images / wall, "images_per_cpu_s": images / cpu, "rank": dist_ctx.rank}
     raise ValueError(kind)
@@ -272,7 +266,6 @@ def parse_options() -> argparse.Namespace:
 
 
 def profile_tables(options: argparse.Namespace) -> None:
-    from common import print_table
 
     columns = {"now": run_worker("profile", options)}
     if options.before:
@@ -296,7 +289,6 @@ def profile_tables(options: argparse.Namespace) -> None:
 
 
 def amp_table(options: argparse.Namespace) -> None:
-    from common import print_table
 
     fp32 = run_worker("amp", options)["step"]
     bf16 = run_worker("amp", options, extra=["--amp", "bf16"])["step"]
@@ -306,7 +298,6 @@ def amp_table(options: argparse.Namespace) -> None:
 
 
 def ddp_table(options: argparse.Namespace) -> None:
-    from common import print_table
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     layouts = [("1 process x 1 thread", 1, 1), ("1 process x 2 threads", 1, 2), ("2 processes x 1 thread", 2, 1)]
