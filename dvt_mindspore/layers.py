@@ -173,8 +173,9 @@ class Attention(nn.Cell):
 
     def construct(self, x, relation_bias=None):
         batch, tokens, dim = x.shape
-        # Split, not indexing: CPU StridedSlice copies element by element (12 ms against 0.7 ms at
-        # batch 64, 50 tokens; benchmarks/mindspore_ops.py), and it was 40% of a stage's time.
+        # Split, not indexing: CPU StridedSlice copies element by element; with indexing here, for the
+        # class token and the relation blocks it took 48.7 of the last stage's 111 ms at batch 64
+        # (benchmarks/mindspore_ops.py --before ad1d0a4), 0.26 ms with splits.
         q, k, v = (
             ops.transpose(t.reshape(batch, tokens, self.num_heads, dim // self.num_heads), (0, 2, 1, 3))
             for t in ops.split(self.qkv(x), dim, axis=-1)
@@ -215,7 +216,7 @@ class Block(nn.Cell):
             batch, tokens, channels = reused.shape
             src, dst = resample_t.shape
             reused = resample_grid(reused.swapaxes(1, 2).reshape(batch, channels, src, src), resample_t)
-            # a zero class-token row, concatenated: CPU PadV3 runs 8x slower than Concat here
+            # a zero class-token row, concatenated: CPU PadV3 took 2-4 ms per stage here (mindspore_ops.py)
             zero_row = ops.zeros((batch, 1, channels), reused.dtype)
             reused = ops.cat((zero_row, reused.reshape(batch, channels, dst * dst).swapaxes(1, 2)), axis=1)
             mlp_in = ops.cat((x, reused), axis=2)
