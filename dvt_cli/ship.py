@@ -7,8 +7,9 @@ or (--vt) the VT-ResNet and its plain ResNet.
 The DVT's thresholds are calibrated on held-out training images for an average budget of
 half the static baseline's cost, stored in its metadata, and everything a user compares
 (sha256, config, recipe, epochs, wall time, test metrics; GFLOPs and parameters) goes into
-weights/manifest.json under the roles "dvt" and "static", or "vt" and "resnet". Shipping
-one pair keeps the other pair's entries.
+weights/manifest.json under the roles "dvt" and "static", or "vt" and "resnet". Each run's
+per-epoch log and curve plot are copied beside its weights. Shipping one pair keeps the other
+pair's entries.
 """
 from __future__ import annotations
 
@@ -40,6 +41,19 @@ def run_summary(run: Path) -> dict:
     }
 
 
+def ship_training_log(run: Path, name: str) -> dict:
+    """Copy a run's per-epoch log and its curve plot into weights/ as NAME.log.jsonl and NAME.png,
+    so the shipped file's training history travels with it."""
+    files = {}
+    for key, source, target_name in (("training_log", "log.jsonl", f"{name}.log.jsonl"), ("training_curve", "log.png", f"{name}.png")):
+        source_path = run / source
+        if not source_path.is_file():
+            raise FileNotFoundError(f"{run} has no {source}: is it a `dvt train` output folder?")
+        atomic_write_bytes(WEIGHTS_DIR / target_name, source_path.read_bytes())
+        files[key] = target_name
+    return files
+
+
 def ship(dvt_run: Path, static_run: Path) -> dict:
     data = fashion_mnist(None)
     labels = data["test_labels"]
@@ -62,7 +76,8 @@ def ship(dvt_run: Path, static_run: Path) -> dict:
         manifest[role] = {
             "file": target.name, "sha256": sha256_file(target), "config": metadata.config.to_dict(),
             "recipe": json.loads(metadata.provenance) if metadata.provenance.startswith("{") else metadata.provenance,
-            **run_summary(run), "test_accuracy_per_exit": per_exit, "exit_gflops": list(exit_gflops(metadata.config)),
+            **run_summary(run), **ship_training_log(run, metadata.config.name),
+            "test_accuracy_per_exit": per_exit, "exit_gflops": list(exit_gflops(metadata.config)),
         }
     manifest["dvt"].update({
         "thresholds": [float(t) for t in thresholds], "threshold_budget_gflops": budget,
@@ -92,7 +107,7 @@ def ship_classifiers(vt_run: Path, resnet_run: Path) -> dict:
         point = baseline_point(score(str(target), data, calibrate=False), data["test_labels"])
         entries[role] = {
             "file": target.name, "sha256": sha256_file(target), "config": metadata.config.to_dict(),
-            "recipe": json.loads(metadata.provenance), **run_summary(run),
+            "recipe": json.loads(metadata.provenance), **run_summary(run), **ship_training_log(run, metadata.config.name),
             "test_accuracy": point["accuracy"], "gflops": point["gflops"], "params": point["params"],
         }
     return write_manifest(entries)
