@@ -108,7 +108,7 @@ def ship_classifiers(vt_run: Path, resnet_run: Path) -> dict:
         entries[role] = {
             "file": target.name, "sha256": sha256_file(target), "config": metadata.config.to_dict(),
             "recipe": json.loads(metadata.provenance), **run_summary(run), **ship_training_log(run, metadata.config.name),
-            "test_accuracy": point["accuracy"], "gflops": point["gflops"], "params": point["params"],
+            "test_accuracy": round(point["accuracy"], 2), "gflops": point["gflops"], "params": point["params"],
         }
     return write_manifest(entries)
 
