@@ -102,8 +102,11 @@ class PrecisionTarget:
     Decisions: for softmax p, |dp_i| <= 2 p_i (1 - p_i) max|dz| <= max|dz| / 2, so a confidence
     moves by at most half the logit bound; a sample switches exits only if a threshold lies between
     its two confidences, and then the nearer one is within a quarter of the logit bound of it. So
-    margin = bound / 4: samples that close to a threshold may route either way (counted, their share
-    bounded by max_borderline_share); every other sample must exit identically.
+    margin = bound / 4: samples that close to a threshold may route either way (counted); every other
+    sample must exit identically. How many are that close depends on the model, not on the precision:
+    a model trained with label smoothing puts most confidences near 0.9, where its thresholds also
+    lie. So what is bounded is the share of samples that really leave at another exit
+    (max_changed_share, a few times the rate measured on all 10,000 test images).
     """
 
     name: str
@@ -111,7 +114,7 @@ class PrecisionTarget:
     precision: str
     unit_roundoff: float
     factor: float
-    max_borderline_share: float
+    max_changed_share: float
 
     def logit_bound(self, blocks: int, logit_scale: float) -> float:
         return self.factor * self.unit_roundoff * blocks**0.5 * max(1.0, logit_scale)
@@ -122,9 +125,9 @@ class PrecisionTarget:
 
 # MindSpore on this CPU, computing as Ascend does: fp16 matmuls and convolutions (u = 2^-11),
 # norms, softmax and reductions in fp32.
-ASCEND_FP16 = PrecisionTarget("ascend-fp16", "mindspore", "fp16", 2.0**-11, factor=2.0, max_borderline_share=0.02)
+ASCEND_FP16 = PrecisionTarget("ascend-fp16", "mindspore", "fp16", 2.0**-11, factor=2.0, max_changed_share=0.01)
 # PyTorch autocast bfloat16 (u = 2^-8: 8 mantissa bits), against PyTorch fp32.
-BF16 = PrecisionTarget("bf16", "torch", "bf16", 2.0**-8, factor=4.0, max_borderline_share=0.25)
+BF16 = PrecisionTarget("bf16", "torch", "bf16", 2.0**-8, factor=4.0, max_changed_share=0.03)
 
 PRECISION_TARGETS = (ASCEND_FP16, BF16)
 PRECISION_TARGET_PARAMS = [pytest.param(target, id=target.name) for target in PRECISION_TARGETS]
