@@ -31,8 +31,8 @@ from .evaluate import baseline_point, fashion_mnist, score
 def run_summary(run: Path) -> dict:
     """Epochs and times from a run's log; test accuracy is measured again on the shipped file.
     Wall time counts everything between the first and last epoch (pauses and other processes
-    included); the median epoch is what one epoch takes on this machine undisturbed, the
-    better figure to plan with."""
+    included); the median epoch is not moved by a few paused or slowed epochs, the better
+    figure to plan with."""
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     last = log[-1]
     return {
