@@ -51,6 +51,17 @@ def gear_for(batch: int, gears: tuple[int, ...]) -> int:
     raise ValueError(f"a batch of {batch} exceeds the largest gear, {gears[-1]}")
 
 
+def even_chunks(n: int, max_batch: int) -> list[tuple[int, int]]:
+    """(start, stop) of the fewest chunks of at most `max_batch` rows that cover `n`, as even as they
+    can be: 10,000 rows at 256 run as 40 chunks of 250, so a gear-padded backend compiles one shape
+    instead of a second one for a tail of 16 rows."""
+    if n < 1 or max_batch < 1:
+        raise ValueError(f"need n >= 1 rows and max_batch >= 1, got n={n}, max_batch={max_batch}")
+    count = -(-n // max_batch)
+    bounds = [n * i // count for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def gear_pieces(batch: int, gears: tuple[int, ...]) -> list[tuple[int, int]]:
     """How `batch` rows run on fixed gears: (rows, gear) pieces in row order, each gear >= its rows.
 
@@ -152,6 +163,20 @@ class AdaptiveEngine(ABC):
             for start in range(0, n, self.max_batch)
         ]
         return Prediction(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("logits", "exit_index", "confidence", "macs")))
+
+    def all_exit_logits(self, images) -> np.ndarray:
+        """(exits, n, classes) float32 logits of every exit for every image, through the stages
+        `predict` runs (the same compiled graphs and gears), in `even_chunks` of at most max_batch."""
+        n = self._num_images(images)
+        parts = []
+        for start, stop in even_chunks(n, self.max_batch):
+            chunk = images if stop - start == n else self._slice(images, start, stop)
+            logits, state = [], None
+            for k in range(self.config.num_exits):
+                exit_logits, state = self._run_stage(k, chunk, state)
+                logits.append(exit_logits)
+            parts.append(np.stack(logits))
+        return np.concatenate(parts, axis=1)
 
     def _predict_chunk(self, images, n: int) -> Prediction:
         last = self.config.num_exits - 1

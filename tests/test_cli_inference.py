@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dvt_cli import main
+from dvt_cli import backends, main
 from dvt_shared import get_config
 from dvt_shared.datasets import DEFAULT_FASHION_MNIST_DIR
-from dvt_shared.flops import exit_gflops
+from dvt_shared.flops import cumulative_flops, exit_gflops
 from dvt_shared.weight_format import WeightMetadata, load_canonical, save_canonical
 from dvt_torch import DVT
 from dvt_torch.convert import to_canonical
@@ -138,6 +138,29 @@ def test_precision_that_does_not_exist_is_refused(weights, images, capsys, preci
     assert f"--precision {precision} does not exist for --backend {backend}" in err
 
 
+def test_demo_times_the_evaluations_engines(weights):
+    """The demo's speedup runs every exit, then real early exit, through the engines the evaluation
+    kept; its exits and MACs are the engine's own, and the thresholds it was given stay set."""
+    from dvt_cli.demo import SPEEDUP_RUNS, speedup
+    from dvt_cli.evaluate import Evaluated
+
+    tensors, metadata = load_canonical(weights)
+    images = np.random.default_rng(4).standard_normal((96, 1, 28, 28)).astype(np.float32)
+    evaluated = Evaluated(metadata.config, tensors, None, np.zeros((3, 96, 10), np.float32), None, 0)
+    thresholds = [0.5, 0.5, -1e8]
+    rows = speedup(evaluated, images, thresholds)
+    assert [r["backend"] for r in rows] == [label for _, _, label in SPEEDUP_RUNS]
+    macs = np.asarray(cumulative_flops(metadata.config))
+    for (backend, precision, _), row in zip(SPEEDUP_RUNS, rows):
+        engine = evaluated.engine(backend, precision)
+        np.testing.assert_array_equal(engine.thresholds, thresholds)
+        expected = engine.predict(backends.load(backend).tensor(images)).exit_index
+        np.testing.assert_array_equal(row["exit_index"], expected)
+        assert row["theoretical"] == pytest.approx(macs[-1] / macs[expected].mean())
+        assert row["every_exit_s"] > 0 and row["engine_s"] > 0
+        assert row["practical"] == pytest.approx(row["every_exit_s"] / row["engine_s"])
+
+
 def test_mindspore_logs_are_silenced_unless_verbose(monkeypatch):
     from dvt_cli import quiet_mindspore
 
@@ -165,3 +188,10 @@ def test_evaluate_precision_agreement(weights, precision):
     # reduced precision moves confidences a little, not a lot: nearly every prediction stands
     assert min(got["same_prediction_per_exit"]) >= 60 and got["exit_accuracy"][-1] >= 60 / 64 * 100
     assert 0 < got["max_abs_conf_delta"] < 0.05
+    # on the first test images only, against fp32's scores of those, through the engine kept from above
+    backend = {"bf16": "torch", "fp16": "mindspore"}[precision]
+    assert evaluated.engine(backend, precision) is evaluated.engine(backend, precision)
+    first = precision_agreement(evaluated, images[:32], labels[:32], [0.5, 0.5, -1e8], precision)
+    reduced = evaluated.exit_probs(images[:32], backend, precision)
+    assert first["images"] == 32
+    assert first["same_prediction_per_exit"] == (reduced.argmax(-1) == probs[:, :32].argmax(-1)).sum(axis=1).tolist()

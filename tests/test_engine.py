@@ -69,6 +69,15 @@ def test_decisions_equal_shared_policy(case, backend):
     np.testing.assert_array_equal(got.macs, np.asarray(cumulative_flops(model.config))[got.exit_index])
 
 
+def test_all_exit_logits_equal_the_models(case, backend):
+    """`all_exit_logits` runs every stage on every image through the engine's own stages (MindSpore:
+    its gears, here 300 images as 3 chunks of 100 padded to gear 128) and returns them in input order."""
+    model, images, all_exit, _, thresholds = case
+    got = engine(backend, model, thresholds, max_batch=128).all_exit_logits(backend.tensor(images.numpy()))
+    assert got.shape == all_exit.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, all_exit, rtol=0, atol=LOGITS_TOLERANCE[backend.name])
+
+
 def test_batch_of_one_streams_the_same(case, backend):
     model, images, _, _, thresholds = case
     streaming = engine(backend, model, thresholds)

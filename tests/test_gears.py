@@ -13,7 +13,7 @@ import dvt_mindspore
 from dvt_mindspore.engine import AdaptiveDVT
 from dvt_mindspore.export import MindIRAdaptiveDVT, export_mindir
 from dvt_shared import get_config
-from dvt_shared.adaptive import check_gears, gear_for, gear_pieces, power_of_two_gears
+from dvt_shared.adaptive import check_gears, even_chunks, gear_for, gear_pieces, power_of_two_gears
 
 TINY = get_config("dvt_t2t_vit_fmnist", embed_dim=24, depth=1, num_heads=2, token_dim=8)
 EVERY_EXIT = [1e8, 1e8, -1e8]  # nobody stops early: every stage sees the whole batch
@@ -44,6 +44,21 @@ def test_gear_pieces_split_when_padding_wastes_more():
     assert gear_pieces(28, gears) == [(28, 32)]  # 4 padded rows beat 12 left over after 16
     assert gear_pieces(20, gears) == [(16, 16), (4, 4)]
     assert gear_pieces(5, (4, 8)) == [(4, 4), (1, 4)]
+
+
+@pytest.mark.parametrize("n, max_batch", [(1, 1), (7, 3), (256, 256), (257, 256), (10000, 256)])
+def test_even_chunks_are_the_fewest_and_as_even_as_can_be(n, max_batch):
+    chunks = even_chunks(n, max_batch)
+    sizes = [stop - start for start, stop in chunks]
+    assert chunks[0][0] == 0 and chunks[-1][1] == n
+    assert all(stop == start for (_, stop), (start, _) in zip(chunks, chunks[1:]))  # contiguous, in order
+    assert len(chunks) == -(-n // max_batch) and max(sizes) <= max_batch and max(sizes) - min(sizes) <= 1
+
+
+def test_even_chunks_leave_no_odd_tail():
+    assert {stop - start for start, stop in even_chunks(10000, 256)} == {250}  # one gear (256), not 256 and 16
+    with pytest.raises(ValueError, match="n >= 1"):
+        even_chunks(0, 256)
 
 
 @pytest.mark.parametrize("gears", [[], [0, 4], [2.5], ["x"], [True, 8]])
