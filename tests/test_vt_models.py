@@ -218,6 +218,32 @@ def test_mindspore_graph_mode_equals_pynative(name, overrides):
     np.testing.assert_allclose(graph.asnumpy(), eager.asnumpy(), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("cin,cout,kernel,stride,padding,bias", [
+    (3, 8, 7, 2, 3, False), (8, 16, 3, 1, 1, True), (8, 16, 3, 2, 1, False), (8, 8, 1, 2, 0, True),
+])
+def test_mindspore_convolution_is_pytorchs(cin, cout, kernel, stride, padding, bias):
+    """The trunk's convolution (unfold + matmul on CPU for kernels above 1x1, the native kernel
+    otherwise) gives PyTorch's Conv2d output, in graph mode and in PyNative."""
+    import mindspore as ms
+
+    from dvt_mindspore.vt import UnfoldConv2d
+
+    conv = UnfoldConv2d(cin, cout, kernel, stride, padding, bias)
+    conv.set_train(False)
+    assert conv.unfolded == (kernel > 1 and ms.get_context("device_target") == "CPU")
+    reference = torch.nn.Conv2d(cin, cout, kernel, stride, padding, bias=bias)
+    x = np.random.default_rng(5).standard_normal((3, cin, 28, 28)).astype(np.float32)
+    with torch.no_grad():
+        reference.weight.copy_(torch.from_numpy(conv.weight.asnumpy()))
+        if bias:
+            reference.bias.copy_(torch.from_numpy(np.random.default_rng(6).standard_normal(cout).astype(np.float32)))
+            conv.bias.set_data(ms.Tensor(reference.bias.numpy()))
+        expected = reference(torch.from_numpy(x)).numpy()
+    for mode in (ms.PYNATIVE_MODE, ms.GRAPH_MODE):
+        ms.set_context(mode=mode)
+        np.testing.assert_allclose(conv(ms.Tensor(x)).asnumpy(), expected, rtol=0, atol=1e-5)
+
+
 def test_ckpt_round_trip_with_batchnorm_statistics(tmp_path):
     import mindspore as ms
 
