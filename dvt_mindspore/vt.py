@@ -140,9 +140,11 @@ class UnfoldConv2d(nn.Conv2d):
     """`nn.Conv2d` (same parameters, same names) computed as unfold + one batched matmul on CPU.
 
     MindSpore 2.10's CPU Conv2D hands oneDNN plain NCHW tensors, for which oneDNN runs a reference
-    kernel when the kernel is larger than 1x1: about 1 GFLOP/s on this CPU (a 3x3, 16-channel
-    convolution of 8x28x28 maps took 25 ms, against 0.9 ms with oneDNN's gemm kernel), which made
-    the ResNet trunks 7-12x slower than this. 1x1 convolutions and other devices keep the native kernel.
+    kernel when the kernel is larger than 1x1: about 1 GFLOP/s on the AMD Zen 5 it was measured on
+    (a 3x3, 16-channel convolution of 8x28x28 maps took 25 ms, against 0.9 ms with oneDNN's gemm
+    kernel), which made the Fashion-MNIST ResNet 6.6x and VT-ResNet 12x slower than this. 1x1
+    convolutions keep the native kernel, and so does every convolution of a cell built while
+    another device is the target.
     """
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, padding: int, bias: bool, **kwargs):
