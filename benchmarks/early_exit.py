@@ -92,16 +92,11 @@ def batches(images: np.ndarray, batch: int) -> list[np.ndarray]:
     return [images[i:i + batch] for i in range(0, len(images), batch)]
 
 
-def never_stopping(thresholds) -> list[float]:
-    """Thresholds no image meets before the last exit: the engine then runs every stage on every image."""
-    return [1e8] * (len(thresholds) - 1) + [-1e8]
-
-
 def every_exit(engine):
     """`engine` with thresholds nobody meets before the last exit (restore with `engine.thresholds = ...`)."""
-    from dvt_shared.exit_policy import check_thresholds
+    from dvt_shared.exit_policy import last_exit_only
 
-    engine.thresholds = check_thresholds(never_stopping(engine.thresholds), engine.config.num_exits)
+    engine.thresholds = last_exit_only(engine.config.num_exits)
     return engine
 
 

@@ -70,7 +70,7 @@ def speedup(dvt: Evaluated, images: np.ndarray, thresholds) -> list[dict]:
 def _timed(label, engine, chunks, thresholds) -> dict:
     """Every exit on every image, then real early exit at `thresholds`, through the same engine: each
     the best of TIMED_RUNS runs (see there)."""
-    from dvt_shared.exit_policy import check_thresholds
+    from dvt_shared.exit_policy import check_thresholds, last_exit_only
     from dvt_shared.flops import cumulative_flops
 
     def best_of_runs():
@@ -82,7 +82,7 @@ def _timed(label, engine, chunks, thresholds) -> dict:
         return min(times), predictions
 
     config = engine.config
-    engine.thresholds = check_thresholds([np.inf] * (config.num_exits - 1) + [-np.inf], config.num_exits)
+    engine.thresholds = last_exit_only(config.num_exits)
     full_s, _ = best_of_runs()
     engine.thresholds = check_thresholds(thresholds, config.num_exits)
     engine_s, predictions = best_of_runs()

@@ -44,12 +44,12 @@ class Evaluated:
         every pass through it (the agreement checks, the demo's timings) runs the same compiled stages:
         MindSpore compiles each stage once per batch shape, several seconds each on a CPU. Its
         thresholds are the model's, or every image to the last exit for an uncalibrated one."""
+        from dvt_shared.exit_policy import last_exit_only
+
         key = (backend, precision)
         if key not in self.engines:
-            last_exit_only = [np.inf] * (self.config.num_exits - 1) + [-np.inf]
-            self.engines[key] = backends.engine(
-                backend, self.config, self.tensors, self.thresholds or last_exit_only, precision=precision
-            )
+            thresholds = self.thresholds or last_exit_only(self.config.num_exits)
+            self.engines[key] = backends.engine(backend, self.config, self.tensors, thresholds, precision=precision)
         return self.engines[key]
 
     def exit_probs(self, images: np.ndarray, backend: str, precision: str = "fp32") -> np.ndarray:

@@ -149,13 +149,12 @@ class UnfoldConv2d(nn.Conv2d):
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, padding: int, bias: bool, **kwargs):
         super().__init__(cin, cout, kernel, stride=stride, pad_mode="pad", padding=padding, has_bias=bias, **kwargs)
-        self.geometry = (kernel, stride, padding)
         self.unfolded = kernel > 1 and ms.get_context("device_target") == "CPU"
 
     def construct(self, x):
         if not self.unfolded:
             return super().construct(x)
-        kernel, stride, padding = self.geometry
+        kernel, stride, padding = self.kernel_size[0], self.stride[0], self.padding
         batch, _, height, width = x.shape
         out_height = (height + 2 * padding - kernel) // stride + 1
         out_width = (width + 2 * padding - kernel) // stride + 1

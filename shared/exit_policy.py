@@ -158,6 +158,11 @@ def _conf32(probs_or_conf) -> np.ndarray:
     return arr.astype(np.float32)
 
 
+def last_exit_only(n_exits: int) -> np.ndarray:
+    """Thresholds no confidence meets before the last exit: every stage runs on every image."""
+    return check_thresholds([np.inf] * (n_exits - 1) + [-np.inf], n_exits)
+
+
 def check_thresholds(thresholds, n_exits: int) -> np.ndarray:
     """Thresholds as float64, one per exit, none NaN (ValueError otherwise).
 

@@ -251,6 +251,13 @@ def test_nan_at_last_exit_is_reported(release):
     assert result.expected_flops == pytest.approx(clean.expected_flops - 3 * (flops[2] - flops[0]) / 500)
 
 
+def test_last_exit_only_sends_every_sample_to_the_last_exit():
+    from dvt_shared.exit_policy import last_exit_only
+
+    conf = np.array([[1.0, 0.5, 0.0, 0.9], [1.0, 1.0, 0.2, 0.0], [0.3, 0.9, 1.0, 0.0]], dtype=np.float32)
+    np.testing.assert_array_equal(exit_indices(conf, last_exit_only(3)), [2, 2, 2, 2])
+
+
 def test_unmet_last_threshold_is_undecided():
     probs = probs_from_conf(np.full((2, 4), 0.6, dtype=np.float32), np.zeros((2, 4), dtype=int))
     np.testing.assert_array_equal(exit_indices(probs, [0.9, 0.9]), [-1] * 4)
