@@ -28,11 +28,22 @@ data:
 demo: setup
 	$(VENV)/bin/dvt demo
 
+# Two test processes, one core and one thread each: two single-threaded processes keep both cores
+# busy through MindSpore's graph compiles, which one process runs on one core. Tests go out file by
+# file, so a module's fixtures (models, exported graphs, compiled stages) are built once.
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
+# The numeric tests run once more under a second kernel family (AVX2 ATen, MKL and oneDNN kernels:
+# other blockings, other summation orders), so that a bound read off one CPU fails on this one first.
+SECOND_KERNELS := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+NUMERIC_TESTS := tests/test_engine.py tests/test_dvt_model.py tests/test_backend_ops.py parity_tests/test_logits.py \
+	parity_tests/test_exit_decisions.py parity_tests/test_exported_engines.py parity_tests/test_train_step.py
+
 test: setup
-	$(PY) -m pytest -q tests parity_tests
+	$(PYTEST) tests parity_tests
+	$(SECOND_KERNELS) $(PYTEST) -m "not slow" $(NUMERIC_TESTS)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" tests parity_tests
+	$(PYTEST) -m "not slow" tests parity_tests
 
 # Property tests with fresh random examples (make test replays a fixed set).
 test-explore: setup

@@ -102,6 +102,9 @@ def _resolve_config(
 
 def read_weights(path: str, model: str | None = None, num_classes: int | None = None):
     """(config, checked tensors by release key, canonical metadata or None, cumulative GMACs or None) of any format."""
+    # a folder is named as one before its name is read as a format
+    if os.path.isdir(path):
+        raise CommandError(f"{path} is a directory, not a weight file: pass one file ({FORMAT_HELP})")
     tensors, metadata, flops = _read(path, weight_format(path))
     config = _resolve_config(path, model, num_classes, tensors, metadata)
     return config, _checked(config, tensors, source=path), metadata, flops

@@ -11,6 +11,7 @@ import argparse
 import json
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from dvt_shared.io_utils import atomic_write_bytes, atomic_write_png
 from dvt_shared.models import ModelConfig, family_of
 
 from . import CommandError, backends, read_weights
-from .inference import SCORING_BACKEND, all_exit_probs
+from .inference import SCORING_BACKEND, all_exit_logits
 
 BUDGET_FRACTIONS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.8)
 CALIBRATION_IMAGES = 10000
@@ -34,10 +35,14 @@ class Evaluated:
     config: ModelConfig
     tensors: dict
     thresholds: list[float] | None
-    test_probs: np.ndarray
+    test_logits: np.ndarray  # (exits, n, classes) of the scoring backend, fp32
     calib_probs: np.ndarray | None  # held-out training images, for thresholds (DVT only)
     params: int  # trainable parameters
     engines: dict = field(default_factory=dict, repr=False)  # (backend, precision) -> early-exit engine
+
+    @cached_property
+    def test_probs(self) -> np.ndarray:
+        return softmax(self.test_logits)
 
     def engine(self, backend: str, precision: str = "fp32"):
         """This DVT's early-exit engine on `backend` at `precision`, built on first use and kept, so that
@@ -52,15 +57,15 @@ class Evaluated:
             self.engines[key] = backends.engine(backend, self.config, self.tensors, thresholds, precision=precision)
         return self.engines[key]
 
-    def exit_probs(self, images: np.ndarray, backend: str, precision: str = "fp32") -> np.ndarray:
-        """(exits, n, classes) softmax outputs of every exit on `images`, through `engine(backend, precision)`."""
+    def exit_logits(self, images: np.ndarray, backend: str, precision: str = "fp32") -> np.ndarray:
+        """(exits, n, classes) logits of every exit on `images`, through `engine(backend, precision)`."""
         from tqdm import tqdm
 
         from dvt_shared.adaptive import even_chunks
 
         engine, facade = self.engine(backend, precision), backends.load(backend)
         chunks = tqdm(even_chunks(len(images), engine.max_batch), desc=f"{backend} {precision}", unit="batch", leave=False)
-        return softmax(np.concatenate([engine.all_exit_logits(facade.tensor(images[a:b])) for a, b in chunks], axis=1))
+        return np.concatenate([engine.all_exit_logits(facade.tensor(images[a:b])) for a, b in chunks], axis=1)
 
 
 def fashion_mnist(data_dir: str | None) -> dict[str, np.ndarray]:
@@ -85,12 +90,13 @@ def score(path: str, data: dict, calibrate: bool = True) -> Evaluated:
     # Only a cascade has thresholds to find.
     calibrate = calibrate and family_of(config).cascade
 
-    def probs(images: np.ndarray) -> np.ndarray:
-        return softmax(facade.all_exit_logits(model, images, SCORING_BATCH))
+    def logits(images: np.ndarray) -> np.ndarray:
+        return facade.all_exit_logits(model, images, SCORING_BATCH)
 
     return Evaluated(
         config, tensors, metadata.thresholds if metadata is not None else None,
-        probs(data["test_images"]), probs(data["calib_images"]) if calibrate else None, facade.count_parameters(model),
+        logits(data["test_images"]), softmax(logits(data["calib_images"])) if calibrate else None,
+        facade.count_parameters(model),
     )
 
 
@@ -132,21 +138,23 @@ def matching_budget(curve: dict, baseline: dict) -> dict | None:
 
 def mindspore_agreement(dvt: Evaluated, images: np.ndarray, thresholds) -> dict:
     """MindSpore's early-exit engine (graph mode) on the same images: per-exit predictions and exit
-    decisions vs the PyTorch model."""
+    decisions vs the PyTorch model; samples within the fp32 decision margin of a threshold (derived in
+    dvt_shared.error_bounds from each exit's logits) are counted as borderline."""
+    from dvt_shared.error_bounds import FP32, decision_agreement
     from dvt_shared.exit_policy import confidences, exit_indices
 
-    ms_probs = dvt.exit_probs(images, "mindspore")
+    ms_probs = softmax(dvt.exit_logits(images, "mindspore"))
     torch_conf, ms_conf = confidences(dvt.test_probs), confidences(ms_probs)
-    torch_exit, ms_exit = exit_indices(torch_conf, thresholds), exit_indices(ms_conf, thresholds)
-    margin = 1e-5
-    borderline = (np.abs(torch_conf[:-1] - np.asarray(thresholds)[:-1, None]) <= margin).any(axis=0)
+    margins = FP32.margin(FP32.exit_bounds(dvt.config.depth, dvt.test_logits))
+    agreement = decision_agreement(torch_conf, exit_indices(ms_conf, thresholds), thresholds, margins, ms_conf)
     same_class = dvt.test_probs.argmax(-1) == ms_probs.argmax(-1)
     return {
         "images": len(images),
         "same_prediction_per_exit": same_class.sum(axis=1).tolist(),
-        "same_exit": int((torch_exit == ms_exit).sum()),
-        "borderline": int(borderline.sum()),
-        "differ_not_borderline": int(((torch_exit != ms_exit) & ~borderline).sum()),
+        "same_exit": agreement.samples - agreement.differ,
+        "borderline": agreement.borderline,
+        "margin": agreement.margin,
+        "differ_not_borderline": int(agreement.unexplained.size),
         "max_abs_prob_delta": float(np.abs(dvt.test_probs - ms_probs).max()),
     }
 
@@ -158,7 +166,7 @@ def precision_agreement(dvt: Evaluated, images: np.ndarray, labels: np.ndarray, 
     from dvt_shared.exit_policy import confidences, exit_indices
 
     backend = next(name for name, b in backends.BACKENDS.items() if precision in b.precisions)
-    probs = dvt.exit_probs(images, backend, precision)
+    probs = softmax(dvt.exit_logits(images, backend, precision))
     reference = dvt.test_probs[:, :len(images)]
     runs_on = f"{backend} {precision}"
     ref_conf, conf = confidences(reference), confidences(probs)
@@ -221,7 +229,7 @@ def markdown(report: dict) -> str:
     if agreement:
         lines += ["", f"MindSpore (graph mode) on the same {agreement['images']} images: same prediction per exit "
                   f"{agreement['same_prediction_per_exit']}, same exit {agreement['same_exit']} "
-                  f"({agreement['borderline']} borderline within 1e-5 of a threshold, "
+                  f"({agreement['borderline']} borderline within {agreement['margin']:.1e} of a threshold, "
                   f"{agreement['differ_not_borderline']} others differ), max |d prob| {agreement['max_abs_prob_delta']:.1e}."]
     lines += precision_lines(report.get("precisions", []))
     return "\n".join(lines) + "\n"
@@ -239,7 +247,7 @@ def precision_lines(agreements: list[dict]) -> list[str]:
 
 def classifier_agreement(evaluated: Evaluated, images: np.ndarray) -> dict:
     """MindSpore (graph mode) on the same images: predictions and probabilities vs PyTorch."""
-    ms_probs = all_exit_probs(evaluated.config, evaluated.tensors, images, backend="mindspore", batch=500)[-1]
+    ms_probs = softmax(all_exit_logits(evaluated.config, evaluated.tensors, images, backend="mindspore", batch=500)[-1])
     torch_probs = evaluated.test_probs[-1]
     return {
         "images": len(images),

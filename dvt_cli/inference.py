@@ -53,16 +53,14 @@ def _calibration_images(args, config: DVTConfig) -> tuple[np.ndarray, np.ndarray
     return normalise_fashion_mnist(images[rows]), labels[rows].astype(np.int64)
 
 
-def all_exit_probs(
+def all_exit_logits(
     config, tensors, images: np.ndarray, backend: str = SCORING_BACKEND, batch: int = 256, precision: str = "fp32"
 ) -> np.ndarray:
-    """(exits, n, classes) softmax outputs of every exit (one for a VT model) of the model `config` and
-    `tensors` describe, run by `backend` at `precision`."""
-    from dvt_shared.exit_policy import softmax
-
+    """(exits, n, classes) logits of every exit (one for a VT model) of the model `config` and `tensors`
+    describe, run by `backend` at `precision`."""
     backends.check_precision(precision, backend)
     facade = backends.load(backend)
-    return softmax(facade.all_exit_logits(facade.inference_model(config, tensors), images, batch, precision))
+    return facade.all_exit_logits(facade.inference_model(config, tensors), images, batch, precision)
 
 
 def _calibrate(args: argparse.Namespace) -> None:
@@ -81,7 +79,7 @@ def _calibrate(args: argparse.Namespace) -> None:
             "the least any policy spends per image"
         )
     images, labels = _calibration_images(args, config)
-    probs = all_exit_probs(config, tensors, images)
+    probs = exit_policy.softmax(all_exit_logits(config, tensors, images))
     exit_policy.check_calibration_data(probs, labels)
     if args.budget is not None:
         thresholds = exit_policy.thresholds_for_budget(probs, gflops, args.budget)

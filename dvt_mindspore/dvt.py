@@ -7,7 +7,6 @@ run in Python before it, so their messages stay readable.
 """
 from __future__ import annotations
 
-import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import TruncatedNormal, initializer
@@ -19,7 +18,8 @@ from dvt_shared.image_checks import check_finite, check_image_dtype, check_image
 from dvt_shared.token_schedule import resample_matrix_1d, sinusoid_table
 
 from .layers import (
-    Block, PatchEmbed, T2TStem, class_token, dense, forget_compiled_graphs, gelu, layer_norm, resample_relations,
+    Block, PatchEmbed, PointwiseConv2d, T2TStem, class_token, dense, forget_compiled_graphs, gelu, layer_norm,
+    resample_relations,
 )
 
 _FLOAT_DTYPES = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
@@ -35,10 +35,6 @@ def check_images(x: Tensor, config: DVTConfig, dtype=None) -> None:
     finite = ops.isfinite(x)
     if not bool(finite.all()):
         check_finite(finite.reshape(x.shape[0], -1).all(axis=1).asnumpy())
-
-
-def _constant(matrix: np.ndarray) -> Tensor:
-    return Tensor(np.asarray(matrix, dtype=np.float32))
 
 
 class DVTStage(nn.Cell):
@@ -77,16 +73,19 @@ class DVTStage(nn.Cell):
         self.blocks = nn.CellList([Block(config, index, rate) for rate in config.drop_path_rates])
         self.norm = layer_norm(dim, config.layernorm_eps)
 
-        reuses = self.feature_reuse or self.relation_reuse
-        self.resample_t = _constant(resample_matrix_1d(config.grids[index - 1], self.grid).T) if reuses else None
+        if self.feature_reuse or self.relation_reuse:
+            matrix = resample_matrix_1d(config.grids[index - 1], self.grid).T
+            self.resample_t = Tensor(matrix, ms.float32)
+            # float64 runs get the exact map: entries such as 1/3 are not float32 numbers
+            self.resample_t_float64 = Tensor(matrix, ms.float64)
+        else:
+            self.resample_t = self.resample_t_float64 = None
         if self.relation_reuse:
             channels = config.relation_channels
             hidden = config.relation_hidden
-            self.relation_reuse_conv = nn.SequentialCell([
-                nn.Conv2d(channels, hidden, kernel_size=1, pad_mode="valid", has_bias=True),
-                gelu(),
-                nn.Conv2d(hidden, channels, kernel_size=1, pad_mode="valid", has_bias=True),
-            ])
+            self.relation_reuse_conv = nn.SequentialCell(
+                [PointwiseConv2d(channels, hidden), gelu(), PointwiseConv2d(hidden, channels)]
+            )
         self.head = dense(dim, config.num_classes)
 
     def embed(self, x):
@@ -94,18 +93,19 @@ class DVTStage(nn.Cell):
         cls = ops.broadcast_to(self.cls_token, (x.shape[0], 1, x.shape[2]))
         return self.pos_drop(ops.cat((cls, x), axis=1) + self.pos_embed)
 
-    def relation_biases(self, relations):
+    def relation_biases(self, relations, resample_t):
         """Previous logits -> 1x1 convs -> both token axes resampled -> one (B, heads, N, N) bias per block."""
-        mixed = resample_relations(self.relation_reuse_conv(relations), self.resample_t)
+        mixed = resample_relations(self.relation_reuse_conv(relations), resample_t)
         return ops.chunk(mixed, self.depth, axis=1)
 
     def tokens(self, x, features=None, relations=None):
         """Last-block tokens before the final norm, and every block's attention logits."""
         x = self.embed(x)
-        biases = self.relation_biases(relations) if self.relation_reuse else (None,) * self.depth
+        resample_t = self.resample_t_float64 if x.dtype == ms.float64 else self.resample_t
+        biases = self.relation_biases(relations, resample_t) if self.relation_reuse else (None,) * self.depth
         logits = ()
         for block, bias in zip(self.blocks, biases):
-            x, block_logits = block(x, features, self.resample_t, bias)
+            x, block_logits = block(x, features, resample_t, bias)
             logits = logits + (block_logits,)
         return x, logits
 

@@ -38,9 +38,29 @@ def matmul_last(x, matrix):
     return ops.matmul(x.reshape(-1, x.shape[-1]), matrix).reshape(x.shape[:-1] + (matrix.shape[1],))
 
 
-def layer_norm(dim: int, eps: float) -> nn.LayerNorm:
-    # MindSpore's default epsilon is 1e-7; the release's norms use the config's.
-    return nn.LayerNorm((dim,), begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm over the last axis (parameters `gamma`, `beta`), with the release's epsilon.
+
+    The CPU kernel computes float64 input at float32 precision (2.9e-8 relative error, against 2e-16
+    for the ops composed here), so float64 input is normalised with plain ops: the float64 run that
+    proves the port equal to the release must not round anywhere to float32.
+    """
+
+    def __init__(self, dim: int, eps: float):
+        # MindSpore's default epsilon is 1e-7; the release's norms use the config's.
+        super().__init__((dim,), begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+        self.eps_float64 = Tensor(eps, ms.float64)
+
+    def construct(self, x):
+        if x.dtype != ms.float64:
+            return super().construct(x)
+        centred = x - x.mean(axis=-1, keep_dims=True)
+        variance = (centred * centred).mean(axis=-1, keep_dims=True)
+        return centred / ops.sqrt(variance + self.eps_float64) * self.gamma + self.beta
+
+
+def layer_norm(dim: int, eps: float) -> LayerNorm:
+    return LayerNorm(dim, eps)
 
 
 def gelu() -> nn.GELU:
@@ -97,11 +117,15 @@ class TokenPerformer(nn.Cell):
         self.mlp = nn.SequentialCell([dense(emb, emb), gelu(), dense(emb, emb), nn.Dropout(p=drop)])
         w = initializer(Orthogonal(), (self.m, emb), ms.float32).init_data().asnumpy() * math.sqrt(self.m)
         self.w = Parameter(Tensor(w.astype(np.float32)), name="w", requires_grad=False)
+        # Python floats enter the graph as float32: float64 runs use these (see Attention)
+        self.sqrt_m_float64 = Tensor(math.sqrt(self.m), ms.float64)
+        self.eps_float64 = Tensor(eps, ms.float64)
 
     def prm_exp(self, x):
         # exp(w.x - |x|^2 / 2) / sqrt(m): positive random features of the softmax kernel
         xd = (x * x).sum(axis=-1, keepdims=True) / 2
-        return ops.exp(matmul_last(x, self.w.swapaxes(0, 1)) - xd) / math.sqrt(self.m)
+        sqrt_m = self.sqrt_m_float64 if x.dtype == ms.float64 else math.sqrt(self.m)
+        return ops.exp(matmul_last(x, self.w.swapaxes(0, 1)) - xd) / sqrt_m
 
     def construct(self, x):
         x = self.norm1(x)
@@ -109,7 +133,8 @@ class TokenPerformer(nn.Cell):
         kp, qp = self.prm_exp(k), self.prm_exp(q)
         normaliser = batch_matmul(qp, kp.sum(axis=1).expand_dims(-1))
         kptv = batch_matmul(v.swapaxes(1, 2), kp)
-        y = batch_matmul(qp, kptv, transpose_b=True) / (normaliser + self.eps)
+        eps = self.eps_float64 if x.dtype == ms.float64 else self.eps
+        y = batch_matmul(qp, kptv, transpose_b=True) / (normaliser + eps)
         x = v + self.dp(self.proj(y))
         return x + self.mlp(self.norm2(x))
 
@@ -149,14 +174,55 @@ class PatchEmbed(nn.Cell):
     def __init__(self, config: DVTConfig, index: int):
         super().__init__()
         kernel, stride, padding = config.stages[index].stem.splits[0]
-        self.proj = nn.Conv2d(
-            config.in_chans, config.embed_dim, kernel_size=kernel, stride=stride, pad_mode="pad", padding=padding,
-            has_bias=True,
-        )
+        self.proj = UnfoldConv2d(config.in_chans, config.embed_dim, kernel, stride, padding, bias=True)
 
     def construct(self, x):
         x = self.proj(x)
         return x.reshape(x.shape[0], x.shape[1], -1).swapaxes(1, 2)
+
+
+class UnfoldConv2d(nn.Conv2d):
+    """`nn.Conv2d` (same parameters, same names) computed as unfold + one batched matmul on CPU.
+
+    MindSpore 2.10's CPU Conv2D hands oneDNN plain NCHW tensors, for which oneDNN runs a reference
+    kernel when the kernel is larger than 1x1: about 1 GFLOP/s on the AMD Zen 5 it was measured on
+    (a 3x3, 16-channel convolution of 8x28x28 maps took 25 ms, against 0.9 ms with oneDNN's gemm
+    kernel), which made the Fashion-MNIST ResNet 6.6x and VT-ResNet 12x slower than this. 1x1
+    convolutions keep the native kernel, and so does every convolution of a cell built while
+    another device is the target. The CPU's Conv2D has no float64 kernel; this path has one.
+    """
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, padding: int, bias: bool, **kwargs):
+        super().__init__(cin, cout, kernel, stride=stride, pad_mode="pad", padding=padding, has_bias=bias, **kwargs)
+        self.unfolded = kernel > 1 and ms.get_context("device_target") == "CPU"
+
+    def construct(self, x):
+        if not self.unfolded:
+            return super().construct(x)
+        kernel, stride, padding = self.kernel_size[0], self.stride[0], self.padding
+        batch, _, height, width = x.shape
+        out_height = (height + 2 * padding - kernel) // stride + 1
+        out_width = (width + 2 * padding - kernel) // stride + 1
+        columns = ops.unfold(x, kernel, padding=padding, stride=stride)  # (B, C k k, out_height out_width)
+        weight = self.weight.reshape(self.out_channels, -1)
+        y = batch_matmul(ops.broadcast_to(weight, (batch,) + weight.shape), columns)
+        if self.has_bias:
+            y = y + self.bias.reshape(1, -1, 1)
+        return y.reshape(batch, self.out_channels, out_height, out_width)
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """A 1x1 convolution (nn.Conv2d's parameters and names) computed as one batched matrix product over
+    the pixels, as PyTorch's twin does; unlike Conv2D on CPU, it also runs in float64."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, kernel_size=1, pad_mode="valid", has_bias=True)
+
+    def construct(self, x):
+        batch, _, height, width = x.shape
+        weight = self.weight.reshape(self.out_channels, -1)
+        y = batch_matmul(ops.broadcast_to(weight, (batch,) + weight.shape), x.reshape(batch, x.shape[1], -1))
+        return (y + self.bias.reshape(1, -1, 1)).reshape(batch, self.out_channels, height, width)
 
 
 class Attention(nn.Cell):
@@ -166,6 +232,9 @@ class Attention(nn.Cell):
         super().__init__()
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
+        # a Python float enters the graph as float32 (1/sqrt(24) is not a float32 number): float64 runs
+        # multiply by the float64 scale
+        self.scale_float64 = Tensor(self.scale, ms.float64)
         self.qkv = dense(dim, dim * 3, has_bias=qkv_bias)
         self.attn_drop = nn.Dropout(p=attn_drop)
         self.proj = dense(dim, dim)
@@ -180,7 +249,7 @@ class Attention(nn.Cell):
             ops.transpose(t.reshape(batch, tokens, self.num_heads, dim // self.num_heads), (0, 2, 1, 3))
             for t in ops.split(self.qkv(x), dim, axis=-1)
         )
-        logits = batch_matmul(q, k, transpose_b=True) * self.scale
+        logits = batch_matmul(q, k, transpose_b=True) * (self.scale_float64 if x.dtype == ms.float64 else self.scale)
         if relation_bias is not None:
             logits = logits + relation_bias
         attn = self.attn_drop(ops.softmax(logits, axis=-1))

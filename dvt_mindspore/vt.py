@@ -22,7 +22,7 @@ from dvt_shared.vt import (
     VTSpec,
 )
 
-from .layers import batch_matmul, forget_compiled_graphs, matmul_last
+from .layers import UnfoldConv2d, batch_matmul, forget_compiled_graphs, matmul_last
 
 _FLOAT_DTYPES = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
 
@@ -134,36 +134,6 @@ class VTModule(nn.Cell):
 
 
 # ---------------------------------------------------------------- ResNet trunk (timm's layout)
-
-
-class UnfoldConv2d(nn.Conv2d):
-    """`nn.Conv2d` (same parameters, same names) computed as unfold + one batched matmul on CPU.
-
-    MindSpore 2.10's CPU Conv2D hands oneDNN plain NCHW tensors, for which oneDNN runs a reference
-    kernel when the kernel is larger than 1x1: about 1 GFLOP/s on the AMD Zen 5 it was measured on
-    (a 3x3, 16-channel convolution of 8x28x28 maps took 25 ms, against 0.9 ms with oneDNN's gemm
-    kernel), which made the Fashion-MNIST ResNet 6.6x and VT-ResNet 12x slower than this. 1x1
-    convolutions keep the native kernel, and so does every convolution of a cell built while
-    another device is the target.
-    """
-
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int, padding: int, bias: bool, **kwargs):
-        super().__init__(cin, cout, kernel, stride=stride, pad_mode="pad", padding=padding, has_bias=bias, **kwargs)
-        self.unfolded = kernel > 1 and ms.get_context("device_target") == "CPU"
-
-    def construct(self, x):
-        if not self.unfolded:
-            return super().construct(x)
-        kernel, stride, padding = self.kernel_size[0], self.stride[0], self.padding
-        batch, _, height, width = x.shape
-        out_height = (height + 2 * padding - kernel) // stride + 1
-        out_width = (width + 2 * padding - kernel) // stride + 1
-        columns = ops.unfold(x, kernel, padding=padding, stride=stride)  # (B, C k k, out_height out_width)
-        weight = self.weight.reshape(self.out_channels, -1)
-        y = batch_matmul(ops.broadcast_to(weight, (batch,) + weight.shape), columns)
-        if self.has_bias:
-            y = y + self.bias.reshape(1, -1, 1)
-        return y.reshape(batch, self.out_channels, out_height, out_width)
 
 
 def _conv(cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0, bias: bool = False) -> nn.Conv2d:

@@ -62,9 +62,9 @@ class DVTStage(nn.Module):
         )
         self.norm = nn.LayerNorm(config.embed_dim, eps=config.layernorm_eps)
 
-        if self.feature_reuse or self.relation_reuse:
-            matrix = resample_matrix_1d(config.grids[index - 1], self.grid).T
-            self.register_buffer("resample_t", torch.tensor(matrix, dtype=torch.float32), persistent=False)
+        # (s, t) one-axis map from the previous grid, None where the stage reuses nothing
+        self.resample_grids = (config.grids[index - 1], self.grid) if self.feature_reuse or self.relation_reuse else None
+        self.register_buffer("resample_t", self.resample_matrix(torch.float32, None), persistent=False)
         if self.relation_reuse:
             channels = config.relation_channels
             hidden = config.relation_hidden
@@ -77,6 +77,21 @@ class DVTStage(nn.Module):
         if config.pos_embed == "learned":
             trunc_normal_(self.pos_embed, std=0.02)
         self.apply(init_weights)
+
+    def resample_matrix(self, dtype: torch.dtype, device: torch.device | None) -> torch.Tensor | None:
+        """The transposed resampling map of dvt_shared in `dtype`, rounded once from its float64 entries."""
+        if self.resample_grids is None:
+            return None
+        return torch.tensor(resample_matrix_1d(*self.resample_grids).T, dtype=dtype, device=device)
+
+    def _apply(self, fn, recurse=True):
+        # `.double()`, `.half()`, `.to(...)` convert buffers from their current values; the map is rebuilt
+        # from its exact entries instead (entries such as 1/3 are not float32 numbers), so that a float64
+        # model computes in float64 throughout.
+        super()._apply(fn, recurse)
+        if self.resample_t is not None:
+            self.resample_t = self.resample_matrix(self.resample_t.dtype, self.resample_t.device)
+        return self
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         stem = self.tokens_to_token if hasattr(self, "tokens_to_token") else self.patch_embed

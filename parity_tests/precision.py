@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 
 import dvt_torch
+from dvt_shared.error_bounds import DecisionAgreement
+from dvt_shared.error_bounds import decision_agreement as shared_decision_agreement
 from dvt_shared.exit_policy import confidences, exit_indices, softmax
 from dvt_torch import DVT as TorchDVT
 from parity_tests import harness
@@ -35,7 +37,7 @@ class ExitAgreement:
 
     max_delta: float  # max |d logit|
     bound: float  # the target's logit bound for it
-    factor: float  # max_delta in units of u * sqrt(blocks) * max(1, logit scale): compare with target.factor
+    factor: float  # max_delta in units of u * sqrt(blocks) * max(1, logit scale): compare with target.errors.factor
 
     @property
     def ok(self) -> bool:
@@ -47,37 +49,14 @@ def logit_agreement(target: PrecisionTarget, reference: np.ndarray, reduced: np.
     for k, (ref, got) in enumerate(zip(reference, reduced)):
         blocks, scale = depth * (k + 1), float(np.abs(ref).max())
         delta = harness.max_abs_delta(got, ref)
-        unit = target.logit_bound(blocks, scale) / target.factor
-        rows.append(ExitAgreement(delta, target.logit_bound(blocks, scale), delta / unit))
+        rows.append(ExitAgreement(delta, target.errors.bound(blocks, scale), target.errors.units(delta, blocks, scale)))
     return rows
-
-
-@dataclass(frozen=True)
-class DecisionAgreement:
-    samples: int
-    differ: int  # samples leaving at another exit
-    borderline: int  # samples within the margin of a threshold they met on the way
-    unexplained: np.ndarray  # indices of samples that differ without being borderline
-    margin: float
-
-    @property
-    def borderline_share(self) -> float:
-        return self.borderline / self.samples
 
 
 def decision_agreement(
     target: PrecisionTarget, reference: np.ndarray, reduced: np.ndarray, thresholds, agreements: list[ExitAgreement]
 ) -> DecisionAgreement:
     """Exits chosen at both precisions with the same thresholds; margins from each exit's logit bound."""
-    thresholds = np.asarray(thresholds, dtype=np.float32)
     ref_conf, got_conf = confidences(softmax(reference)), confidences(softmax(reduced))
-    ref_exit, got_exit = exit_indices(ref_conf, thresholds), exit_indices(got_conf, thresholds)
-    margins = np.array([target.decision_margin(a.bound) for a in agreements[:-1]])[:, None]
-    # thresholds each sample met on its way at either precision (the last exit takes everyone)
-    passed = np.arange(len(thresholds) - 1)[:, None] <= np.maximum(ref_exit, got_exit)[None]
-    gap = np.minimum(np.abs(ref_conf[:-1] - thresholds[:-1, None]), np.abs(got_conf[:-1] - thresholds[:-1, None]))
-    borderline = ((gap <= margins) & passed).any(axis=0)
-    differ = ref_exit != got_exit
-    return DecisionAgreement(
-        len(ref_exit), int(differ.sum()), int(borderline.sum()), np.flatnonzero(differ & ~borderline), float(margins.max())
-    )
+    margins = target.errors.margin([a.bound for a in agreements])
+    return shared_decision_agreement(ref_conf, exit_indices(got_conf, thresholds), thresholds, margins, got_conf)

@@ -22,7 +22,7 @@ OBSERVATIONS: list[Observation] = []
 
 
 def record(check: str, case: str, target: str, item: str, observed: str, bound: str, ok: bool) -> Observation:
-    observation = Observation(check, case, target, item, observed, bound, ok)
+    observation = Observation(check, case, target, item, observed, bound, bool(ok))
     OBSERVATIONS.append(observation)
     print(f"[parity] {check} {case} {target} {item}: {observed} (bound {bound}){'' if ok else '  FAILED'}")
     return observation

@@ -12,6 +12,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 
+from dvt_shared.error_bounds import decision_agreement
 from dvt_shared.exit_policy import confidences, exit_indices, exit_shares, find_thresholds, softmax
 from parity_tests import harness
 from parity_tests.report import record
@@ -39,10 +40,10 @@ def structured_noise(count: int, size: int, seed: int) -> np.ndarray:
     return (2.0 * blob + 0.5 * stripes + pixels).astype(np.float32)[:, None]
 
 
-def probabilities(run, x: np.ndarray) -> np.ndarray:
-    """(exits, samples, classes) softmax outputs, computed chunk by chunk."""
+def exit_logits(run, x: np.ndarray) -> np.ndarray:
+    """(exits, samples, classes) logits, computed chunk by chunk."""
     chunks = [np.stack(run(x[start:start + CHUNK])) for start in range(0, len(x), CHUNK)]
-    return softmax(np.concatenate(chunks, axis=1).astype(np.float32))
+    return np.concatenate(chunks, axis=1).astype(np.float32)
 
 
 @pytest.mark.parametrize("target", TARGET_PARAMS)
@@ -56,55 +57,49 @@ def test_same_exit_for_every_sample(target):
 
     calibration = structured_noise(CALIBRATION, size, seed=11)
     thresholds = find_thresholds(
-        probabilities(lambda x: harness.torch_outputs(torch_model, x, target.torch_device), calibration),
+        softmax(exit_logits(lambda x: harness.torch_outputs(torch_model, x, target.torch_device), calibration)),
         exit_shares(P, torch_model.num_exits),
     )
 
     test = structured_noise(TEST, size, seed=12)
-    torch_probs = probabilities(lambda x: harness.torch_outputs(torch_model, x, target.torch_device), test)
+    torch_logits = exit_logits(lambda x: harness.torch_outputs(torch_model, x, target.torch_device), test)
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
-        ms_probs = probabilities(lambda x: harness.mindspore_outputs(ms_model, x), test)
+        ms_logits = exit_logits(lambda x: harness.mindspore_outputs(ms_model, x), test)
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
-    torch_conf, ms_conf = confidences(torch_probs), confidences(ms_probs)
+    torch_conf, ms_conf = confidences(softmax(torch_logits)), confidences(softmax(ms_logits))
     torch_exit, ms_exit = exit_indices(torch_conf, thresholds), exit_indices(ms_conf, thresholds)
 
-    # Thresholds each sample met on its way in either backend (the last exit takes everyone).
-    passed = np.arange(torch_model.num_exits - 1)[:, None] <= np.maximum(torch_exit, ms_exit)[None]
-    gap = np.minimum(
-        np.abs(torch_conf[:-1] - thresholds[:-1, None]), np.abs(ms_conf[:-1] - thresholds[:-1, None])
-    )
-    borderline = ((gap <= target.decision_margin) & passed).any(axis=0)
-    differ = torch_exit != ms_exit
-    wrong = np.flatnonzero(differ & ~borderline)
-    share = borderline.sum() / TEST
-    conf_delta = harness.max_abs_delta(ms_conf, torch_conf)
+    # margins from each exit's logit bound (dvt_shared.error_bounds), the logits scaled by PyTorch's
+    depth = torch_model.config.depth
+    bounds = np.array([target.logit_bound(depth * (k + 1), torch_logits[k]) for k in range(len(thresholds))])
+    margins = target.errors.margin(bounds)
+    agreement = decision_agreement(torch_conf, ms_exit, thresholds, margins, ms_conf)
+    share = agreement.borderline_share
+    conf_delta = np.abs(ms_conf - torch_conf).max(axis=1)
     counts = np.bincount(torch_exit, minlength=torch_model.num_exits).tolist()
+    # a confidence moves by at most half its logits' bound
+    conf_ok = bool((conf_delta <= bounds / 2).all())
+    ok = agreement.unexplained.size == 0 and share < target.max_borderline_share and conf_ok
     record(
         "decisions", CASE.name, target.name, f"{TEST} samples, exits {counts}",
-        f"{int(differ.sum())} differ, {int(borderline.sum())} borderline (margin {target.decision_margin:.0e}), "
-        f"max |dconf| {conf_delta:.1e}, closest to a threshold {float(gap[passed].min()):.1e}",
-        f"0 non-borderline, < {target.max_borderline_share:.1%}",
-        wrong.size == 0 and share < target.max_borderline_share and conf_delta <= 2 * target.decision_margin,
+        f"{agreement.differ} differ, {agreement.borderline} borderline (margin {agreement.margin:.1e}), "
+        f"max |dconf| {conf_delta.max():.1e}, closest to a threshold {agreement.closest:.1e}",
+        f"0 non-borderline, < {target.max_borderline_share:.1%}", ok,
     )
-    # A sample can only switch exits if a threshold lies between its two confidences, so within
-    # conf_delta / 2 of one: a margin of at least half the largest difference catches every switch.
-    assert conf_delta <= 2 * target.decision_margin, (
-        f"confidences differ by up to {conf_delta:.2e}, more than twice the margin {target.decision_margin:.0e}"
-    )
+    assert conf_ok, f"confidences differ by up to {conf_delta} per exit, more than half the logit bounds {bounds}"
     assert min(counts) > 0, f"thresholds {thresholds} route no sample to some exit: {counts}; the check would be vacuous"
+    wrong = agreement.unexplained
     if wrong.size:
-        where = harness.first_divergence(
-            torch_model, ms_model, test[wrong[:4]], target.logits_small, target.torch_device
-        )
+        where = harness.first_divergence(torch_model, ms_model, test[wrong[:4]], bounds[-1], target.torch_device)
         pytest.fail(
             f"{wrong.size} sample(s) leave at different exits although no confidence is within "
-            f"{target.decision_margin:.0e} of a threshold: samples {wrong[:10].tolist()}, PyTorch exits "
+            f"{agreement.margin:.1e} of a threshold: samples {wrong[:10].tolist()}, PyTorch exits "
             f"{torch_exit[wrong[:10]].tolist()}, MindSpore exits {ms_exit[wrong[:10]].tolist()}; "
             f"first divergent layer on them: {where}"
         )
     assert share < target.max_borderline_share, (
-        f"{int(borderline.sum())} of {TEST} samples ({share:.2%}) lie within {target.decision_margin:.0e} "
+        f"{agreement.borderline} of {TEST} samples ({share:.2%}) lie within {agreement.margin:.1e} "
         f"of a threshold, more than {target.max_borderline_share:.1%}"
     )

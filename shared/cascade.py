@@ -28,5 +28,11 @@ def run_stage(stage, images, state: ReuseState | None) -> tuple[Any, ReuseState]
     if (stage.feature_reuse or stage.relation_reuse) and state is None:
         raise ValueError("this stage reuses the previous stage's work: pass the ReuseState it returned")
     state = state or ReuseState(None, None)
+    for name, held in zip(ReuseState._fields, state):
+        if held is not None and held.shape[0] != images.shape[0]:
+            raise ValueError(
+                f"the ReuseState's {name} are of {held.shape[0]} images, the batch has {images.shape[0]}: "
+                "pass the state the previous stage returned for these same images"
+            )
     logits, features, relations = stage(images, state.features, state.relations)
     return logits, ReuseState(features, relations)

@@ -7,6 +7,7 @@ stems, widths, depths) is reproduced exactly for the three release names.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -112,10 +113,19 @@ class DVTConfig:
             raise ValueError(f"pos_embed must be one of {POS_EMBED_KINDS}, got {self.pos_embed!r}")
         if not self.stages:
             raise ValueError("a DVT config needs at least one stage")
-        for key in ("embed_dim", "depth", "num_heads", "img_size", "in_chans", "num_classes", "token_dim"):
+        for key in ("embed_dim", "depth", "num_heads", "img_size", "in_chans", "num_classes", "token_dim",
+                    "reuse_dim", "reuse_hidden", "relation_expansion"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        for key in ("mlp_ratio", "performer_kernel_ratio", "layernorm_eps", "performer_eps", "stem_layernorm_eps"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+                raise ValueError(f"{key} must be a positive finite number, got {value!r}")
+        for key in ("stem_drop_rate", "drop_rate", "attn_drop_rate", "drop_path_rate"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+                raise ValueError(f"{key} must be a probability in [0, 1), got {value!r}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         grids = self.grids  # raises when a stem leaves no tokens

@@ -222,6 +222,10 @@ def check_state_dict(
     `expected` maps the model's keys to shapes; `tensors` maps keys to anything with a
     `.shape` (numpy, torch or MindSpore tensors) or to shapes.
     """
+    if not isinstance(tensors, Mapping):
+        raise TypeError(
+            f"{source} must map tensor names to arrays (a dict, as load_canonical returns), got {type(tensors).__name__}"
+        )
     missing = [key for key in expected if key not in tensors]
     unexpected = [key for key in tensors if key not in expected]
     mismatched = [

@@ -43,6 +43,10 @@ class TorchBackend:
         """A model of this backend holding `torch_model`'s weights (here: the model itself)."""
         return torch_model
 
+    def float64(self, model):
+        """`model` computing in float64 (its input must be float64 too)."""
+        return model.double()
+
     def mode(self, mode: str):
         if mode not in self.modes:
             raise ValueError(f"PyTorch runs in {self.modes}, not {mode!r}")
@@ -123,6 +127,9 @@ class MindSporeBackend:
     def twin(self, torch_model):
         """A MindSpore model holding `torch_model`'s weights, through the canonical format."""
         return self.convert.from_canonical(self.build(torch_model.config), self._torch_canonical(torch_model))
+
+    def float64(self, model):
+        return model.to(self.ms.float64)
 
     def mode(self, mode: str):
         """Switch to PyNative or graph mode (the root conftest restores PyNative after every test)."""

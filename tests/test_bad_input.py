@@ -34,6 +34,7 @@ from dvt_shared.weight_format import WeightMetadata, save_canonical
 from dvt_torch import convert as torch_convert
 from dvt_onnx import OnnxAdaptiveDVT
 from dvt_torch.export import export_onnx
+from tests.bounds import assert_chosen_close, assert_exits_close
 
 CONFIG = get_config("dvt_t2t_vit_fmnist", embed_dim=24, depth=1, num_heads=2, token_dim=8)
 THRESHOLDS = [0.3, 0.3, -1e8]
@@ -122,11 +123,10 @@ def test_other_memory_layouts_give_the_same_logits(backend, model):
     expected = backend.exits(model, backend.tensor(x))
     reference = backend.engine(model, THRESHOLDS).predict(backend.tensor(x))
     for layout, other in backend.layouts(x).items():
-        for got, want in zip(backend.exits(model, other), expected):
-            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=layout)
+        assert_exits_close(backend.exits(model, other), expected, CONFIG.depth, label=f"{layout}, exit")
         prediction = backend.engine(model, THRESHOLDS).predict(other)
         np.testing.assert_array_equal(prediction.exit_index, reference.exit_index, err_msg=layout)
-        np.testing.assert_allclose(prediction.logits, reference.logits, rtol=0, atol=1e-6, err_msg=layout)
+        assert_chosen_close(prediction.logits, reference.logits, reference.exit_index, CONFIG.depth, label=layout)
 
 
 def test_a_batch_larger_than_max_batch_goes_through_in_chunks(backend, model):
@@ -145,7 +145,7 @@ def test_a_batch_larger_than_max_batch_goes_through_in_chunks(backend, model):
     assert seen and max(seen) <= 8
     whole = backend.engine(model, [0.5, 0.5, -1e8], max_batch=64).predict(x)
     np.testing.assert_array_equal(chunked.exit_index, whole.exit_index)
-    np.testing.assert_allclose(chunked.logits, whole.logits, rtol=0, atol=1e-5)
+    assert_chosen_close(chunked.logits, whole.logits, whole.exit_index, CONFIG.depth)
 
 
 @pytest.mark.parametrize("max_batch", [0, -4, 2.5, True])
@@ -173,6 +173,25 @@ def test_weights_with_another_class_count_name_every_head(backend, torch_model):
     for stage in ("less_less_token", "less_token", "normal_token"):
         assert f"{stage}.head.weight: expected (4, 24) vs got (10, 24)" in message
         assert f"{stage}.head.bias: expected (4,) vs got (10,)" in message
+
+
+def test_weights_that_are_no_mapping_are_named(backend, torch_model):
+    tensors = list(torch_convert.to_canonical(torch_model).values())
+    with pytest.raises(TypeError, match="the weights must map tensor names to arrays .*got list"):
+        backend.convert.from_canonical(backend.build(CONFIG), tensors)
+
+
+def test_reuse_state_of_another_batch_is_named(backend, model):
+    _, state = model.forward_stage(0, backend.tensor(images(3)))
+    with pytest.raises(ValueError, match="ReuseState's features are of 3 images, the batch has 2"):
+        model.forward_stage(1, backend.tensor(images(2)), state)
+
+
+@pytest.mark.parametrize("key,value", [("mlp_ratio", float("nan")), ("mlp_ratio", -2.0), ("layernorm_eps", float("inf")),
+                                       ("drop_path_rate", 1.5), ("reuse_dim", 0)])
+def test_config_numbers_out_of_range_are_named(backend, key, value):
+    with pytest.raises(ValueError, match=f"{key} must be a "):
+        backend.create_model("dvt_t2t_vit_fmnist", **{key: value})
 
 
 def test_weights_of_another_model_list_what_differs(backend):
@@ -442,6 +461,11 @@ def test_calibrate_on_one_image_or_one_class(weights, data_dir, tmp_path, capsys
 def test_calibrate_unwritable_output(weights, blocked, capsys):
     err = fails(capsys, ["calibrate", "--weights", weights, "--out", blocked.with_suffix(".safetensors")])
     assert "a_file is not a directory" in err
+
+
+def test_predict_weights_that_are_a_folder(tmp_path, image_file, capsys):
+    err = fails(capsys, ["predict", "--weights", tmp_path, image_file])
+    assert f"{tmp_path} is a directory, not a weight file" in err
 
 
 def test_predict_missing_weights(tmp_path, capsys):

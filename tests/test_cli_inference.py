@@ -175,13 +175,13 @@ def test_mindspore_logs_are_silenced_unless_verbose(monkeypatch):
 def test_evaluate_precision_agreement(weights, precision):
     """`dvt evaluate --precision` scores the same images at the reduced precision and compares with fp32."""
     from dvt_cli.evaluate import Evaluated, precision_agreement
-    from dvt_cli.inference import all_exit_probs
+    from dvt_cli.inference import all_exit_logits
 
     tensors, metadata = load_canonical(weights)
     images = np.random.default_rng(3).standard_normal((64, 1, 28, 28)).astype(np.float32)
-    probs = all_exit_probs(metadata.config, tensors, images)
-    labels = probs[-1].argmax(-1)  # fp32's last exit is right by construction
-    evaluated = Evaluated(metadata.config, tensors, None, probs, None, 0)
+    logits = all_exit_logits(metadata.config, tensors, images)
+    labels = logits[-1].argmax(-1)  # fp32's last exit is right by construction
+    evaluated = Evaluated(metadata.config, tensors, None, logits, None, 0)
     got = precision_agreement(evaluated, images, labels, [0.5, 0.5, -1e8], precision)
     assert got["precision"] == precision and got["images"] == 64
     assert len(got["exit_accuracy"]) == len(got["same_prediction_per_exit"]) == 3
@@ -192,6 +192,6 @@ def test_evaluate_precision_agreement(weights, precision):
     backend = {"bf16": "torch", "fp16": "mindspore"}[precision]
     assert evaluated.engine(backend, precision) is evaluated.engine(backend, precision)
     first = precision_agreement(evaluated, images[:32], labels[:32], [0.5, 0.5, -1e8], precision)
-    reduced = evaluated.exit_probs(images[:32], backend, precision)
+    reduced = evaluated.exit_logits(images[:32], backend, precision)
     assert first["images"] == 32
-    assert first["same_prediction_per_exit"] == (reduced.argmax(-1) == probs[:, :32].argmax(-1)).sum(axis=1).tolist()
+    assert first["same_prediction_per_exit"] == (reduced.argmax(-1) == logits[:, :32].argmax(-1)).sum(axis=1).tolist()
