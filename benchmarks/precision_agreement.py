@@ -1,7 +1,7 @@
 """The shipped Fashion-MNIST DVT at reduced precision against PyTorch fp32, on all 10,000 test images.
 
 For each parity target of parity_tests/targets.py (`ascend-fp16`: MindSpore graph mode computing
-as Ascend does; `bf16`: PyTorch autocast): accuracy per exit, predictions equal to fp32's, max
+as Ascend does; `bf16` and `fp16`: PyTorch autocast): accuracy per exit, predictions equal to fp32's, max
 |d logit| against its bound, and exit decisions with the shipped thresholds (same exit, and the
 share of samples within the decision margin of a threshold), printed as a table and plotted.
 
@@ -50,7 +50,7 @@ def plot(accuracy: dict[str, list[float]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=10000, help="first N test images (default all 10,000)")
-    parser.add_argument("--targets", nargs="+", default=["ascend-fp16", "bf16"])
+    parser.add_argument("--targets", nargs="+", default=["ascend-fp16", "bf16", "fp16"])
     parser.add_argument("--data-dir", help="folder with the four Fashion-MNIST IDX files")
     parser.add_argument("--png", default="out/precision_agreement.png", help="plot path ('' for none)")
     parser.add_argument("--verbose", action="store_true", help="show MindSpore's C++ log lines")

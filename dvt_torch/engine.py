@@ -17,22 +17,23 @@ from .dvt import DVT, ReuseState, check_images
 
 __all__ = ["AdaptiveDVT", "PRECISIONS", "Prediction", "autocast_for"]
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autocast_for(device: torch.device | str, precision: str):
     """The context a forward pass at `precision` runs in on `device`."""
     if precision not in PRECISIONS:
-        raise ValueError(f"PyTorch precision must be one of {PRECISIONS}, got {precision!r} (fp16 is MindSpore's)")
+        raise ValueError(f"PyTorch precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=torch.device(device).type, dtype=AUTOCAST_DTYPES[precision])
 
 
 class AdaptiveDVT(AdaptiveEngine):
     """`AdaptiveDVT(model, thresholds).predict(images)`: each image runs only the stages it needs.
 
-    precision: "fp32", or "bf16" (autocast on the model's device).
+    precision: "fp32", or "bf16" or "fp16" (autocast on the model's device).
     """
 
     def __init__(self, model: DVT, thresholds, max_batch: int = DEFAULT_MAX_BATCH, precision: str = "fp32"):

@@ -1,6 +1,7 @@
 """Building blocks of a DVT stage in PyTorch, laid out to the release's state-dict keys."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -34,15 +35,22 @@ class TokenPerformer(nn.Module):
     def prm_exp(self, x: torch.Tensor) -> torch.Tensor:
         # exp(w.x - |x|^2 / 2) / sqrt(m): positive random features of the softmax kernel
         xd = (x * x).sum(dim=-1, keepdim=True) / 2
-        return torch.exp(x @ self.w.t() - xd) / math.sqrt(self.m)
+        return torch.exp(x @ self.w.t().to(x.dtype) - xd) / math.sqrt(self.m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm1(x)
         k, q, v = torch.split(self.kqv(x), self.emb, dim=-1)
-        kp, qp = self.prm_exp(k), self.prm_exp(q)
-        normaliser = qp @ kp.sum(dim=1).unsqueeze(-1)
-        kptv = v.transpose(1, 2) @ kp
-        y = (qp @ kptv.transpose(1, 2)) / (normaliser + self.eps)
+        # The random features exp(w.x - |x|^2 / 2) and their sums exceed fp16's 65504 on real images (the
+        # shipped model's stem gave inf, then NaN, on every test image): under fp16 autocast the linear
+        # attention runs in float32, as MindSpore's fp16 engine runs it. bf16 has float32's range.
+        half = k.dtype == torch.float16
+        dtype = torch.float32 if half else k.dtype
+        with torch.autocast(x.device.type, enabled=False) if half else contextlib.nullcontext():
+            k, q, wide_v = k.to(dtype), q.to(dtype), v.to(dtype)
+            kp, qp = self.prm_exp(k), self.prm_exp(q)
+            normaliser = qp @ kp.sum(dim=1).unsqueeze(-1)
+            kptv = wide_v.transpose(1, 2) @ kp
+            y = ((qp @ kptv.transpose(1, 2)) / (normaliser + self.eps)).to(v.dtype)
         x = v + self.dp(self.proj(y))
         return x + self.mlp(self.norm2(x))
 

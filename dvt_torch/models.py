@@ -61,7 +61,7 @@ def count_parameters(model: nn.Module) -> int:
 
 def all_exit_logits(model: nn.Module, images: np.ndarray, batch: int = 256, precision: str = "fp32") -> np.ndarray:
     """(exits, n, classes) float32 logits of every exit (one for a classifier) at `precision` ("fp32" or
-    "bf16" autocast), in batches with a progress bar."""
+    "bf16" or "fp16" autocast), in batches with a progress bar."""
     chunks = []
     device = next(model.parameters()).device
     with torch.inference_mode(), autocast_for(device, precision):

@@ -130,10 +130,9 @@ def cpu_has_native_bf16() -> bool:
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     dtype = AMP_DTYPES[amp]
-    if dtype is None or device.type == "cuda":
+    # fp16 runs anywhere (on a CPU slowly, for trying a GPU recipe): what overflows fp16 computes in float32
+    if dtype is None or device.type == "cuda" or amp == "fp16":
         return dtype
-    if amp == "fp16":
-        raise ValueError("--amp fp16 needs a CUDA device (float16 autocast on CPU is slow and unstable); use --amp none on CPU")
     if not cpu_has_native_bf16():
         raise ValueError(
             "--amp bf16 on CPU needs native bf16 arithmetic (CPU flag avx512_bf16 or amx_bf16, and a oneDNN build "
@@ -451,7 +450,7 @@ class TrainingRun:
             min_lr=args.min_lr, step_on_epochs=False, updates_per_epoch=self.steps_per_epoch,
         )
         self.ema = ModelEmaV3(self.model, decay=args.ema_decay) if args.ema else None
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
         self.mixup = None
         if args.mixup > 0 or args.cutmix > 0:
             self.mixup = Mixup(

@@ -63,7 +63,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     run.add_argument("--seed", type=int, default=0)
     run.add_argument(
         "--amp", choices=AMP_CHOICES, default="none",
-        help="autocast dtype: fp16 on CUDA; bf16 on CUDA or on a CPU with native bf16 (AVX512-BF16 or AMX)",
+        help="autocast dtype: fp16 (with loss scaling) on CUDA, or slowly on a CPU to try a recipe; bf16 on CUDA "
+        "or on a CPU with native bf16 (AVX512-BF16 or AMX)",
     )
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     run.add_argument(
