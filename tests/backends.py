@@ -86,7 +86,8 @@ class TorchBackend:
     def trainable_names(self, model) -> set[str]:
         return {name for name, p in model.named_parameters() if p.requires_grad}
 
-    def engine(self, model, thresholds, **kwargs):
+    def engine(self, model, thresholds, gears=None, **kwargs):
+        """The early-exit engine; PyTorch runs any batch size, so `gears` (MindSpore's) changes nothing."""
         return self.engine_module.AdaptiveDVT(model, thresholds, **kwargs)
 
     def layouts(self, images: np.ndarray) -> dict:
@@ -166,9 +167,11 @@ class MindSporeBackend:
     def trainable_names(self, model) -> set[str]:
         return {self.convert.release_key(p.name) for p in model.trainable_params()}
 
-    def engine(self, model, thresholds, **kwargs):
+    def engine(self, model, thresholds, gears="dynamic", **kwargs):
+        """The engine in graph mode, by default with one graph per stage for any batch size: every gear
+        is a compile of seconds, and tests/test_gears.py holds the gears to the same answers."""
         self.mode("graph")
-        return self.engine_module.AdaptiveDVT(model, thresholds, **kwargs)
+        return self.engine_module.AdaptiveDVT(model, thresholds, gears=gears, **kwargs)
 
     def layouts(self, images: np.ndarray) -> dict:
         nhwc = np.ascontiguousarray(images.transpose(0, 2, 3, 1))

@@ -67,7 +67,9 @@ def test_all_exit_logits_equal_the_models(case, backend):
     """`all_exit_logits` runs every stage on every image through the engine's own stages (MindSpore:
     its gears, here 300 images as 3 chunks of 100 padded to gear 128) and returns them in input order."""
     model, images, all_exit, _, thresholds = case
-    got = engine(backend, model, thresholds, max_batch=128).all_exit_logits(backend.tensor(images.numpy()))
+    got = engine(backend, model, thresholds, max_batch=128, gears="powers-of-two").all_exit_logits(
+        backend.tensor(images.numpy())
+    )
     assert got.shape == all_exit.shape and got.dtype == np.float32
     assert_exits_close(got, all_exit, model.config.depth)
 
