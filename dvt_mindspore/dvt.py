@@ -25,12 +25,15 @@ from .layers import (
 _FLOAT_DTYPES = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
 
 
-def check_images(x: Tensor, config: DVTConfig, dtype=None) -> None:
-    """Reject anything but a finite floating (B, C, H, W) batch of the config's size (in `dtype`, if given)."""
+def check_images(x: Tensor, config: DVTConfig, dtype=None, values: bool = True) -> None:
+    """Reject anything but a floating (B, C, H, W) batch of the config's size (in `dtype`, if given), and
+    with `values`, one holding NaN or Inf."""
     if not isinstance(x, Tensor):
         raise TypeError(f"images must be a mindspore.Tensor, got {type(x).__name__}")
     check_image_shape(x.shape, config)
     check_image_dtype(x.dtype, x.dtype in _FLOAT_DTYPES, dtype)
+    if not values:
+        return
     # One reduction in the common case; the per-image scan only to word the error.
     finite = ops.isfinite(x)
     if not bool(finite.all()):
@@ -122,7 +125,8 @@ class DVTStage(nn.Cell):
 
 
 class DVT(nn.Cell):
-    """The cascade, with the PyTorch twin's (timm's) model contract.
+    """The cascade, with the PyTorch twin's (timm's) model contract (input checks included: NaN and Inf
+    are looked for in eval mode only).
 
     `model.forward_exits(x)` returns the per-exit logits, fewest tokens first. `model(x)`
     returns them too in training mode; in eval mode (a Cell's default) it returns the last
@@ -164,7 +168,7 @@ class DVT(nn.Cell):
 
     def forward_stage(self, index: int, x: Tensor, state: ReuseState | None = None) -> tuple[Tensor, ReuseState]:
         """Logits of exit `index` and the reuse state the next exit needs."""
-        check_images(x, self.config, self.dtype)
+        check_images(x, self.config, self.dtype, values=not self.training)
         return self.run_stage(index, x, state)
 
     def run_stage(self, index: int, x: Tensor, state: ReuseState | None) -> tuple[Tensor, ReuseState]:
@@ -173,7 +177,7 @@ class DVT(nn.Cell):
 
     def __call__(self, x):
         # Checked here, in Python, so that graph mode compiles only the model itself.
-        check_images(x, self.config, self.dtype)
+        check_images(x, self.config, self.dtype, values=not self.training)
         if self.training:
             # Graph mode keeps a Cell's graph with the training flag it was first compiled under, so
             # the per-exit tuple of training comes from the stage graphs, never from the eval graph.
@@ -192,7 +196,7 @@ class DVT(nn.Cell):
 
     def forward_exits(self, x: Tensor) -> tuple[Tensor, ...]:
         """Every exit's logits, fewest tokens first, in any mode (each stage its own graph in graph mode)."""
-        check_images(x, self.config, self.dtype)
+        check_images(x, self.config, self.dtype, values=not self.training)
         return self.run_exits(x)
 
     def run_exits(self, x: Tensor) -> tuple[Tensor, ...]:
@@ -205,7 +209,7 @@ class DVT(nn.Cell):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last stage's normalised tokens (B, N, D), class token first; the earlier stages run for their reuse."""
-        check_images(x, self.config, self.dtype)
+        check_images(x, self.config, self.dtype, values=not self.training)
         state = ReuseState(None, None)
         for index in range(self.num_exits - 1):
             _, state = self.run_stage(index, x, state)

@@ -167,20 +167,52 @@ def eval_transform(img_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return partial(_eval_tensor, img_size=img_size, mean=mean, std=std)
 
 
-def train_transform(img_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Standard ImageNet training transform: random resized crop, horizontal flip, normalise."""
-    from torchvision import transforms
+def _grey_image(path: str):
+    from PIL import Image
 
-    return transforms.Compose([
-        transforms.RandomResizedCrop(img_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
+    with open(path, "rb") as handle:
+        return Image.open(handle).convert("L")
 
 
-def image_folder_splits(root: str | os.PathLike, img_size: int = 224):
-    """(train, val) torchvision ImageFolders of `root`/train and `root`/val with the transforms above."""
+def _rgb_image(path: str):
+    from PIL import Image
+
+    with open(path, "rb") as handle:
+        return Image.open(handle).convert("RGB")
+
+
+# How an image file is read for a model of this many input channels.
+FOLDER_LOADERS = {1: _grey_image, 3: _rgb_image}
+
+
+def folder_loader(config):
+    """The function that reads an image file for the model `config` describes: grey or RGB."""
+    if config.in_chans not in FOLDER_LOADERS:
+        raise ValueError(
+            f"{config.name} takes {config.in_chans}-channel images; image folders are read as grey (1 channel) "
+            "or RGB (3 channels)"
+        )
+    return FOLDER_LOADERS[config.in_chans]
+
+
+def folder_transforms(config) -> tuple:
+    """(train, eval) transforms of image files for the model `config` describes, built by timm from the
+    model's own data config (`dvt_shared.data_config`: channels, size, mean, std, interpolation, crop):
+    training takes a random resized crop and a horizontal flip, evaluation the model's centre crop."""
+    from timm.data import create_transform
+
+    from dvt_shared.data_config import data_config
+
+    cfg = data_config(config)
+    common = dict(input_size=cfg["input_size"], mean=cfg["mean"], std=cfg["std"], interpolation=cfg["interpolation"])
+    train = create_transform(**common, is_training=True, hflip=0.5, color_jitter=None)
+    evaluation = create_transform(**common, is_training=False, crop_pct=cfg["crop_pct"], crop_mode=cfg["crop_mode"])
+    return train, evaluation
+
+
+def image_folder_splits(root: str | os.PathLike):
+    """(train, val) torchvision ImageFolders of `root`/train and `root`/val; how their images are read and
+    transformed is set for a model with `folder_loader` and `folder_transforms`."""
     from torchvision.datasets import ImageFolder
 
     root = os.fspath(root)
@@ -190,8 +222,7 @@ def image_folder_splits(root: str | os.PathLike, img_size: int = 224):
             f"{root} is not an image-folder dataset: missing {', '.join(missing)}/ "
             "(expected train/CLASS/*.jpg and val/CLASS/*.jpg)"
         )
-    train = ImageFolder(os.path.join(root, "train"), transform=train_transform(img_size))
-    val = ImageFolder(os.path.join(root, "val"), transform=eval_transform(img_size))
+    train, val = ImageFolder(os.path.join(root, "train")), ImageFolder(os.path.join(root, "val"))
     if train.classes != val.classes:
         raise ValueError(f"{root}: train/ and val/ hold different classes ({len(train.classes)} vs {len(val.classes)})")
     return train, val

@@ -19,8 +19,9 @@ from .layers import Block, PatchEmbed, PointwiseConv2d, T2TStem, init_weights, r
 from timm.layers import trunc_normal_
 
 
-def check_images(x: torch.Tensor, config: DVTConfig, dtype: torch.dtype | None = None) -> None:
-    """Reject anything but a finite floating (B, C, H, W) batch of the config's size (in `dtype`, if given).
+def check_images(x: torch.Tensor, config: DVTConfig, dtype: torch.dtype | None = None, values: bool = True) -> None:
+    """Reject anything but a floating (B, C, H, W) batch of the config's size (in `dtype`, if given), and
+    with `values`, one holding NaN or Inf.
 
     Any memory layout is accepted (channels-last, strided views): every layer reads by index.
     """
@@ -28,6 +29,8 @@ def check_images(x: torch.Tensor, config: DVTConfig, dtype: torch.dtype | None =
         raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
     check_image_shape(x.shape, config)
     check_image_dtype(x.dtype, x.is_floating_point(), dtype)
+    if not values:
+        return
     # One reduction in the common case; the per-image scan only to word the error.
     if not bool(torch.isfinite(x).all()):
         check_finite(torch.isfinite(x).flatten(1).all(dim=1).cpu().numpy())
@@ -135,6 +138,9 @@ class DVTStage(nn.Module):
 class DVT(nn.Module):
     """The cascade, with timm's model contract.
 
+    Input checks: shape and dtype always; NaN and Inf in eval mode only. A training batch comes from
+    the data pipeline, and scanning its values would cost a host synchronisation every step on a GPU.
+
     `model.forward_exits(x)` returns the per-exit logits, fewest tokens first (the release's
     output). `model(x)` returns them too in training mode (the loss needs every exit); in
     eval mode it returns the last exit's logits alone, the prediction of the whole cascade
@@ -178,7 +184,7 @@ class DVT(nn.Module):
         self, index: int, x: torch.Tensor, state: ReuseState | None = None
     ) -> tuple[torch.Tensor, ReuseState]:
         """Logits of exit `index` and the reuse state the next exit needs."""
-        check_images(x, self.config, self.dtype)
+        check_images(x, self.config, self.dtype, values=not self.training)
         return self.run_stage(index, x, state)
 
     def run_stage(self, index: int, x: torch.Tensor, state: ReuseState | None) -> tuple[torch.Tensor, ReuseState]:
@@ -187,7 +193,7 @@ class DVT(nn.Module):
 
     def forward_exits(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Every exit's logits, fewest tokens first, in any mode."""
-        check_images(x, self.config, self.dtype)
+        check_images(x, self.config, self.dtype, values=not self.training)
         outputs, state = [], None
         for index in range(self.num_exits):
             logits, state = self.run_stage(index, x, state)
@@ -196,7 +202,7 @@ class DVT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's normalised tokens (B, N, D), class token first; the earlier stages run for their reuse."""
-        check_images(x, self.config, self.dtype)
+        check_images(x, self.config, self.dtype, values=not self.training)
         state = None
         for index in range(self.num_exits - 1):
             _, state = self.run_stage(index, x, state)

@@ -41,12 +41,12 @@ from .data import (
     BatchAugment,
     epoch_indices,
     eval_batches,
-    eval_transform,
     fashion_mnist_splits,
+    folder_loader,
+    folder_transforms,
     image_folder_splits,
     seeded_subset,
     tensor_batches,
-    train_transform,
 )
 from .checkpoint import load_weights_only
 from .convert import to_canonical
@@ -66,7 +66,8 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 NO_WEIGHT_DECAY = ("*.cls_token", "*.pos_embed")
 # Options that do not change what is computed, so they may differ when resuming.
 RESUME_FREE_ARGS = frozenset(
-    {"resume", "max_steps", "out", "progress", "dump_rank_weights", "workers", "data_dir", "threads"}
+    {"resume", "max_steps", "out", "progress", "dump_rank_weights", "workers", "data_dir", "threads", "epochs",
+     "local_rank"}
 )
 # Non-interactive logs (nohup) get a progress line this often instead of every refresh.
 LOG_PROGRESS_INTERVAL_S = 60.0
@@ -98,11 +99,12 @@ def _resolve_device(choice: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def setup_distributed(device_choice: str) -> Dist:
-    """Join the torchrun process group named by RANK/WORLD_SIZE/LOCAL_RANK, if there is one."""
+def setup_distributed(device_choice: str, local_rank: int | None = None) -> Dist:
+    """Join the process group named by RANK/WORLD_SIZE (torchrun, or torch.distributed.launch, which may
+    pass the local rank as --local-rank rather than LOCAL_RANK), if there is one."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", local_rank or 0))
     device = _resolve_device(device_choice, local_rank)
     if world_size > 1:
         if device.type == "cuda":
@@ -203,12 +205,14 @@ class _Data:
                 f"batch of {args.batch_size}; lower --batch-size or enlarge --train-subset"
             )
 
-    def set_image_size(self, img_size: int) -> None:
+    def set_model_input(self, config) -> None:
         if self.kind == "folder":
-            # The folder's transforms crop to the model's input size, known only once the config is.
-            for split, transform in ((self.train_set, train_transform), (self.test_set, eval_transform)):
+            # How a folder's images are read (grey or RGB) and cropped and normalised follows the model,
+            # known only once the config is (its class count comes from the folders).
+            loader = folder_loader(config)
+            for split, transform in zip((self.train_set, self.test_set), folder_transforms(config)):
                 folder = split.dataset if isinstance(split, torch.utils.data.Subset) else split
-                folder.transform = transform(img_size)
+                folder.loader, folder.transform = loader, transform
 
     def train_batches(self, epoch: int, start_batch: int, augment_generator: torch.Generator):
         order = epoch_indices(len(self.train_set), epoch, self.args.seed, self.dist.rank, self.dist.world_size)
@@ -430,7 +434,7 @@ class TrainingRun:
                 f"{config.name} takes {config.in_chans}-channel {config.img_size}x{config.img_size} images; Fashion-MNIST "
                 f"needs a 1-channel 28x28 config such as dvt_t2t_vit_fmnist"
             )
-        self.data.set_image_size(config.img_size)
+        self.data.set_model_input(config)
         self.exit_weights = tuple(args.exit_weights) if args.exit_weights else (1.0,) * config.num_exits
         if len(self.exit_weights) != config.num_exits:
             raise ValueError(f"--exit-weights has {len(self.exit_weights)} values but {config.name} has {config.num_exits} exits")
@@ -440,10 +444,16 @@ class TrainingRun:
         # The same seed on every rank gives every rank the same initial weights.
         torch.manual_seed(args.seed)
         self.model = build_model(config).to(device)
+        on_cuda = device.type == "cuda"
         self.optimizer = create_optimizer_v2(
-            self.model, "adamw", lr=args.lr, weight_decay=args.weight_decay, foreach=True,
+            self.model, "adamw", lr=args.lr, weight_decay=args.weight_decay,
             param_group_fn=lambda m: param_groups_weight_decay(m, args.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY),
+            # one fused kernel for the whole update on CUDA; multi-tensor (foreach) on a CPU
+            **({"fused": True} if on_cuda else {"foreach": True}),
         )
+        if on_cuda and torch.cuda.get_device_capability(device)[0] >= 8:
+            # TF32 matmuls on Ampere and later, as timm's train.py trains (float32 range, 10-bit mantissa inputs)
+            torch.set_float32_matmul_precision("high")
         self.steps_per_epoch = self.data.steps_per_epoch
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer, "cosine", num_epochs=args.epochs, warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
@@ -503,10 +513,16 @@ class TrainingRun:
     def restore(self, path: str) -> None:
         """Continue from the checkpoint `path`, refusing one whose recipe computes something else."""
         state = load_checkpoint(path)
-        _check_resumable(json.loads(state["recipe"]), self.recipe, path)
+        saved = json.loads(state["recipe"])
+        _check_resumable(saved, self.recipe, path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if saved["args"]["epochs"] == self.args.epochs:
+            self.scheduler.load_state_dict(state["scheduler"])
+        else:
+            # More (or fewer) epochs than the run was started with: the schedule is the new length's, at
+            # the step reached (timm's train.py resumes a changed --epochs the same way).
+            self.scheduler.step_update(num_updates=int(state["step"]))
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         if self.scaler is not None:
@@ -599,6 +615,7 @@ class TrainingRun:
     def end_epoch(self, epoch: int, started: float) -> dict:
         """Evaluate every exit (and the EMA's), append the epoch's record to the history, reset the sums."""
         loss_sum, correct, seen = _all_reduce(self.dist, self.sums["loss"], self.sums["correct"], self.sums["seen"])
+        train_time = time.perf_counter() - started
         num_exits = self.config.num_exits
         record = {
             "epoch": epoch + 1, "step": self.step, "loss": round(float(loss_sum) / int(seen), 6),
@@ -611,7 +628,10 @@ class TrainingRun:
             )
         epoch_time = time.perf_counter() - started
         self.elapsed += epoch_time
-        record.update(lr=self.optimizer.param_groups[0]["lr"], epoch_time_s=round(epoch_time, 2), elapsed_s=round(self.elapsed, 2))
+        # training images per second over every rank (the epoch's training part; after a mid-epoch resume
+        # the images before the interruption count too)
+        record.update(lr=self.optimizer.param_groups[0]["lr"], epoch_time_s=round(epoch_time, 2), elapsed_s=round(self.elapsed, 2),
+                      train_images_per_s=round(int(seen) / train_time, 1))
         self.history.append(record)
         self.epochs_done = epoch + 1
         self.sums = _new_sums(num_exits)
@@ -652,7 +672,7 @@ class _LastExit(torch.nn.Module):
 
 def train(args: argparse.Namespace) -> dict:
     """Train as `args` says (see add_train_arguments); returns the run's metrics."""
-    dist_ctx = setup_distributed(args.device)
+    dist_ctx = setup_distributed(args.device, args.local_rank)
     try:
         return _train(args, dist_ctx)
     finally:
@@ -695,7 +715,7 @@ def _train(args: argparse.Namespace, dist_ctx: Dist) -> dict:
             print(
                 f"epoch {run.epochs_done}/{args.epochs} loss {record['loss']:.4f} train acc {record['train_acc']} "
                 f"test acc {record['test_acc']}" + (f" ema {record['test_acc_ema']}" if run.ema is not None else "")
-                + f" lr {record['lr']:.2e} {record['epoch_time_s']:.0f}s",
+                + f" lr {record['lr']:.2e} {record['epoch_time_s']:.0f}s ({record['train_images_per_s']:.0f} images/s)",
                 flush=True,
             )
         run.save(checkpoint_path)

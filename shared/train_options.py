@@ -68,6 +68,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     run.add_argument(
+        "--local-rank", "--local_rank", type=int, default=None, metavar="N",
+        help="this process's rank on its node, as torch.distributed.launch passes it (torchrun sets LOCAL_RANK instead)",
+    )
+    run.add_argument(
         "--threads", type=int, default=None,
         help="torch CPU threads (default: cores / local processes); on a CPU shared with other jobs, 1 thread "
         "avoids OpenMP threads spin-waiting for a descheduled sibling, which can slow steps tenfold",

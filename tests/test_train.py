@@ -132,7 +132,8 @@ def test_tiny_run_learns_and_writes_its_files(tmp_path, data_dir):
     metrics = train(_args(out, data_dir, "--epochs", "4", "--lr", "1e-2", "--warmup-epochs", "0.5", "--crop-padding", "0"))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3, 4]
-    assert {"epoch", "step", "loss", "train_acc", "test_acc", "lr", "epoch_time_s", "elapsed_s"} <= set(log[0])
+    assert {"epoch", "step", "loss", "train_acc", "test_acc", "lr", "epoch_time_s", "elapsed_s", "train_images_per_s"} <= set(log[0])
+    assert all(r["train_images_per_s"] > 0 for r in log)
     assert len(log[0]["train_acc"]) == len(log[0]["test_acc"]) == 3
     assert log[-1]["loss"] < log[0]["loss"] - 0.5
     assert max(log[-1]["test_acc"]) > 15.0  # chance is 10%
@@ -191,7 +192,7 @@ def _assert_same_run(whole, split):
         _assert_same_weights(_weights(whole / name), _weights(split / name))
     whole_log = [json.loads(x) for x in (whole / "log.jsonl").read_text().splitlines()]
     split_log = [json.loads(x) for x in (split / "log.jsonl").read_text().splitlines()]
-    strip = lambda r: {k: v for k, v in r.items() if k not in ("epoch_time_s", "elapsed_s")}  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("epoch_time_s", "elapsed_s", "train_images_per_s")}  # noqa: E731
     assert [strip(r) for r in whole_log] == [strip(r) for r in split_log]
 
 
@@ -249,6 +250,20 @@ def test_resume_refuses_a_changed_recipe(tmp_path, data_dir):
         train(_args(tmp_path, data_dir))
 
 
+def test_resume_may_extend_the_epochs(tmp_path, data_dir):
+    """A finished run continued with a larger --epochs trains the extra epochs on top of it (the cosine
+    schedule stretched to the new length, as timm's train.py resumes)."""
+    first = train(_args(tmp_path, data_dir))
+    assert first["completed"] and first["steps"] == 32  # 2 epochs of 256 / 16
+    before = _weights(tmp_path / "final.safetensors")
+    more = train(_args(tmp_path, data_dir, "--resume", "--epochs", "3"))
+    assert more["completed"] and more["steps"] == 48
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    after = _weights(tmp_path / "final.safetensors")
+    assert any(not np.array_equal(before[k], after[k]) for k in before)
+
+
 def test_bad_options_are_refused(tmp_path, data_dir, monkeypatch):
     with pytest.raises(FileNotFoundError):
         train(_args(tmp_path / "t", data_dir, "--teacher", str(tmp_path / "no_teacher.safetensors")))
@@ -304,6 +319,32 @@ def test_image_folder_run(tmp_path):
     assert metadata.config.num_classes == 2 and metadata.config.in_chans == 3
 
 
+def test_grey_image_folder_feeds_a_one_channel_model(tmp_path, data_dir):
+    """A folder of 28x28 grey PNGs trains the Fashion-MNIST DVT: images are read as grey and normalised
+    with the model's own statistics (its pretrained_cfg), not as RGB with ImageNet's."""
+    from PIL import Image
+
+    from dvt_shared.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+
+    images, labels = _synthetic_split(32, 3)
+    for split in ("train", "val"):
+        for i, (image, label) in enumerate(zip(images, labels)):
+            folder = tmp_path / "grey" / split / f"class{label % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image, mode="L").save(folder / f"{i}.png")
+    run = _tiny_run(data_dir, tmp_path / "run", "--data", str(tmp_path / "grey"), "--workers", "0")
+    assert run.config.in_chans == 1 and run.config.num_classes == 2
+    image, _ = run.data.test_set[0]
+    assert tuple(image.shape) == (1, 28, 28)
+    path = run.data.test_set.samples[0][0]
+    expected = (np.asarray(Image.open(path), dtype=np.float32) / 255 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+    np.testing.assert_allclose(image[0].numpy(), expected, rtol=0, atol=1e-6)
+    batch, _ = next(run.data.train_batches(0, 0, run.augment_generator))
+    assert tuple(batch.shape) == (16, 1, 28, 28)
+    run.train_step(*next(run.data.train_batches(0, 0, run.augment_generator)))
+    assert run.step == 1
+
+
 @pytest.mark.skipif(not os.path.isdir(DEFAULT_FASHION_MNIST_DIR), reason="dataset-fashion-mnist is not installed")
 def test_real_fashion_mnist_smoke(tmp_path):
     parser = add_train_arguments(argparse.ArgumentParser())
@@ -313,6 +354,18 @@ def test_real_fashion_mnist_smoke(tmp_path):
     ])
     metrics = train(args)
     assert metrics["steps"] == 2 and len(metrics["test_acc"]) == 3
+
+
+@pytest.mark.parametrize("flag", ["--local-rank=1", "--local_rank=1"])
+def test_the_local_rank_flag_of_torch_distributed_launch_is_taken(flag, data_dir, tmp_path, monkeypatch):
+    """torch.distributed.launch passes --local-rank (older versions --local_rank) instead of LOCAL_RANK."""
+    args = _args(tmp_path, data_dir, flag, "--device", "cpu")
+    assert args.local_rank == 1
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert train_module.setup_distributed("cpu", args.local_rank).local_rank == 1
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert train_module.setup_distributed("cpu", args.local_rank).local_rank == 0  # torchrun's variable wins
 
 
 def test_torchrun_two_ranks_agree(tmp_path, data_dir):
