@@ -34,7 +34,7 @@ from tqdm import tqdm
 from dvt_shared.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_IMAGE_SIZE
 from dvt_shared.io_utils import atomic_write_png, atomic_writer
 from dvt_shared.models import ModelConfig, family_of, get_model_config, model_gflops
-from dvt_shared.train_options import add_train_arguments
+from dvt_shared.train_options import MODEL_DEFAULT, add_train_arguments
 from dvt_shared.weight_format import WeightMetadata, save_canonical
 
 from .data import (
@@ -51,6 +51,7 @@ from .data import (
 from .checkpoint import load_weights_only
 from .convert import to_canonical
 from .dvt import multi_exit_loss
+from .finetune import InitWeights, base_config, freeze_stages, head_lr_groups, load_init_weights, read_init_weights
 from .models import build_model
 from .vt import exit_logits
 
@@ -155,10 +156,15 @@ def _parse_overrides(text: str | None) -> dict:
     return overrides
 
 
-def _build_config(args, num_classes: int) -> ModelConfig:
-    """The registered config with --model-overrides applied; `stages` (DVT) and `trunk`/`vt` (VT)
-    may be given in to_dict's JSON form, the latter as partial objects merged into the registered ones."""
-    config = get_model_config(args.model, num_classes=num_classes)
+def _build_config(args, num_classes: int, init: InitWeights | None = None) -> ModelConfig:
+    """The registered config (or, fine-tuning, the --init-weights file's) with --model-overrides applied;
+    `stages` (DVT) and `trunk`/`vt` (VT) may be given in to_dict's JSON form, the latter as partial objects
+    merged into the registered ones."""
+    if init is None:
+        config = get_model_config(args.model, num_classes=num_classes)
+    else:
+        # a file's own config names its model; --model, where changed from its default, must agree with it
+        config = base_config(init, args.model, args.model != MODEL_DEFAULT, num_classes)
     overrides = _parse_overrides(args.model_overrides)
     fields = config.to_dict()
     unknown = sorted(set(overrides) - set(fields))
@@ -426,7 +432,8 @@ class TrainingRun:
         device = self.device = dist_ctx.device
         self.amp_dtype = _amp_dtype(args.amp, device)
         self.data = _Data(args, dist_ctx)
-        config = self.config = _build_config(args, num_classes=len(self.data.classes))
+        init = read_init_weights(args.init_weights) if args.init_weights else None
+        config = self.config = _build_config(args, num_classes=len(self.data.classes), init=init)
         if family_of(config).task != "classification":
             raise ValueError(f"{config.name} is a segmentation model; this project has no segmentation data to train it on")
         if self.data.kind == "fmnist" and (config.in_chans, config.img_size) != (1, FASHION_MNIST_IMAGE_SIZE):
@@ -443,11 +450,18 @@ class TrainingRun:
 
         # The same seed on every rank gives every rank the same initial weights.
         torch.manual_seed(args.seed)
-        self.model = build_model(config).to(device)
+        self.model = build_model(config)
+        self.init_report = load_init_weights(self.model, init) if init is not None else None
+        self.frozen = freeze_stages(self.model, args.freeze_stages) if args.freeze_stages else []
+        self.model.to(device)
         on_cuda = device.type == "cuda"
+
+        def param_groups(model):
+            groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
+            return head_lr_groups(groups, model, args.head_lr_scale) if args.head_lr_scale != 1.0 else groups
+
         self.optimizer = create_optimizer_v2(
-            self.model, "adamw", lr=args.lr, weight_decay=args.weight_decay,
-            param_group_fn=lambda m: param_groups_weight_decay(m, args.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY),
+            self.model, "adamw", lr=args.lr, weight_decay=args.weight_decay, param_group_fn=param_groups,
             # one fused kernel for the whole update on CUDA; multi-tensor (foreach) on a CPU
             **({"fused": True} if on_cuda else {"foreach": True}),
         )
@@ -740,6 +754,10 @@ def _announce(run: TrainingRun) -> None:
         f"{run.dist.world_size} process(es) on {run.device}, {run.steps_per_epoch} steps/epoch x {run.args.epochs} epochs",
         flush=True,
     )
+    if run.init_report is not None and not run.args.resume:
+        print(run.init_report.summary(run.args.init_weights), flush=True)
+    if run.frozen:
+        print(f"frozen: the first {run.args.freeze_stages} stage(s), {len(run.frozen)} tensors", flush=True)
 
 
 def _save_final_weights(run: TrainingRun, out: str, metrics: dict) -> None:

@@ -79,12 +79,14 @@ def test_divergence_is_located():
 
 # Both backends in float64 compute the same function to rounding: every constant, scalar and kernel in float64.
 FLOAT64_RELATIVE_BOUND = 1e-12
-# Release-size configs run one image at half the size here: every layer and code path is the same at any
-# size, and float64 at 224x224 costs half a minute per model (its figures are in the README).
+# Release-size configs run one image at half the size here, in the slow set: every layer and code path is the
+# same at any size, and float64 at 224x224 costs half a minute per model (its figures are in the README).
 FLOAT64_SMALL_SIZE = 112
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [
+    pytest.param(case, id=case.name, marks=[pytest.mark.slow] if case.release_size else []) for case in harness.cases()
+])
 def test_float64_exit_logits(case):
     """PyTorch and MindSpore run in float64 on the same weights agree to 1e-12 of the largest logit on
     every exit, for every registered config and both release cascades: no kernel choice reaches that far."""

@@ -11,15 +11,26 @@ from .models import list_model_names
 
 # Autocast dtypes by name; the trainer maps each to its framework's dtype.
 AMP_CHOICES = ("none", "bf16", "fp16")
+MODEL_DEFAULT = "dvt_t2t_vit_fmnist"
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Register every training option on `parser` (used by `dvt train` and `python -m dvt_torch.train`)."""
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="dvt_t2t_vit_fmnist", help=f"registered config: {', '.join(list_model_names())}")
+    model.add_argument("--model", default=MODEL_DEFAULT, help=f"registered config: {', '.join(list_model_names())}")
     model.add_argument(
         "--model-overrides", default=None, metavar="JSON",
         help='JSON object of config fields to override, e.g. \'{"embed_dim": 32, "depth": 1}\'',
+    )
+    model.add_argument(
+        "--init-weights", default=None, metavar="PATH",
+        help="fine-tune: start from these weights (.safetensors, whose config is used; a release .pth/.pth.tar or a "
+        "MindSpore .ckpt of the --model); heads are sized for the data's classes and start afresh, learned position "
+        "embeddings are interpolated to another image size",
+    )
+    model.add_argument("--head-lr-scale", type=float, default=1.0, metavar="S", help="the heads' learning rate times S")
+    model.add_argument(
+        "--freeze-stages", type=int, default=0, metavar="K", help="DVT: the first K stages keep their weights",
     )
     data = parser.add_argument_group("data")
     data.add_argument("--data", default="fmnist", help="'fmnist' or a folder holding train/CLASS/*.jpg and val/CLASS/*.jpg")

@@ -326,13 +326,7 @@ def test_grey_image_folder_feeds_a_one_channel_model(tmp_path, data_dir):
 
     from dvt_shared.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
-    images, labels = _synthetic_split(32, 3)
-    for split in ("train", "val"):
-        for i, (image, label) in enumerate(zip(images, labels)):
-            folder = tmp_path / "grey" / split / f"class{label % 2}"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image, mode="L").save(folder / f"{i}.png")
-    run = _tiny_run(data_dir, tmp_path / "run", "--data", str(tmp_path / "grey"), "--workers", "0")
+    run = _tiny_run(data_dir, tmp_path / "run", "--data", str(_grey_folder(tmp_path / "grey")), "--workers", "0")
     assert run.config.in_chans == 1 and run.config.num_classes == 2
     image, _ = run.data.test_set[0]
     assert tuple(image.shape) == (1, 28, 28)
@@ -343,6 +337,62 @@ def test_grey_image_folder_feeds_a_one_channel_model(tmp_path, data_dir):
     assert tuple(batch.shape) == (16, 1, 28, 28)
     run.train_step(*next(run.data.train_batches(0, 0, run.augment_generator)))
     assert run.step == 1
+
+
+def _grey_folder(root, classes: int = 2, count: int = 32):
+    from PIL import Image
+
+    images, labels = _synthetic_split(count, 3)
+    for split in ("train", "val"):
+        for i, (image, label) in enumerate(zip(images, labels)):
+            folder = root / split / f"class{label % classes}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image, mode="L").save(folder / f"{i}.png")
+    return root
+
+
+def test_fine_tuning_loads_all_but_the_heads(tmp_path, data_dir, capsys):
+    """--init-weights: a 10-class Fashion-MNIST run's weights start a 2-class image-folder run; everything
+    but the heads is loaded, the first stage can stay frozen, the heads can learn faster."""
+    pretrained = train(_args(tmp_path / "pre", data_dir, "--epochs", "1"))
+    assert pretrained["completed"]
+    source = tmp_path / "pre" / "final.safetensors"
+    folder = _grey_folder(tmp_path / "grey")
+    run = _tiny_run(data_dir, tmp_path / "ft", "--data", str(folder), "--workers", "0", "--init-weights", str(source),
+                    "--freeze-stages", "1", "--head-lr-scale", "10")
+    assert run.config.num_classes == 2
+    report = run.init_report
+    heads = {f"{stage}.head.{p}" for stage in ("less_less_token", "less_token", "normal_token") for p in ("weight", "bias")}
+    assert set(report.reinitialised) == heads and not report.interpolated and not report.ignored
+    stored = _weights(source)
+    state = {k: v.clone() for k, v in run.model.state_dict().items()}
+    assert all(np.array_equal(state[k].numpy(), stored[k]) for k in report.loaded) and len(report.loaded) > 50
+    assert {g["lr_scale"] for g in run.optimizer.param_groups} == {1.0, 10.0}
+    frozen = {k: v.clone() for k, v in run.model.less_less_token.state_dict().items()}
+    run.train_step(*next(run.data.train_batches(0, 0, run.augment_generator)))
+    assert all(torch.equal(frozen[k], v) for k, v in run.model.less_less_token.state_dict().items())
+    assert not torch.equal(state["normal_token.head.weight"], run.model.state_dict()["normal_token.head.weight"])
+
+
+def test_fine_tuning_interpolates_learned_positions_and_reads_release_files(tmp_path):
+    from dvt_torch.checkpoint import write_release_checkpoint
+    from dvt_torch.convert import to_canonical
+    from dvt_torch.finetune import load_init_weights, read_init_weights
+
+    small = get_config("dvt_deit_small", img_size=64, embed_dim=24, depth=1, num_heads=2, num_classes=7)
+    torch.manual_seed(0)
+    path = tmp_path / "deit.pth"
+    write_release_checkpoint(path, to_canonical(DVT(small)))
+    init = read_init_weights(str(path))
+    assert init.config is None  # a release file: the model comes from --model
+    larger = DVT(small.replace(img_size=96, num_classes=3))
+    report = load_init_weights(larger, init)
+    assert report.interpolated == [f"{s}.pos_embed" for s in ("less_less_token", "less_token", "normal_token")]
+    assert len(report.reinitialised) == 6
+    with pytest.raises(ValueError, match="only the heads and learned position embeddings may differ"):
+        load_init_weights(DVT(small.replace(embed_dim=32, num_heads=2)), init)
+    with pytest.raises(ValueError, match="is a directory"):
+        read_init_weights(str(tmp_path))
 
 
 @pytest.mark.skipif(not os.path.isdir(DEFAULT_FASHION_MNIST_DIR), reason="dataset-fashion-mnist is not installed")
