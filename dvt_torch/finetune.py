@@ -104,7 +104,7 @@ def load_init_weights(model: nn.Module, init: InitWeights) -> InitReport:
         elif key.endswith("pos_embed") and stored.ndim == target.ndim == 3 and stored.shape[2] == target.shape[2]:
             updates[key] = _interpolated_pos_embed(stored, target.shape)
             report.interpolated.append(key)
-        elif key.startswith(HEAD_KEYS) or any(f".{name}" in key for name in HEAD_KEYS):
+        elif is_head(key):
             report.reinitialised.append(key)
         else:
             raise ValueError(

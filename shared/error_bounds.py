@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .exit_policy import exit_indices
+
 # Unit roundoff: half the distance from 1 to the next number (2^-(mantissa bits + 1)).
 UNIT_ROUNDOFF = {"fp64": 2.0**-53, "fp32": 2.0**-24, "fp16": 2.0**-11, "bf16": 2.0**-8}
 
@@ -118,8 +120,6 @@ def decision_agreement(reference_conf, other_exit, thresholds, margins, other_co
     confidence of the exit it left at: then the reference's confidence alone is held to twice the margin
     (the two lie within 2 x margin of each other, so a threshold between them is that close to the reference).
     """
-    from .exit_policy import exit_indices
-
     reference_conf = np.asarray(reference_conf, dtype=np.float64)
     thresholds = np.asarray(thresholds, dtype=np.float64)
     exits = len(thresholds)
