@@ -274,7 +274,7 @@ def _rank_state(augment_generator: torch.Generator, device: torch.device, sums: 
         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "augment": augment_generator.get_state(),
         "numpy": _numpy_state(),
-        "sums": {k: v.clone() for k, v in sums.items()},
+        "sums": {k: v.cpu().clone() for k, v in sums.items()},
     }
 
 
@@ -284,12 +284,13 @@ def _restore_rank_state(state: dict, augment_generator: torch.Generator, device:
         torch.cuda.set_rng_state(state["cuda"], device)
     augment_generator.set_state(state["augment"])
     _set_numpy_state(state["numpy"])
-    return state["sums"]
+    return {k: v.to(device) for k, v in state["sums"].items()}
 
 
-def _new_sums(num_exits: int) -> dict:
-    return {"loss": torch.zeros((), dtype=torch.float64), "correct": torch.zeros(num_exits, dtype=torch.int64),
-            "seen": torch.zeros((), dtype=torch.int64)}
+def _new_sums(num_exits: int, device: torch.device) -> dict:
+    return {"loss": torch.zeros((), dtype=torch.float64, device=device),
+            "correct": torch.zeros(num_exits, dtype=torch.int64, device=device),
+            "seen": torch.zeros((), dtype=torch.int64, device=device)}
 
 
 # ---------------------------------------------------------------- files
@@ -442,6 +443,8 @@ class TrainingRun:
                 f"needs a 1-channel 28x28 config such as dvt_t2t_vit_fmnist"
             )
         self.data.set_model_input(config)
+        if args.grad_accum < 1 or args.batch_size % args.grad_accum:
+            raise ValueError(f"--grad-accum {args.grad_accum} must be a positive divisor of --batch-size {args.batch_size}")
         self.exit_weights = tuple(args.exit_weights) if args.exit_weights else (1.0,) * config.num_exits
         if len(self.exit_weights) != config.num_exits:
             raise ValueError(f"--exit-weights has {len(self.exit_weights)} values but {config.name} has {config.num_exits} exits")
@@ -454,6 +457,8 @@ class TrainingRun:
         self.init_report = load_init_weights(self.model, init) if init is not None else None
         self.frozen = freeze_stages(self.model, args.freeze_stages) if args.freeze_stages else []
         self.model.to(device)
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
         on_cuda = device.type == "cuda"
 
         def param_groups(model):
@@ -490,7 +495,7 @@ class TrainingRun:
         self.augment_generator = torch.Generator().manual_seed(args.seed * 1_000_003 + 104_729 * (dist_ctx.rank + 1))
 
         self.step, self.epochs_done, self.elapsed = 0, 0, 0.0
-        self.sums = _new_sums(config.num_exits)
+        self.sums = _new_sums(config.num_exits, device)
         self.history: list[dict] = []
         self.train_model = self.model
         if dist_ctx.distributed:
@@ -562,14 +567,13 @@ class TrainingRun:
                 teacher_labels = self.teacher(images).argmax(dim=1)
             return (loss + multi_exit_loss(outputs, teacher_labels, self.exit_weights)) / 2
 
-    def apply_gradients(self, loss: torch.Tensor) -> None:
-        """Backward from `loss`, then one optimiser, scheduler and EMA update."""
-        self.optimizer.zero_grad(set_to_none=True)
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def apply_gradients(self) -> None:
+        """One optimiser, scheduler and EMA update from the gradients accumulated since the last one."""
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
         if self.args.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_grad)
         if self.scaler is not None:
@@ -577,22 +581,37 @@ class TrainingRun:
             self.scaler.update()
         else:
             self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.scheduler.step_update(num_updates=self.step)
         if self.ema is not None:
             self.ema.update(self.model, step=self.step)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """One optimiser step on a batch; with --grad-accum N, the batch runs as N micro-batches whose
+        gradients add up to the whole batch's (the same update, 1/N of the activation memory)."""
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        images = images.contiguous(memory_format=self.memory_format)
         targets = labels
         if self.mixup is not None:
             images, targets = self.mixup(images, labels)
-        outputs = self.forward(images)
-        loss = self.loss(outputs, targets, images)
-        self.apply_gradients(loss)
-        self.sums["loss"] += loss.detach().double().cpu() * labels.numel()
-        self.sums["correct"] += torch.stack([(o.argmax(dim=1) == labels).sum() for o in outputs]).cpu()
-        self.sums["seen"] += labels.numel()
+        parts = self.args.grad_accum
+        batch = labels.numel()
+        for index, (part_images, part_targets, part_labels) in enumerate(
+            zip(images.chunk(parts), targets.chunk(parts), labels.chunk(parts))
+        ):
+            # DDP averages gradients across ranks once, on the last micro-batch
+            last = index == parts - 1
+            sync = contextlib.nullcontext() if last or not self.dist.distributed else self.train_model.no_sync()
+            with sync:
+                outputs = self.forward(part_images)
+                loss = self.loss(outputs, part_targets, part_images)
+                self.backward(loss * (part_labels.numel() / batch))
+            # running sums stay on the device: no host synchronisation per step
+            self.sums["loss"] += loss.detach().double() * part_labels.numel()
+            self.sums["correct"] += torch.stack([(o.argmax(dim=1) == part_labels).sum() for o in outputs])
+            self.sums["seen"] += part_labels.numel()
+        self.apply_gradients()
 
     # ------------------------------------------------------------ epoch
 
@@ -611,12 +630,14 @@ class TrainingRun:
             for images, labels in self.data.train_batches(epoch, start_batch, self.augment_generator):
                 self.train_step(images, labels)
                 if show:
-                    seen = int(self.sums["seen"])
-                    bar.set_postfix_str(
-                        f"loss {float(self.sums['loss']) / seen:.4f} acc "
-                        + "/".join(f"{100.0 * int(c) / seen:.1f}" for c in self.sums["correct"]),
-                        refresh=False,
-                    )
+                    # the running figures are read (a host synchronisation on a GPU) every 25 steps only
+                    if self.step % 25 == 0:
+                        seen = int(self.sums["seen"])
+                        bar.set_postfix_str(
+                            f"loss {float(self.sums['loss']) / seen:.4f} acc "
+                            + "/".join(f"{100.0 * int(c) / seen:.1f}" for c in self.sums["correct"]),
+                            refresh=False,
+                        )
                     bar.update()
                 # Stopping here, before the next batch is drawn, leaves every random state as a resume needs it;
                 # a stop on an epoch's last step lets the epoch finish (evaluation, log, checkpoint) first.
@@ -648,7 +669,7 @@ class TrainingRun:
                       train_images_per_s=round(int(seen) / train_time, 1))
         self.history.append(record)
         self.epochs_done = epoch + 1
-        self.sums = _new_sums(num_exits)
+        self.sums = _new_sums(num_exits, self.device)
         return record
 
 

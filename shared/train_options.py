@@ -49,6 +49,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=30)
     optim.add_argument("--batch-size", type=int, default=128, help="per process")
+    optim.add_argument(
+        "--grad-accum", type=int, default=1, metavar="N",
+        help="run each batch as N micro-batches whose gradients add up before the step (the same update, 1/N of "
+        "the activation memory); --batch-size must be a multiple of N",
+    )
     optim.add_argument("--eval-batch-size", type=int, default=500)
     optim.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     optim.add_argument("--min-lr", type=float, default=1e-6, help="learning rate at the end of the cosine")
@@ -78,6 +83,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "or on a CPU with native bf16 (AVX512-BF16 or AMX)",
     )
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    run.add_argument(
+        "--channels-last", action="store_true",
+        help="images and convolution weights in channels-last memory layout (faster convolutions on GPUs)",
+    )
     run.add_argument(
         "--local-rank", "--local_rank", type=int, default=None, metavar="N",
         help="this process's rank on its node, as torch.distributed.launch passes it (torchrun sets LOCAL_RANK instead)",

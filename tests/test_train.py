@@ -250,6 +250,33 @@ def test_resume_refuses_a_changed_recipe(tmp_path, data_dir):
         train(_args(tmp_path, data_dir))
 
 
+def test_gradient_accumulation_gives_the_whole_batch_gradient(tmp_path, data_dir):
+    """--grad-accum 4: the batch as four micro-batches adds up to the whole batch's gradient (to the fp32 bound),
+    with --channels-last as well."""
+    from dvt_shared.error_bounds import computation_blocks
+    from tests.bounds import assert_close
+
+    overrides = json.dumps({**json.loads(TINY), "stem_drop_rate": 0.0})
+    gradients, sums = [], []
+    # the micro-batches run in channels-last layout too: the layout changes no gradient either
+    for extra in (("--grad-accum", "1"), ("--grad-accum", "4", "--channels-last")):
+        run = _tiny_run(data_dir, tmp_path / extra[1], "--model-overrides", overrides, *extra)
+        step = run.apply_gradients
+
+        def capture(run=run, step=step):
+            gradients.append(torch.cat([p.grad.flatten() for p in run.model.parameters() if p.grad is not None]))
+            step()
+
+        run.apply_gradients = capture
+        run.train_step(*next(run.data.train_batches(0, 0, run.augment_generator)))
+        sums.append({k: v.clone() for k, v in run.sums.items()})
+    blocks = 2 * computation_blocks(run.config)
+    assert_close(gradients[1].numpy(), gradients[0].numpy(), blocks, label="accumulated gradient")
+    assert int(sums[1]["seen"]) == int(sums[0]["seen"]) == 16
+    with pytest.raises(ValueError, match="--grad-accum 3 must be a positive divisor of --batch-size 16"):
+        _tiny_run(data_dir, tmp_path / "bad", "--grad-accum", "3")
+
+
 def test_resume_may_extend_the_epochs(tmp_path, data_dir):
     """A finished run continued with a larger --epochs trains the extra epochs on top of it (the cosine
     schedule stretched to the new length, as timm's train.py resumes)."""
@@ -436,6 +463,49 @@ def test_torchrun_two_ranks_agree(tmp_path, data_dir):
     initial = DVT(get_config("dvt_t2t_vit_fmnist", num_classes=10, **json.loads(TINY))).state_dict()
     assert any(not np.array_equal(rank0[k], initial[k].numpy()) for k in rank0)
     assert len(load_checkpoint(str(out / "last.pt"))["ranks"]) == 2
+
+
+def test_two_nodes_through_c10d_rendezvous_train_as_one_process(tmp_path, data_dir):
+    """torchrun on 2 nodes x 1 process (two launchers meeting through a c10d rendezvous on localhost, gloo):
+    with the same seed, no dropout and no augmentation, 2 ranks x 16 images per step train as one process
+    with 32: the logged loss agrees to the fp32 bound, and so do the weights, to a bound of AdamW's making."""
+    import socket
+
+    from dvt_shared.error_bounds import FP32, computation_blocks
+
+    overrides = json.dumps({**json.loads(TINY), "stem_drop_rate": 0.0})
+    recipe = ["--model-overrides", overrides, "--train-subset", "128", "--epochs", "1", "--crop-padding", "0",
+              "--no-flip", "--warmup-epochs", "0", "--label-smoothing", "0"]
+    single = train(_args(tmp_path / "single", data_dir, *recipe, "--batch-size", "32"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "nodes"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "dvt-test",
+                "-m", "dvt_torch.train", *_args_list(out, data_dir, *recipe), "--dump-rank-weights"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(launcher, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=170)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(o[-2000:] for o in outputs)
+    assert single["steps"] == 4 and json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"] == 4
+    one, two = _weights(tmp_path / "single" / "final.safetensors"), _weights(out / "final.safetensors")
+    _assert_same_weights(two, _weights(out / "final.rank1.safetensors"))
+    config = get_config("dvt_t2t_vit_fmnist", num_classes=10, **json.loads(overrides))
+    losses = [json.loads((folder / "log.jsonl").read_text().splitlines()[-1])["loss"] for folder in (tmp_path / "single", out)]
+    loss_bound = FP32.bound(computation_blocks(config), losses[0]) + 1e-6  # + the log's 6-decimal rounding
+    print(f"2 nodes against 1 process: loss {losses[1]} against {losses[0]} (bound {loss_bound:.1e})")
+    assert abs(losses[1] - losses[0]) <= loss_bound
+    # AdamW divides each gradient by its root mean square (+ eps 1e-8): where a gradient is near zero, a
+    # rounding-sized difference (the ranks' mean is summed in another order) moves that weight by up to
+    # lr x difference / eps, while training on other data would move every weight by about lr per step.
+    torch.manual_seed(0)
+    initial = DVT(config).state_dict()
+    moved = max(float(np.abs(one[k] - initial[k].numpy()).max()) for k in one)
+    delta = max(float(np.abs(one[k] - two[k]).max()) for k in one)
+    print(f"max |d weight| {delta:.2e}, largest move {moved:.2e}")
+    assert moved > 1e-3 and delta <= 1e-2 * moved
 
 
 def test_dvt_train_command(tmp_path, data_dir):
