@@ -4,21 +4,19 @@ Fashion-MNIST lives in memory as one normalised tensor and is augmented a whole 
 at a time with an explicit torch.Generator: on a small CPU this is far faster than
 per-image PIL transforms, and the generator's state is all a checkpoint needs to
 replay the augmentation exactly. ImageNet-style folders (`train/CLASS/*.jpg`,
-`val/CLASS/*.jpg`) go through torchvision's ImageFolder with the release's transforms.
+`val/CLASS/*.jpg`) go through torchvision's ImageFolder, read and transformed for the model (timm).
 """
 from __future__ import annotations
 
 import math
 import os
 from dataclasses import dataclass
-from functools import partial
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from dvt_shared.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, normalise_fashion_mnist
-from dvt_shared.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_array
 # timm's RandomErasing defaults: erased area fraction and log-uniform aspect-ratio range.
 ERASE_AREA = (0.02, 1 / 3)
 ERASE_RATIO = (0.3, 1 / 0.3)
@@ -156,15 +154,6 @@ def eval_batches(split: TensorSplit, batch_size: int, rank: int = 0, world_size:
     for start in range(begin, end, batch_size):
         stop = min(start + batch_size, end)
         yield split.images[start:stop], split.labels[start:stop]
-
-
-def _eval_tensor(image, img_size: int, mean, std) -> torch.Tensor:
-    return torch.from_numpy(eval_array(image, 3, img_size, mean, std))
-
-
-def eval_transform(img_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """The release's evaluation (`dvt_shared.transforms.eval_array`), as an ImageFolder transform."""
-    return partial(_eval_tensor, img_size=img_size, mean=mean, std=std)
 
 
 def _grey_image(path: str):

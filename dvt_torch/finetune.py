@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dvt_shared.models import ModelConfig, get_model_config
+from dvt_shared.models import ModelConfig
 from dvt_shared.weight_format import load_canonical, weight_format
 
 # Parameters of the classifier heads: replaced when the class count changes, scaled by --head-lr-scale.
@@ -69,11 +69,9 @@ def read_init_weights(path: str) -> InitWeights:
     return InitWeights(path, load_ckpt(path), None)
 
 
-def base_config(init: InitWeights, model: str, model_given: bool, num_classes: int) -> ModelConfig:
-    """The config a fine-tuning run starts from: the file's own (its class count replaced by the data's),
-    or for a file that records none, the registered `model`'s."""
-    if init.config is None:
-        return get_model_config(model, num_classes=num_classes)
+def recorded_config(init: InitWeights, model: str, model_given: bool, num_classes: int) -> ModelConfig:
+    """The config a file records, its class count replaced by the data's (a file that records none is
+    read as the registered --model)."""
     if model_given and model != init.config.name:
         raise ValueError(f"--init-weights {init.path} holds a {init.config.name} model, but --model {model} was given")
     return init.config.replace(num_classes=num_classes)

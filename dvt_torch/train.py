@@ -51,7 +51,7 @@ from .data import (
 from .checkpoint import load_weights_only
 from .convert import to_canonical
 from .dvt import multi_exit_loss
-from .finetune import InitWeights, base_config, freeze_stages, head_lr_groups, load_init_weights, read_init_weights
+from .finetune import InitWeights, freeze_stages, head_lr_groups, load_init_weights, read_init_weights, recorded_config
 from .models import build_model
 from .vt import exit_logits
 
@@ -160,11 +160,11 @@ def _build_config(args, num_classes: int, init: InitWeights | None = None) -> Mo
     """The registered config (or, fine-tuning, the --init-weights file's) with --model-overrides applied;
     `stages` (DVT) and `trunk`/`vt` (VT) may be given in to_dict's JSON form, the latter as partial objects
     merged into the registered ones."""
-    if init is None:
+    if init is None or init.config is None:
         config = get_model_config(args.model, num_classes=num_classes)
     else:
         # a file's own config names its model; --model, where changed from its default, must agree with it
-        config = base_config(init, args.model, args.model != MODEL_DEFAULT, num_classes)
+        config = recorded_config(init, args.model, args.model != MODEL_DEFAULT, num_classes)
     overrides = _parse_overrides(args.model_overrides)
     fields = config.to_dict()
     unknown = sorted(set(overrides) - set(fields))
@@ -456,9 +456,8 @@ class TrainingRun:
         self.model = build_model(config)
         self.init_report = load_init_weights(self.model, init) if init is not None else None
         self.frozen = freeze_stages(self.model, args.freeze_stages) if args.freeze_stages else []
-        self.model.to(device)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-        self.model.to(memory_format=self.memory_format)
+        self.model.to(device, memory_format=self.memory_format)
         on_cuda = device.type == "cuda"
 
         def param_groups(model):

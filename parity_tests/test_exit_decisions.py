@@ -72,8 +72,7 @@ def test_same_exit_for_every_sample(target):
     torch_exit, ms_exit = exit_indices(torch_conf, thresholds), exit_indices(ms_conf, thresholds)
 
     # margins from each exit's logit bound (dvt_shared.error_bounds), the logits scaled by PyTorch's
-    depth = torch_model.config.depth
-    bounds = np.array([target.logit_bound(depth * (k + 1), torch_logits[k]) for k in range(len(thresholds))])
+    bounds = target.errors.exit_bounds(torch_model.config.depth, torch_logits)
     margins = target.errors.margin(bounds)
     agreement = decision_agreement(torch_conf, ms_exit, thresholds, margins, ms_conf)
     share = agreement.borderline_share

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dvt_mindspore.export import MindIRAdaptiveDVT, export_mindir
-from dvt_shared.error_bounds import computation_blocks, decision_agreement
+from dvt_shared.error_bounds import decision_agreement
 from dvt_shared.exit_policy import confidences, exit_indices, exit_shares, find_thresholds, softmax
 from dvt_onnx import OnnxAdaptiveDVT
 from dvt_torch.export import export_onnx
@@ -63,7 +63,7 @@ def test_exported_stages_match_pytorch(case, fmt, tmp_path):
 
     # every exit's logits for every image, through the engine's own stage graphs
     every_exit = engine.all_exit_logits(images)
-    bounds = np.array([CPU.logit_bound(computation_blocks(config, k), reference[k]) for k in range(model.num_exits)])
+    bounds = CPU.errors.exit_bounds(config.depth, reference)
     for k in range(model.num_exits):
         delta = harness.max_abs_delta(every_exit[k], reference[k])
         record(f"{fmt} logits", case.name, "cpu", f"exit {k}", f"{delta:.2e}", f"{bounds[k]:.1e}", delta <= bounds[k])
