@@ -176,7 +176,7 @@ def _subcommands() -> tuple[Callable, ...]:
     return (_add_convert, _add_train, add_calibrate, add_predict, add_export, add_evaluate, add_demo)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(train_recipe: dict | None = None) -> argparse.ArgumentParser:
     debug_help = "show the full traceback of an error"
     verbose_help = "show MindSpore's C++ log lines (silenced by default)"
     parser = _Parser(prog="dvt", description="Dynamic Vision Transformer tools.")
@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _subcommands():
         add(subparsers, common)
+    # a recipe's values become the train options' defaults, so that options given on the command line win
+    subparsers.choices["train"].set_defaults(**(train_recipe or {}))
     return parser
 
 
@@ -210,8 +212,24 @@ def quiet_mindspore(verbose: bool) -> None:
         os.environ.setdefault("GLOG_v", "3")
 
 
+def _train_recipe(argv: list[str]) -> dict:
+    """The option values of the recipe a `dvt train --config RECIPE` names, as the train parser's defaults."""
+    from dvt_shared.train_options import recipe_defaults
+
+    command = argparse.ArgumentParser(add_help=False)
+    command.add_argument("command", nargs="?")
+    known, _ = command.parse_known_args(argv)
+    return recipe_defaults(argv) if known.command == "train" else {}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        recipe = _train_recipe(argv)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"dvt train: error: {exc}", file=sys.stderr)
+        return 1
+    args = build_parser(recipe).parse_args(argv)
     quiet_mindspore(args.verbose)
     try:
         for path, check in _outputs(args):

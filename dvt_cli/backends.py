@@ -19,8 +19,9 @@ class Backend:
 
 
 BACKENDS = {
-    # bf16 by autocast (this CPU's AVX512-BF16/AMX, CUDA); fp16 as Ascend's Cube unit computes
-    "torch": Backend("dvt_torch", weights="pth", exports="onnx", precisions=("fp32", "bf16")),
+    # bf16 and fp16 by autocast (the performer's random features kept in float32); MindSpore's fp16 as
+    # Ascend's Cube unit computes
+    "torch": Backend("dvt_torch", weights="pth", exports="onnx", precisions=("fp32", "bf16", "fp16")),
     "mindspore": Backend("dvt_mindspore", weights="ckpt", exports="mindir", precisions=("fp32", "fp16")),
     "onnx": Backend("dvt_onnx", graphs_from="torch"),
 }

@@ -105,8 +105,10 @@ def run_demo(args: argparse.Namespace) -> None:
     static_path, _ = shipped_weights("static")
     out = Path(args.out)
     data = fashion_mnist(args.data_dir)
-    report, dvt = evaluate(str(dvt_path), str(static_path), data, out, mindspore=True, precisions=("fp16", "bf16"),
-                           precision_images=SPEEDUP_IMAGES)
+    report, dvt = evaluate(
+        str(dvt_path), str(static_path), data, out, mindspore=True, precisions=(("mindspore", "fp16"), ("torch", "bf16")),
+        precision_images=SPEEDUP_IMAGES,
+    )
     print(markdown(report))
     thresholds = entry["thresholds"]
     rows = speedup(dvt, data["test_images"][:SPEEDUP_IMAGES], thresholds)

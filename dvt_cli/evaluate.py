@@ -159,13 +159,14 @@ def mindspore_agreement(dvt: Evaluated, images: np.ndarray, thresholds) -> dict:
     }
 
 
-def precision_agreement(dvt: Evaluated, images: np.ndarray, labels: np.ndarray, thresholds, precision: str) -> dict:
-    """A reduced-precision run against PyTorch fp32 on the same images (the first test images, which
-    `dvt.test_probs` scored first): per-exit accuracy, same predictions, same exits; fp16 is MindSpore
-    (graph mode, as Ascend computes), bf16 PyTorch autocast."""
+def precision_agreement(
+    dvt: Evaluated, images: np.ndarray, labels: np.ndarray, thresholds, backend: str, precision: str
+) -> dict:
+    """`backend` at a reduced `precision` against PyTorch fp32 on the same images (the first test images,
+    which `dvt.test_probs` scored first): per-exit accuracy, same predictions, same exits."""
     from dvt_shared.exit_policy import confidences, exit_indices
 
-    backend = next(name for name, b in backends.BACKENDS.items() if precision in b.precisions)
+    backends.check_precision(precision, backend)
     probs = softmax(dvt.exit_logits(images, backend, precision))
     reference = dvt.test_probs[:, :len(images)]
     runs_on = f"{backend} {precision}"
@@ -288,7 +289,7 @@ def classifier_markdown(report: dict) -> str:
 
 
 def _cascade_report(
-    dvt: Evaluated, weights: str, baseline: str | None, data: dict, mindspore: bool, precisions: tuple[str, ...] = (),
+    dvt: Evaluated, weights: str, baseline: str | None, data: dict, mindspore: bool, precisions: tuple[tuple[str, str], ...] = (),
     precision_images: int | None = None,
 ) -> dict:
     labels = data["test_labels"]
@@ -302,8 +303,10 @@ def _cascade_report(
     if mindspore:
         report["mindspore"] = mindspore_agreement(dvt, data["test_images"], thresholds)
     count = precision_images or len(labels)
-    report["precisions"] = [precision_agreement(dvt, data["test_images"][:count], labels[:count], thresholds, precision)
-                            for precision in precisions]
+    report["precisions"] = [
+        precision_agreement(dvt, data["test_images"][:count], labels[:count], thresholds, backend, precision)
+        for backend, precision in precisions
+    ]
     return report
 
 
@@ -324,12 +327,12 @@ def render(report: dict) -> str:
 
 
 def evaluate(
-    weights: str, baseline: str | None, data: dict, out: Path, mindspore: bool, precisions: tuple[str, ...] = (),
+    weights: str, baseline: str | None, data: dict, out: Path, mindspore: bool, precisions: tuple[tuple[str, str], ...] = (),
     precision_images: int | None = None,
 ) -> tuple[dict, Evaluated]:
     """The report on `data` (see `fashion_mnist`), written under `out`, and the scored model.
 
-    precisions: reduced precisions ("fp16", "bf16") to hold against fp32 (a DVT only), on the first
+    precisions: (backend, precision) pairs, e.g. ("mindspore", "fp16"), to hold against PyTorch fp32 (a DVT only), on the first
     `precision_images` test images (all by default)."""
     evaluated = score(weights, data)
     if family_of(evaluated.config).cascade:
@@ -348,9 +351,14 @@ def evaluate(
     return report, evaluated
 
 
+def _runs(precision: str) -> str:
+    """The first backend that computes at `precision`."""
+    return next(name for name, b in backends.BACKENDS.items() if precision in b.precisions)
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     start = time.perf_counter()
-    precisions = () if args.precision == "fp32" else (args.precision,)
+    precisions = () if args.precision == "fp32" else ((args.precision_backend or _runs(args.precision), args.precision),)
     report, _ = evaluate(
         args.weights, args.baseline, fashion_mnist(args.data_dir), Path(args.out), not args.no_mindspore, precisions
     )
@@ -371,7 +379,10 @@ def add_evaluate(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="folder with the four Fashion-MNIST IDX files")
     parser.add_argument("--out", default="out", help="report folder (default out/)")
     parser.add_argument("--no-mindspore", action="store_true", help="skip the MindSpore agreement check")
-    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
-                        help="also score at fp16 (MindSpore, as Ascend computes) or bf16 (PyTorch autocast) and "
-                             "report accuracy and agreement with fp32 (default fp32: nothing extra)")
+    parser.add_argument("--precision", choices=backends.PRECISIONS, default="fp32",
+                        help="also score at this precision and report accuracy and agreement with fp32 "
+                             "(default fp32: nothing extra)")
+    parser.add_argument("--precision-backend", choices=tuple(backends.BACKENDS), default=None,
+                        help="the backend that computes at --precision (default: the first that does, in the order "
+                             f"{', '.join(backends.BACKENDS)}); MindSpore's fp16 computes as Ascend's Cube unit does")
     parser.set_defaults(handler=_evaluate)

@@ -156,7 +156,8 @@ def add_predict(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", required=True, help="weights (.safetensors, .pth, .ckpt)")
     parser.add_argument("--backend", choices=tuple(backends.BACKENDS), default="torch")
     parser.add_argument("--precision", choices=backends.PRECISIONS, default="fp32",
-                        help="fp32 (default); fp16 = MindSpore computing as Ascend does; bf16 = PyTorch autocast")
+                        help="fp32 (default); bf16 or fp16: PyTorch autocast (the performer in float32), or for "
+                        "--backend mindspore fp16 as Ascend's Cube unit computes")
     parser.add_argument("--thresholds", type=_parse_thresholds, help="comma-separated, one per exit "
                         "(default: the calibrated ones stored with the weights)")
     parser.add_argument("--onnx-dir", help="graphs from `dvt export --format onnx` (default: export to a temp dir)")

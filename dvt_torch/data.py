@@ -4,19 +4,30 @@ Fashion-MNIST lives in memory as one normalised tensor and is augmented a whole 
 at a time with an explicit torch.Generator: on a small CPU this is far faster than
 per-image PIL transforms, and the generator's state is all a checkpoint needs to
 replay the augmentation exactly. ImageNet-style folders (`train/CLASS/*.jpg`,
-`val/CLASS/*.jpg`) go through torchvision's ImageFolder, read and transformed for the model (timm).
+`val/CLASS/*.jpg`, or one `CLASS/*.jpg` folder split by --val-split) go through
+torchvision's ImageFolder, read and augmented for the model by timm's transforms, each image
+with random draws seeded by (run seed, epoch, image): the same on any worker, so a resumed
+run replays them and the loaders' workers persist across epochs.
 """
 from __future__ import annotations
 
 import math
 import os
+import random
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from dvt_shared.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, normalise_fashion_mnist
+from dvt_shared.datasets import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_IMAGE_SIZE,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    load_fashion_mnist,
+    normalise_fashion_mnist,
+)
 # timm's RandomErasing defaults: erased area fraction and log-uniform aspect-ratio range.
 ERASE_AREA = (0.02, 1 / 3)
 ERASE_RATIO = (0.3, 1 / 0.3)
@@ -184,18 +195,48 @@ def folder_loader(config):
     return FOLDER_LOADERS[config.in_chans]
 
 
-def folder_transforms(config) -> tuple:
+@dataclass(frozen=True)
+class FolderAugment:
+    """How training images read from files are augmented: the arguments of timm's create_transform
+    that the release's recipe sets (its flags --aa, --reprob, --remode, --recount, --train-interpolation...)."""
+
+    auto_augment: str | None = None
+    re_prob: float = 0.0
+    re_mode: str = "const"
+    re_count: int = 1
+    interpolation: str | None = None  # None: the model's own
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    color_jitter: float | None = None
+
+    @classmethod
+    def from_args(cls, args) -> "FolderAugment":
+        return cls(
+            auto_augment=args.aa, re_prob=args.random_erase, re_mode=args.remode, re_count=args.recount,
+            interpolation=args.train_interpolation, scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip,
+            color_jitter=args.color_jitter or None,
+        )
+
+
+def folder_transforms(config, augment: FolderAugment = FolderAugment()) -> tuple:
     """(train, eval) transforms of image files for the model `config` describes, built by timm from the
     model's own data config (`dvt_shared.data_config`: channels, size, mean, std, interpolation, crop):
-    training takes a random resized crop and a horizontal flip, evaluation the model's centre crop."""
+    training takes a random resized crop, a flip and what `augment` adds; evaluation the model's centre crop."""
     from timm.data import create_transform
 
     from dvt_shared.data_config import data_config
 
     cfg = data_config(config)
-    common = dict(input_size=cfg["input_size"], mean=cfg["mean"], std=cfg["std"], interpolation=cfg["interpolation"])
-    train = create_transform(**common, is_training=True, hflip=0.5, color_jitter=None)
-    evaluation = create_transform(**common, is_training=False, crop_pct=cfg["crop_pct"], crop_mode=cfg["crop_mode"])
+    common = dict(input_size=cfg["input_size"], mean=cfg["mean"], std=cfg["std"])
+    train = create_transform(
+        **common, is_training=True, interpolation=augment.interpolation or cfg["interpolation"],
+        auto_augment=augment.auto_augment, re_prob=augment.re_prob, re_mode=augment.re_mode, re_count=augment.re_count,
+        scale=augment.scale, ratio=augment.ratio, hflip=augment.hflip, color_jitter=augment.color_jitter,
+    )
+    evaluation = create_transform(
+        **common, is_training=False, interpolation=cfg["interpolation"], crop_pct=cfg["crop_pct"], crop_mode=cfg["crop_mode"],
+    )
     return train, evaluation
 
 
@@ -209,9 +250,206 @@ def image_folder_splits(root: str | os.PathLike):
     if missing:
         raise FileNotFoundError(
             f"{root} is not an image-folder dataset: missing {', '.join(missing)}/ "
-            "(expected train/CLASS/*.jpg and val/CLASS/*.jpg)"
+            "(expected train/CLASS/*.jpg and val/CLASS/*.jpg, or CLASS/*.jpg with --val-split)"
         )
     train, val = ImageFolder(os.path.join(root, "train")), ImageFolder(os.path.join(root, "val"))
     if train.classes != val.classes:
         raise ValueError(f"{root}: train/ and val/ hold different classes ({len(train.classes)} vs {len(val.classes)})")
     return train, val
+
+
+def split_image_folder(root: str | os.PathLike, fraction: float, seed: int):
+    """(train, val) Subsets of the ImageFolder `root` (CLASS/*.jpg): `fraction` of every class, drawn once
+    from `seed`, held out for evaluation; each side has its own ImageFolder so its transform is its own."""
+    from torchvision.datasets import ImageFolder
+
+    root = os.fspath(root)
+    if not 0 < fraction < 1:
+        raise ValueError(f"--val-split must lie strictly between 0 and 1, got {fraction}")
+    if all(os.path.isdir(os.path.join(root, s)) for s in ("train", "val")):
+        raise ValueError(f"{root} already holds train/ and val/: drop --val-split, or point --data at one class folder set")
+    train, val = ImageFolder(root), ImageFolder(root)
+    targets = np.asarray(train.targets)
+    generator = np.random.default_rng(seed)
+    held_out = []
+    for label, name in enumerate(train.classes):
+        members = np.flatnonzero(targets == label)
+        if len(members) < 2:
+            raise ValueError(f"{root}: class {name!r} has {len(members)} image(s); --val-split needs 2 or more per class")
+        count = min(max(round(fraction * len(members)), 1), len(members) - 1)
+        held_out.extend(generator.permutation(members)[:count].tolist())
+    is_val = np.zeros(len(targets), dtype=bool)
+    is_val[held_out] = True
+    subset = torch.utils.data.Subset
+    return subset(train, np.flatnonzero(~is_val).tolist()), subset(val, np.flatnonzero(is_val).tolist())
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of the random draws that augment image `index` in `epoch` of a run seeded `seed`."""
+    return (seed * 1_000_003 + epoch * 100_003 + index) % 2**63
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """`dataset` read by (index, seed) keys, each item drawn with Python's, NumPy's and torch's generators
+    seeded by `seed` (timm's transforms draw from all three), leaving the caller's generators as they were."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self.dataset[index]
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """(index, seed) keys of this rank's full batches of an epoch (epoch_indices' order), from a start batch;
+    `set_epoch` chooses them before each pass, so one DataLoader (and its workers) serves every epoch."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.size, self.batch_size, self.seed, self.rank, self.world_size = size, batch_size, seed, rank, world_size
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return ((self.size // self.world_size) // self.batch_size - self.start_batch) * self.batch_size
+
+    def __iter__(self):
+        order = epoch_indices(self.size, self.epoch, self.seed, self.rank, self.world_size)
+        usable = len(order) // self.batch_size * self.batch_size
+        for index in order[self.start_batch * self.batch_size:usable].tolist():
+            yield index, sample_seed(self.seed, self.epoch, index)
+
+
+# Synthetic data: this many classes, and samples when --train-subset / --test-subset do not say.
+SYNTHETIC_CLASSES = 10
+SYNTHETIC_SIZES = (1024, 256)
+
+
+class TrainingData:
+    """What a run trains and evaluates on (Fashion-MNIST, an image folder or synthetic images): training
+    batches per epoch (sharded, resumable mid-epoch) and this rank's evaluation batches."""
+
+    def __init__(self, args, rank: int = 0, world_size: int = 1, pin_memory: bool = False):
+        self.args, self.rank, self.world_size, self.pin_memory = args, rank, world_size, pin_memory
+        self.train_loader = self.test_loader = None
+        if args.val_split is not None and args.data in ("fmnist", "synthetic"):
+            raise ValueError(f"--val-split splits an image folder; --data {args.data} has its own test set")
+        if args.data == "fmnist":
+            self.kind = "fmnist"
+            self.train_set, self.test_set = fashion_mnist_splits(args.data_dir)
+            self.classes = list(FASHION_MNIST_CLASSES)
+            self.augment = BatchAugment(crop_padding=args.crop_padding, flip=args.flip, erase_prob=args.random_erase)
+        elif args.data == "synthetic":
+            self.kind = "synthetic"
+            # the images are drawn once the model's input is known (set_model_input)
+            self.sizes = (args.train_subset or SYNTHETIC_SIZES[0], args.test_subset or SYNTHETIC_SIZES[1])
+            self.classes = [f"class{k}" for k in range(SYNTHETIC_CLASSES)]
+            self.augment = None
+        else:
+            self.kind = "folder"
+            if args.val_split is not None:
+                self.train_set, self.test_set = split_image_folder(args.data, args.val_split, args.seed)
+                self.classes = list(self.train_set.dataset.classes)
+            else:
+                self.train_set, self.test_set = image_folder_splits(args.data)
+                self.classes = list(self.train_set.classes)
+        if self.kind != "synthetic":
+            self._take_subsets()
+        per_rank = self.train_size // world_size
+        self.steps_per_epoch = per_rank // args.batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"{self.train_size} training samples over {world_size} process(es) do not fill one "
+                f"batch of {args.batch_size}; lower --batch-size or enlarge --train-subset"
+            )
+
+    @property
+    def train_size(self) -> int:
+        return self.sizes[0] if self.kind == "synthetic" else len(self.train_set)
+
+    def _take_subsets(self) -> None:
+        args = self.args
+        for name, size, seed in (("train_set", args.train_subset, args.seed), ("test_set", args.test_subset, args.seed + 1)):
+            split = getattr(self, name)
+            subset = seeded_subset(len(split), size, seed)
+            if subset is None:
+                continue
+            if isinstance(split, TensorSplit):
+                setattr(self, name, split.subset(subset))
+            else:
+                setattr(self, name, torch.utils.data.Subset(split, subset.tolist()))
+
+    def set_model_input(self, config) -> None:
+        """Fit the data to the model: Fashion-MNIST must match it; synthetic images take its input shape;
+        a folder's images are read (grey or RGB), cropped, augmented and normalised for it."""
+        if self.kind == "fmnist" and (config.in_chans, config.img_size) != (1, FASHION_MNIST_IMAGE_SIZE):
+            raise ValueError(
+                f"{config.name} takes {config.in_chans}-channel {config.img_size}x{config.img_size} images; Fashion-MNIST "
+                "needs a 1-channel 28x28 config such as dvt_t2t_vit_fmnist (other models train on --data DIR)"
+            )
+        if self.kind == "synthetic":
+            from dvt_shared.data_config import image_size
+
+            generator = torch.Generator().manual_seed(self.args.seed)
+            shape = (config.in_chans, *image_size(config))
+            self.train_set, self.test_set = (
+                TensorSplit(torch.randn(n, *shape, generator=generator),
+                            torch.randint(0, SYNTHETIC_CLASSES, (n,), generator=generator))
+                for n in self.sizes
+            )
+        if self.kind != "folder":
+            return
+        loader = folder_loader(config)
+        for split, transform in zip((self.train_set, self.test_set), folder_transforms(config, FolderAugment.from_args(self.args))):
+            folder = split
+            while isinstance(folder, torch.utils.data.Subset):
+                folder = folder.dataset
+            folder.loader, folder.transform = loader, transform
+        workers = self.args.workers
+        common = dict(num_workers=workers, pin_memory=self.pin_memory, persistent_workers=workers > 0)
+        self.train_sampler = EpochSampler(len(self.train_set), self.args.batch_size, self.args.seed, self.rank, self.world_size)
+        self.train_loader = torch.utils.data.DataLoader(
+            SeededSamples(self.train_set), batch_size=self.args.batch_size, sampler=self.train_sampler, drop_last=True,
+            **common,
+        )
+        n = len(self.test_set)
+        shard = list(range(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size))
+        self.test_loader = torch.utils.data.DataLoader(
+            self.test_set, batch_size=self.args.eval_batch_size, sampler=shard, **common,
+        )
+
+    def train_batches(self, epoch: int, start_batch: int, augment_generator: torch.Generator):
+        if self.kind == "folder":
+            self.train_sampler.set_epoch(epoch, start_batch)
+            yield from self.train_loader
+            return
+        order = epoch_indices(len(self.train_set), epoch, self.args.seed, self.rank, self.world_size)
+        for images, labels in tensor_batches(self.train_set, order, self.args.batch_size, start_batch):
+            yield (images if self.augment is None else self.augment(images, augment_generator)), labels
+
+    def test_batches(self):
+        if self.kind == "folder":
+            yield from self.test_loader
+            return
+        yield from eval_batches(self.test_set, self.args.eval_batch_size, self.rank, self.world_size)
+
+    def describe(self) -> dict:
+        return {
+            "data": os.path.abspath(self.args.data) if self.kind == "folder" else self.kind,
+            "train_samples": self.train_size, "test_samples": len(self.test_set) if self.kind != "synthetic" else self.sizes[1],
+            "classes": self.classes,
+        }

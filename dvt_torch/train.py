@@ -1,20 +1,20 @@
 """Training of DVT cascades (and their static baselines) and of the VT classifiers (VT-ResNet
-and its plain ResNet) on Fashion-MNIST or an image folder.
+and its plain ResNet) on Fashion-MNIST, an image folder or synthetic images.
 
     python -m dvt_torch.train --model dvt_t2t_vit_fmnist --epochs 30 --out runs/dvt_fmnist
     python -m dvt_torch.train --model vt_resnet_fmnist --epochs 6 --out runs/vt_fmnist
-    torchrun --nproc_per_node 2 -m dvt_torch.train ...        # data-parallel, one process per device
+    torchrun --nproc_per_node 8 -m dvt_torch.train --config release_t2t_vit_12 --data /path/to/imagenet
 
 The loss is the release's: the (optionally weighted) sum of the per-exit cross-entropies; a
 VT model or ResNet has one exit, so its loss is the plain cross-entropy.
-Every epoch ends with a test evaluation of every exit, a line in OUT/log.jsonl, its curves
-in OUT/log.png and the checkpoint OUT/last.pt, all written atomically. The checkpoint holds only tensors and plain
-containers (torch.load(weights_only=True) reads it) and every random state, so --resume
-continues an interrupted run to bit-identical weights on CPU, even from mid-epoch
-(--max-steps). At the end OUT/final.safetensors holds the weights in the canonical format.
+Every epoch ends with a test evaluation of every exit and the run's files (train_outputs) and
+checkpoint OUT/last.pt (train_state), which holds every random state, so --resume continues an
+interrupted run to bit-identical weights on CPU, even from mid-epoch (--max-steps).
 
---batch-size is per process. Under torchrun every rank draws the same permutation per
-epoch and trains on its own shard; only rank 0 writes files and shows progress.
+--batch-size is per process. Under torchrun (or torch.distributed.launch) every rank draws the
+same permutation per epoch and trains on its own shard; only rank 0 writes files and shows progress.
+This module sets a run up and runs its loop; its data is in `data`, its saved state in
+`train_state`, its files in `train_outputs`.
 """
 from __future__ import annotations
 
@@ -31,45 +31,39 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from dvt_shared.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_IMAGE_SIZE
-from dvt_shared.io_utils import atomic_write_png, atomic_writer
-from dvt_shared.models import ModelConfig, family_of, get_model_config, model_gflops
-from dvt_shared.train_options import MODEL_DEFAULT, add_train_arguments
-from dvt_shared.weight_format import WeightMetadata, save_canonical
+from dvt_shared.models import ModelConfig, family_of, get_model_config
+from dvt_shared.train_options import MODEL_DEFAULT, add_train_arguments, parse_train_args
 
-from .data import (
-    BatchAugment,
-    epoch_indices,
-    eval_batches,
-    fashion_mnist_splits,
-    folder_loader,
-    folder_transforms,
-    image_folder_splits,
-    seeded_subset,
-    tensor_batches,
-)
-from .checkpoint import load_weights_only
-from .convert import to_canonical
+from .data import TrainingData
 from .dvt import multi_exit_loss
 from .finetune import InitWeights, freeze_stages, head_lr_groups, load_init_weights, read_init_weights, recorded_config
 from .models import build_model
+from .train_outputs import (
+    BEST_NAME,
+    FINAL_EMA_NAME,
+    FINAL_NAME,
+    best_so_far,
+    run_metrics,
+    save_weights,
+    write_epoch_files,
+)
+from .train_state import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_NAME,
+    check_resumable,
+    load_checkpoint,
+    new_sums,
+    rank_state,
+    restore_rank_state,
+    run_recipe,
+    save_checkpoint,
+)
 from .vt import exit_logits
 
-CHECKPOINT_NAME = "last.pt"
-FINAL_NAME = "final.safetensors"
-FINAL_EMA_NAME = "final_ema.safetensors"
-LOG_NAME = "log.jsonl"
-PLOT_NAME = "log.png"
-CHECKPOINT_FORMAT = "dvt-train-checkpoint-v1"
 # by dvt_shared.train_options.AMP_CHOICES
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Class token and positions are not weights to shrink (as in the DeiT/T2T recipes).
 NO_WEIGHT_DECAY = ("*.cls_token", "*.pos_embed")
-# Options that do not change what is computed, so they may differ when resuming.
-RESUME_FREE_ARGS = frozenset(
-    {"resume", "max_steps", "out", "progress", "dump_rank_weights", "workers", "data_dir", "threads", "epochs",
-     "local_rank"}
-)
 # Non-interactive logs (nohup) get a progress line this often instead of every refresh.
 LOG_PROGRESS_INTERVAL_S = 60.0
 
@@ -166,6 +160,10 @@ def _build_config(args, num_classes: int, init: InitWeights | None = None) -> Mo
         # a file's own config names its model; --model, where changed from its default, must agree with it
         config = recorded_config(init, args.model, args.model != MODEL_DEFAULT, num_classes)
     overrides = _parse_overrides(args.model_overrides)
+    if args.drop_path is not None:
+        if "drop_path_rate" not in config.to_dict():
+            raise ValueError(f"--drop-path: {config.name} has no stochastic depth (no drop_path_rate in its config)")
+        overrides.setdefault("drop_path_rate", args.drop_path)
     fields = config.to_dict()
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
@@ -174,217 +172,6 @@ def _build_config(args, num_classes: int, init: InitWeights | None = None) -> Mo
         return config.replace(**overrides)
     except (TypeError, KeyError) as exc:
         raise ValueError(f"--model-overrides does not describe a valid config ({exc})") from exc
-
-
-# ---------------------------------------------------------------- data
-
-
-class _Data:
-    """Train batches per epoch (sharded, resumable mid-epoch) and this rank's evaluation batches."""
-
-    def __init__(self, args, dist_ctx: Dist):
-        self.args, self.dist = args, dist_ctx
-        if args.data == "fmnist":
-            self.kind = "fmnist"
-            self.train_set, self.test_set = fashion_mnist_splits(args.data_dir)
-            self.classes = list(FASHION_MNIST_CLASSES)
-            subset = seeded_subset(len(self.train_set), args.train_subset, args.seed)
-            if subset is not None:
-                self.train_set = self.train_set.subset(subset)
-            subset = seeded_subset(len(self.test_set), args.test_subset, args.seed + 1)
-            if subset is not None:
-                self.test_set = self.test_set.subset(subset)
-            self.augment = BatchAugment(crop_padding=args.crop_padding, flip=args.flip, erase_prob=args.random_erase)
-        else:
-            self.kind = "folder"
-            self.train_set, self.test_set = image_folder_splits(args.data)
-            self.classes = list(self.train_set.classes)
-            for name, size, seed in (("train_set", args.train_subset, args.seed), ("test_set", args.test_subset, args.seed + 1)):
-                subset = seeded_subset(len(getattr(self, name)), size, seed)
-                if subset is not None:
-                    setattr(self, name, torch.utils.data.Subset(getattr(self, name), subset.tolist()))
-        per_rank = len(self.train_set) // dist_ctx.world_size
-        self.steps_per_epoch = per_rank // args.batch_size
-        if self.steps_per_epoch < 1:
-            raise ValueError(
-                f"{len(self.train_set)} training samples over {dist_ctx.world_size} process(es) do not fill one "
-                f"batch of {args.batch_size}; lower --batch-size or enlarge --train-subset"
-            )
-
-    def set_model_input(self, config) -> None:
-        if self.kind == "folder":
-            # How a folder's images are read (grey or RGB) and cropped and normalised follows the model,
-            # known only once the config is (its class count comes from the folders).
-            loader = folder_loader(config)
-            for split, transform in zip((self.train_set, self.test_set), folder_transforms(config)):
-                folder = split.dataset if isinstance(split, torch.utils.data.Subset) else split
-                folder.loader, folder.transform = loader, transform
-
-    def train_batches(self, epoch: int, start_batch: int, augment_generator: torch.Generator):
-        order = epoch_indices(len(self.train_set), epoch, self.args.seed, self.dist.rank, self.dist.world_size)
-        if self.kind == "fmnist":
-            for images, labels in tensor_batches(self.train_set, order, self.args.batch_size, start_batch):
-                yield self.augment(images, augment_generator), labels
-            return
-        # Worker seeds come from this generator: fixed per (epoch, rank), independent of the global RNG.
-        generator = torch.Generator().manual_seed(self.args.seed * 100_003 + epoch * 1_009 + self.dist.rank)
-        loader = torch.utils.data.DataLoader(
-            self.train_set, batch_size=self.args.batch_size, sampler=order[start_batch * self.args.batch_size:].tolist(),
-            drop_last=True, num_workers=self.args.workers, generator=generator,
-            pin_memory=self.dist.device.type == "cuda",
-        )
-        yield from loader
-
-    def test_batches(self):
-        if self.kind == "fmnist":
-            yield from eval_batches(self.test_set, self.args.eval_batch_size, self.dist.rank, self.dist.world_size)
-            return
-        n, rank, world = len(self.test_set), self.dist.rank, self.dist.world_size
-        shard = list(range(n * rank // world, n * (rank + 1) // world))
-        yield from torch.utils.data.DataLoader(
-            self.test_set, batch_size=self.args.eval_batch_size, sampler=shard, num_workers=self.args.workers,
-            pin_memory=self.dist.device.type == "cuda",
-        )
-
-    def describe(self) -> dict:
-        return {
-            "data": self.kind if self.kind == "fmnist" else os.path.abspath(self.args.data),
-            "train_samples": len(self.train_set), "test_samples": len(self.test_set), "classes": self.classes,
-        }
-
-
-# ---------------------------------------------------------------- random states
-
-
-def _numpy_state() -> dict:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
-
-
-def _set_numpy_state(state: dict) -> None:
-    keys = state["keys"].numpy().astype(np.uint32)
-    np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
-
-
-def _rank_state(augment_generator: torch.Generator, device: torch.device, sums: dict) -> dict:
-    """Everything that differs between ranks: random states and the running sums of the epoch so far."""
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "augment": augment_generator.get_state(),
-        "numpy": _numpy_state(),
-        "sums": {k: v.cpu().clone() for k, v in sums.items()},
-    }
-
-
-def _restore_rank_state(state: dict, augment_generator: torch.Generator, device: torch.device) -> dict:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    augment_generator.set_state(state["augment"])
-    _set_numpy_state(state["numpy"])
-    return {k: v.to(device) for k, v in state["sums"].items()}
-
-
-def _new_sums(num_exits: int, device: torch.device) -> dict:
-    return {"loss": torch.zeros((), dtype=torch.float64, device=device),
-            "correct": torch.zeros(num_exits, dtype=torch.int64, device=device),
-            "seen": torch.zeros((), dtype=torch.int64, device=device)}
-
-
-# ---------------------------------------------------------------- files
-
-
-def _train_options() -> list[str]:
-    """The names of the options add_train_arguments registers, in order."""
-    return list(vars(add_train_arguments(argparse.ArgumentParser(add_help=False)).parse_args([])))
-
-
-def _recipe(args, dist_ctx: Dist, data: _Data, config: ModelConfig) -> dict:
-    import timm
-
-    return {
-        # Only the training options: a host command (`dvt train`) adds its own, such as its handler function.
-        "args": {k: getattr(args, k) for k in sorted(_train_options())},
-        "world_size": dist_ctx.world_size,
-        "dataset": data.describe(),
-        "config": config.name,
-        "versions": {"torch": torch.__version__, "timm": timm.__version__},
-    }
-
-
-def _check_resumable(saved: dict, current: dict, path: str) -> None:
-    """Refuse a resume whose recipe would compute something else than the interrupted run."""
-    differences = [
-        f"{key}: {saved['args'].get(key)!r} -> {value!r}"
-        for key, value in current["args"].items()
-        if key not in RESUME_FREE_ARGS and saved["args"].get(key) != value
-    ]
-    if saved["world_size"] != current["world_size"]:
-        differences.append(f"world size: {saved['world_size']} -> {current['world_size']}")
-    if differences:
-        raise ValueError(f"cannot resume {path}: the recipe differs from the interrupted run's ({'; '.join(differences)})")
-
-
-def _save_checkpoint(path: str, state: dict) -> None:
-    with atomic_writer(path, "wb") as handle:
-        torch.save(state, handle)
-
-
-def load_checkpoint(path: str) -> dict:
-    """A training checkpoint, read with weights_only=True (tensors and plain containers only)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"cannot resume: {path} does not exist (run without --resume first)")
-    state = load_weights_only(path)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} training checkpoint")
-    return state
-
-
-def _write_epoch_files(out: str, history: list[dict]) -> None:
-    """OUT/log.jsonl (one line per epoch) and, once there is an epoch, its curves in OUT/log.png."""
-    with atomic_writer(os.path.join(out, LOG_NAME), "w") as handle:
-        handle.writelines(json.dumps(r) + "\n" for r in history)
-    if history:
-        plot_history(history, os.path.join(out, PLOT_NAME))
-
-
-def history_figure(history: list[dict]):
-    """A matplotlib figure (Agg) of each exit's test (and train) accuracy and the training loss per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in history]
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    for k in range(len(history[0]["test_acc"])):
-        line, = acc_ax.plot(epochs, [r["test_acc"][k] for r in history], "o-", label=f"exit {k} test")
-        acc_ax.plot(epochs, [r["train_acc"][k] for r in history], ":", color=line.get_color(), label=f"exit {k} train")
-    if "test_acc_ema" in history[0]:
-        acc_ax.plot(epochs, [r["test_acc_ema"][-1] for r in history], "s--", color="black", label="last exit, EMA test")
-    acc_ax.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy per exit")
-    acc_ax.grid(alpha=0.3)
-    acc_ax.legend(fontsize=7)
-    loss_ax.plot(epochs, [r["loss"] for r in history], "o-", color="tab:red", label="training loss")
-    loss_ax.set(xlabel="epoch", ylabel="training loss", title="loss")
-    loss_ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def plot_history(history: list[dict], path: str) -> None:
-    """history_figure as a PNG, written atomically."""
-    atomic_write_png(path, history_figure(history))
-
-
-def _save_weights(path: str, model: torch.nn.Module, config: ModelConfig, recipe: dict, metrics: dict) -> None:
-    metadata = WeightMetadata(
-        config=config, exit_flops=list(model_gflops(config)), provenance=json.dumps(recipe, sort_keys=True),
-        extra={k: json.dumps(v) for k, v in metrics.items()},
-    )
-    save_canonical(path, to_canonical(model), metadata)
 
 
 # ---------------------------------------------------------------- loop
@@ -432,16 +219,11 @@ class TrainingRun:
         self.args, self.dist = args, dist_ctx
         device = self.device = dist_ctx.device
         self.amp_dtype = _amp_dtype(args.amp, device)
-        self.data = _Data(args, dist_ctx)
+        self.data = TrainingData(args, dist_ctx.rank, dist_ctx.world_size, pin_memory=device.type == "cuda")
         init = read_init_weights(args.init_weights) if args.init_weights else None
         config = self.config = _build_config(args, num_classes=len(self.data.classes), init=init)
         if family_of(config).task != "classification":
             raise ValueError(f"{config.name} is a segmentation model; this project has no segmentation data to train it on")
-        if self.data.kind == "fmnist" and (config.in_chans, config.img_size) != (1, FASHION_MNIST_IMAGE_SIZE):
-            raise ValueError(
-                f"{config.name} takes {config.in_chans}-channel {config.img_size}x{config.img_size} images; Fashion-MNIST "
-                f"needs a 1-channel 28x28 config such as dvt_t2t_vit_fmnist"
-            )
         self.data.set_model_input(config)
         if args.grad_accum < 1 or args.batch_size % args.grad_accum:
             raise ValueError(f"--grad-accum {args.grad_accum} must be a positive divisor of --batch-size {args.batch_size}")
@@ -449,7 +231,7 @@ class TrainingRun:
         if len(self.exit_weights) != config.num_exits:
             raise ValueError(f"--exit-weights has {len(self.exit_weights)} values but {config.name} has {config.num_exits} exits")
         self.teacher = load_teacher(args.teacher, config, device) if args.teacher else None
-        self.recipe = _recipe(args, dist_ctx, self.data, config)
+        self.recipe = run_recipe(args, dist_ctx.world_size, self.data.describe(), config.name)
 
         # The same seed on every rank gives every rank the same initial weights.
         torch.manual_seed(args.seed)
@@ -473,9 +255,11 @@ class TrainingRun:
             # TF32 matmuls on Ampere and later, as timm's train.py trains (float32 range, 10-bit mantissa inputs)
             torch.set_float32_matmul_precision("high")
         self.steps_per_epoch = self.data.steps_per_epoch
-        self.scheduler, _ = create_scheduler_v2(
+        # the cosine's epochs, then the cooldown's at min_lr
+        self.scheduler, self.total_epochs = create_scheduler_v2(
             self.optimizer, "cosine", num_epochs=args.epochs, warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
-            min_lr=args.min_lr, step_on_epochs=False, updates_per_epoch=self.steps_per_epoch,
+            min_lr=args.min_lr, cooldown_epochs=args.cooldown_epochs, step_on_epochs=False,
+            updates_per_epoch=self.steps_per_epoch,
         )
         self.ema = ModelEmaV3(self.model, decay=args.ema_decay) if args.ema else None
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
@@ -494,13 +278,16 @@ class TrainingRun:
         self.augment_generator = torch.Generator().manual_seed(args.seed * 1_000_003 + 104_729 * (dist_ctx.rank + 1))
 
         self.step, self.epochs_done, self.elapsed = 0, 0, 0.0
-        self.sums = _new_sums(config.num_exits, device)
+        self.sums = new_sums(config.num_exits, device)
         self.history: list[dict] = []
         self.train_model = self.model
         if dist_ctx.distributed:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
             )
+        if args.compile:
+            # the whole training forward, DistributedDataParallel included (its buckets then overlap the backward)
+            self.train_model = torch.compile(self.train_model, backend=args.compile_backend)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -512,13 +299,13 @@ class TrainingRun:
     def save(self, path: str) -> None:
         """Write everything a resume needs (every rank's random states included; rank 0 writes)."""
         ranks = [None] * self.dist.world_size
-        mine = _rank_state(self.augment_generator, self.device, self.sums)
+        mine = rank_state(self.augment_generator, self.device, self.sums)
         if self.dist.distributed:
             dist.all_gather_object(ranks, mine)
         else:
             ranks = [mine]
         if self.dist.is_main:
-            _save_checkpoint(path, {
+            save_checkpoint(path, {
                 "format": CHECKPOINT_FORMAT, "recipe": json.dumps(self.recipe), "config": json.dumps(self.config.to_dict()),
                 "epoch": self.epochs_done, "step": self.step, "elapsed": self.elapsed, "history": json.dumps(self.history),
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -532,10 +319,10 @@ class TrainingRun:
         """Continue from the checkpoint `path`, refusing one whose recipe computes something else."""
         state = load_checkpoint(path)
         saved = json.loads(state["recipe"])
-        _check_resumable(saved, self.recipe, path)
+        check_resumable(saved, self.recipe, path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if saved["args"]["epochs"] == self.args.epochs:
+        if (saved["args"]["epochs"], saved["args"].get("cooldown_epochs", 0)) == (self.args.epochs, self.args.cooldown_epochs):
             self.scheduler.load_state_dict(state["scheduler"])
         else:
             # More (or fewer) epochs than the run was started with: the schedule is the new length's, at
@@ -546,7 +333,7 @@ class TrainingRun:
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epochs_done, self.elapsed = int(state["step"]), int(state["epoch"]), float(state["elapsed"])
-        self.sums = _restore_rank_state(state["ranks"][self.dist.rank], self.augment_generator, self.device)
+        self.sums = restore_rank_state(state["ranks"][self.dist.rank], self.augment_generator, self.device)
         # Lines logged after this checkpoint was written belong to work about to be redone.
         self.history = [r for r in json.loads(state["history"]) if r["epoch"] <= self.epochs_done]
 
@@ -620,7 +407,7 @@ class TrainingRun:
         interactive = sys.stderr.isatty()
         self.train_model.train()
         bar = tqdm(
-            total=self.steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{self.args.epochs}",
+            total=self.steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{self.total_epochs}",
             disable=not show, mininterval=0.5 if interactive else LOG_PROGRESS_INTERVAL_S,
             dynamic_ncols=interactive, file=sys.stderr,
         )
@@ -668,7 +455,7 @@ class TrainingRun:
                       train_images_per_s=round(int(seen) / train_time, 1))
         self.history.append(record)
         self.epochs_done = epoch + 1
-        self.sums = _new_sums(num_exits, self.device)
+        self.sums = new_sums(num_exits, self.device)
         return record
 
 
@@ -729,11 +516,11 @@ def _train(args: argparse.Namespace, dist_ctx: Dist) -> dict:
     if args.resume:
         run.restore(checkpoint_path)
     if dist_ctx.is_main:
-        _write_epoch_files(out, run.history)
+        write_epoch_files(out, run.history)
         _announce(run)
 
     interrupted = False
-    for epoch in range(run.epochs_done, args.epochs):
+    for epoch in range(run.epochs_done, run.total_epochs):
         if args.max_steps is not None and run.step >= args.max_steps:
             interrupted = True
             break
@@ -745,16 +532,17 @@ def _train(args: argparse.Namespace, dist_ctx: Dist) -> dict:
             break
         record = run.end_epoch(epoch, started)
         if dist_ctx.is_main:
-            _write_epoch_files(out, run.history)
+            write_epoch_files(out, run.history)
+            save_best(run, out, record)
             print(
-                f"epoch {run.epochs_done}/{args.epochs} loss {record['loss']:.4f} train acc {record['train_acc']} "
+                f"epoch {run.epochs_done}/{run.total_epochs} loss {record['loss']:.4f} train acc {record['train_acc']} "
                 f"test acc {record['test_acc']}" + (f" ema {record['test_acc_ema']}" if run.ema is not None else "")
                 + f" lr {record['lr']:.2e} {record['epoch_time_s']:.0f}s ({record['train_images_per_s']:.0f} images/s)",
                 flush=True,
             )
         run.save(checkpoint_path)
 
-    metrics = _metrics(run.history, run.step, not interrupted, run.elapsed)
+    metrics = run_metrics(run.history, run.step, not interrupted, run.elapsed)
     if interrupted and dist_ctx.is_main:
         print(f"stopped after {run.step} steps (--max-steps); continue with --resume", flush=True)
     if not interrupted:
@@ -771,7 +559,7 @@ def _announce(run: TrainingRun) -> None:
     print(
         f"training {config.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, "
         f"{config.num_exits} exit(s){grids}) on {run.recipe['dataset']['train_samples']} samples, "
-        f"{run.dist.world_size} process(es) on {run.device}, {run.steps_per_epoch} steps/epoch x {run.args.epochs} epochs",
+        f"{run.dist.world_size} process(es) on {run.device}, {run.steps_per_epoch} steps/epoch x {run.total_epochs} epochs",
         flush=True,
     )
     if run.init_report is not None and not run.args.resume:
@@ -780,28 +568,25 @@ def _announce(run: TrainingRun) -> None:
         print(f"frozen: the first {run.args.freeze_stages} stage(s), {len(run.frozen)} tensors", flush=True)
 
 
+def save_best(run: TrainingRun, out: str, record: dict) -> None:
+    """Write OUT/best.safetensors when this epoch's weights (raw or EMA) beat every earlier epoch's last exit."""
+    _, source, epoch = best_so_far(run.history)
+    if epoch != record["epoch"]:
+        return
+    model = run.ema.module if source == "ema" else run.model
+    metrics = run_metrics(run.history, run.step, False, run.elapsed)
+    save_weights(os.path.join(out, BEST_NAME), model, run.config, run.recipe, metrics)
+
+
 def _save_final_weights(run: TrainingRun, out: str, metrics: dict) -> None:
     if run.dist.is_main:
-        _save_weights(os.path.join(out, FINAL_NAME), run.model, run.config, run.recipe, metrics)
+        save_weights(os.path.join(out, FINAL_NAME), run.model, run.config, run.recipe, metrics)
         if run.ema is not None:
-            _save_weights(os.path.join(out, FINAL_EMA_NAME), run.ema.module, run.config, run.recipe, metrics)
+            save_weights(os.path.join(out, FINAL_EMA_NAME), run.ema.module, run.config, run.recipe, metrics)
         print(f"wrote {os.path.join(out, FINAL_NAME)}", flush=True)
     elif run.args.dump_rank_weights:
         path = os.path.join(out, f"final.rank{run.dist.rank}.safetensors")
-        _save_weights(path, run.model, run.config, run.recipe, metrics)
-
-
-def _metrics(history: list[dict], step: int, completed: bool, elapsed: float) -> dict:
-    last = history[-1] if history else {}
-    metrics = {
-        "completed": completed, "epochs": len(history), "steps": step, "train_time_s": round(elapsed, 2),
-        "train_loss": last.get("loss"), "train_acc": last.get("train_acc"), "test_acc": last.get("test_acc"),
-    }
-    if history:
-        metrics["best_test_acc"] = [max(r["test_acc"][k] for r in history) for k in range(len(last["test_acc"]))]
-    if "test_acc_ema" in last:
-        metrics["test_acc_ema"] = last["test_acc_ema"]
-    return metrics
+        save_weights(path, run.model, run.config, run.recipe, metrics)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -809,8 +594,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m dvt_torch.train", description="Train a DVT cascade or a VT classifier (see the module docstring).",
     )
     add_train_arguments(parser)
-    args = parser.parse_args(argv)
     try:
+        args = parse_train_args(parser, sys.argv[1:] if argv is None else list(argv))
         metrics = train(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -21,7 +21,7 @@ import torch
 from dvt_shared.configs import get_config
 from dvt_shared.weight_format import WeightMetadata, save_canonical
 from dvt_torch.checkpoint import write_release_checkpoint
-from dvt_torch.train import CHECKPOINT_FORMAT, _save_checkpoint
+from dvt_torch.train_state import CHECKPOINT_FORMAT, save_checkpoint
 
 VERSIONS = 3
 # 4 MiB of float32 per file: a write takes long enough for kills to land inside it.
@@ -43,7 +43,7 @@ def write_canonical(path: str, version: int) -> None:
 
 def write_training_checkpoint(path: str, version: int) -> None:
     model = {key: torch.from_numpy(value) for key, value in TENSORS[version].items()}
-    _save_checkpoint(path, {
+    save_checkpoint(path, {
         "format": CHECKPOINT_FORMAT, "epoch": version, "step": 10 * version, "model": model,
         "optimizer": {"state": {0: {"exp_avg": model["normal_token.blocks.0.mlp.fc1.bias"] * 0.5}}},
     })

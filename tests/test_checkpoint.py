@@ -141,7 +141,7 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, legacy, payload):
 def test_every_loader_refuses_a_command_on_unpickling(tmp_path, capsys):
     """The same crafted file through `dvt convert` and as a training checkpoint for --resume."""
     from dvt_cli import main
-    from dvt_torch.train import load_checkpoint
+    from dvt_torch.train_state import load_checkpoint
 
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"

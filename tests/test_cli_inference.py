@@ -116,7 +116,8 @@ def test_export_mindir_per_gear(weights, tmp_path):
 
 
 @pytest.mark.parametrize("precision,backend", [
-    ("bf16", "torch"), pytest.param("fp16", "mindspore", marks=pytest.mark.slow),  # compiles every gear twice
+    ("bf16", "torch"), ("fp16", "torch"),
+    pytest.param("fp16", "mindspore", marks=pytest.mark.slow),  # compiles every gear twice
 ])
 def test_predict_at_reduced_precision(weights, images, capsys, precision, backend):
     thresholds = spread_thresholds(weights, images)
@@ -130,7 +131,7 @@ def test_predict_at_reduced_precision(weights, images, capsys, precision, backen
     assert [row[1] for row in reduced] == [row[1] for row in fp32]
 
 
-@pytest.mark.parametrize("precision,backend", [("fp16", "torch"), ("fp16", "onnx"), ("bf16", "mindspore"), ("bf16", "onnx")])
+@pytest.mark.parametrize("precision,backend", [("fp16", "onnx"), ("bf16", "mindspore"), ("bf16", "onnx")])
 def test_precision_that_does_not_exist_is_refused(weights, images, capsys, precision, backend):
     assert main(["predict", "--weights", str(weights), "--backend", backend, "--precision", precision,
                  "--thresholds", "0.5,0.5,-1e8", images[0]]) == 1
@@ -171,8 +172,8 @@ def test_mindspore_logs_are_silenced_unless_verbose(monkeypatch):
     assert os.environ["GLOG_v"] == "3"
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_evaluate_precision_agreement(weights, precision):
+@pytest.mark.parametrize("backend, precision", [("torch", "bf16"), ("torch", "fp16"), ("mindspore", "fp16")])
+def test_evaluate_precision_agreement(weights, backend, precision):
     """`dvt evaluate --precision` scores the same images at the reduced precision and compares with fp32."""
     from dvt_cli.evaluate import Evaluated, precision_agreement
     from dvt_cli.inference import all_exit_logits
@@ -182,16 +183,15 @@ def test_evaluate_precision_agreement(weights, precision):
     logits = all_exit_logits(metadata.config, tensors, images)
     labels = logits[-1].argmax(-1)  # fp32's last exit is right by construction
     evaluated = Evaluated(metadata.config, tensors, None, logits, None, 0)
-    got = precision_agreement(evaluated, images, labels, [0.5, 0.5, -1e8], precision)
-    assert got["precision"] == precision and got["images"] == 64
+    got = precision_agreement(evaluated, images, labels, [0.5, 0.5, -1e8], backend, precision)
+    assert got["precision"] == precision and got["runs_on"] == f"{backend} {precision}" and got["images"] == 64
     assert len(got["exit_accuracy"]) == len(got["same_prediction_per_exit"]) == 3
     # reduced precision moves confidences a little, not a lot: nearly every prediction stands
     assert min(got["same_prediction_per_exit"]) >= 60 and got["exit_accuracy"][-1] >= 60 / 64 * 100
     assert 0 < got["max_abs_conf_delta"] < 0.05
     # on the first test images only, against fp32's scores of those, through the engine kept from above
-    backend = {"bf16": "torch", "fp16": "mindspore"}[precision]
     assert evaluated.engine(backend, precision) is evaluated.engine(backend, precision)
-    first = precision_agreement(evaluated, images[:32], labels[:32], [0.5, 0.5, -1e8], precision)
+    first = precision_agreement(evaluated, images[:32], labels[:32], [0.5, 0.5, -1e8], backend, precision)
     reduced = evaluated.exit_logits(images[:32], backend, precision)
     assert first["images"] == 32
     assert first["same_prediction_per_exit"] == (reduced.argmax(-1) == logits[:, :32].argmax(-1)).sum(axis=1).tolist()

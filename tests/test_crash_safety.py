@@ -26,7 +26,7 @@ import torch
 
 from dvt_shared.weight_format import load_canonical
 from dvt_torch.checkpoint import read_release_checkpoint
-from dvt_torch.train import load_checkpoint
+from dvt_torch.train_state import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TRIALS = 20

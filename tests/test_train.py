@@ -31,7 +31,9 @@ from dvt_torch.data import (
 )
 from dvt_torch.dvt import DVT
 from dvt_torch import train as train_module
-from dvt_torch.train import Dist, TrainingRun, add_train_arguments, history_figure, load_checkpoint, train
+from dvt_torch.train import Dist, TrainingRun, add_train_arguments, train
+from dvt_torch.train_outputs import history_figure
+from dvt_torch.train_state import load_checkpoint
 
 TINY = json.dumps({"embed_dim": 16, "depth": 1, "num_heads": 2, "token_dim": 8, "reuse_dim": 8, "reuse_hidden": 16})
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -366,16 +368,95 @@ def test_grey_image_folder_feeds_a_one_channel_model(tmp_path, data_dir):
     assert run.step == 1
 
 
-def _grey_folder(root, classes: int = 2, count: int = 32):
+def _grey_folder(root, classes: int = 2, count: int = 32, splits=("train", "val")):
+    """28x28 grey PNGs in root/SPLIT/CLASS for each of `splits` (no splits: root/CLASS)."""
     from PIL import Image
 
     images, labels = _synthetic_split(count, 3)
-    for split in ("train", "val"):
+    for split in splits or ("",):
         for i, (image, label) in enumerate(zip(images, labels)):
             folder = root / split / f"class{label % classes}"
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image, mode="L").save(folder / f"{i}.png")
     return root
+
+
+RELEASE_AUGMENTATION = ("--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--remode", "pixel", "--train-interpolation",
+                        "random", "--mixup", "0.8", "--cutmix", "1.0")
+
+
+def test_one_folder_split_by_val_split_trains_with_the_release_augmentation(tmp_path, data_dir):
+    """--val-split holds out that share of every class (disjoint, drawn from --seed); timm's RandAugment, pixel
+    random erasing, random interpolation and mixup/cutmix run on grey images; best.safetensors is kept."""
+    folder = _grey_folder(tmp_path / "flat", count=40, splits=())
+    out = tmp_path / "run"
+    metrics = train(_args(out, data_dir, "--data", str(folder), "--val-split", "0.25", "--workers", "0", "--epochs", "1",
+                          *RELEASE_AUGMENTATION))
+    assert metrics["completed"] and np.isfinite(metrics["train_loss"])
+    run = _tiny_run(data_dir, tmp_path / "again", "--data", str(folder), "--val-split", "0.25", "--workers", "0")
+    train_set, val_set = run.data.train_set, run.data.test_set
+    assert not set(train_set.indices) & set(val_set.indices) and len(train_set) + len(val_set) == 40
+    targets = np.asarray(train_set.dataset.targets)
+    for label in range(2):
+        members = int((targets == label).sum())
+        assert int((targets[val_set.indices] == label).sum()) == round(0.25 * members)  # stratified
+    best = load_canonical(out / "best.safetensors")[1]
+    assert json.loads(best.extra["best"])["epoch"] == 1
+    with pytest.raises(ValueError, match="drop --val-split"):
+        _tiny_run(data_dir, tmp_path / "x", "--data", str(_grey_folder(tmp_path / "split")), "--val-split", "0.5")
+
+
+def test_folder_augmentation_is_the_same_on_any_worker_and_replays(tmp_path, data_dir):
+    """Each image's random draws are seeded by (seed, epoch, image): two loader workers give the batches that
+    the main process gives, an epoch read again gives the same batches, the next epoch other ones."""
+    folder = str(_grey_folder(tmp_path / "grey"))
+
+    def first_batch(workers, epoch):
+        run = _tiny_run(data_dir, tmp_path / f"w{workers}", "--data", folder, "--workers", str(workers),
+                        *RELEASE_AUGMENTATION[:8])
+        return next(run.data.train_batches(epoch, 0, run.augment_generator))[0]
+
+    main_process = first_batch(0, 0)
+    torch.testing.assert_close(first_batch(2, 0), main_process, rtol=0, atol=0)
+    torch.testing.assert_close(first_batch(0, 0), main_process, rtol=0, atol=0)
+    assert not torch.equal(first_batch(0, 1), main_process)
+
+
+def test_cooldown_epochs_run_at_the_minimum_rate_and_the_best_weights_are_kept(tmp_path, data_dir):
+    out = tmp_path / "run"
+    metrics = train(_args(out, data_dir, "--epochs", "1", "--cooldown-epochs", "1", "--ema", "--ema-decay", "0.5",
+                          "--min-lr", "1e-5", "--drop-path", "0.2"))
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and log[1]["lr"] == pytest.approx(1e-5)
+    accuracy, source, epoch = metrics["best"]["test_acc_last_exit"], metrics["best"]["weights"], metrics["best"]["epoch"]
+    record = log[epoch - 1]
+    assert accuracy == record["test_acc" if source == "model" else "test_acc_ema"][-1]
+    assert accuracy == max(max(r["test_acc"][-1], r["test_acc_ema"][-1]) for r in log)
+    tensors, metadata = load_canonical(out / "best.safetensors")
+    assert metadata.config.drop_path_rate == 0.2
+    if epoch == 2:  # the last epoch's weights: the final file of the same source
+        final = _weights(out / ("final.safetensors" if source == "model" else "final_ema.safetensors"))
+        _assert_same_weights(tensors, final)
+
+
+def test_best_so_far_takes_the_earliest_best_of_model_and_ema():
+    from dvt_torch.train_outputs import best_so_far
+
+    history = [{"epoch": 1, "test_acc": [10.0, 50.0], "test_acc_ema": [10.0, 40.0]},
+               {"epoch": 2, "test_acc": [10.0, 45.0], "test_acc_ema": [10.0, 60.0]},
+               {"epoch": 3, "test_acc": [10.0, 60.0], "test_acc_ema": [10.0, 20.0]}]
+    assert best_so_far(history) == (60.0, "ema", 2)
+    assert best_so_far(history[:1]) == (50.0, "model", 1)
+
+
+def test_synthetic_data_trains_through_torch_compile(tmp_path, data_dir):
+    """--compile: the training forward runs through torch.compile (backend eager here: dynamo captures the forward,
+    without code generation) and learns what the uncompiled model learns."""
+    common = ("--data", "synthetic", "--train-subset", "64", "--test-subset", "32", "--epochs", "1", "--drop-path", "0")
+    eager = train(_args(tmp_path / "eager", data_dir, *common))
+    compiled = train(_args(tmp_path / "compiled", data_dir, *common, "--compile", "--compile-backend", "eager"))
+    assert compiled["completed"] and compiled["steps"] == 4
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
 
 
 def test_fine_tuning_loads_all_but_the_heads(tmp_path, data_dir, capsys):
@@ -582,3 +663,15 @@ def test_distillation_loss_is_the_mean_of_label_and_teacher_losses(tmp_path, dat
     assert metrics["steps"] == 3
     with pytest.raises(ValueError, match="--teacher .* 5 classes"):
         train_module.load_teacher(SHIPPED_TEACHER, get_config("dvt_t2t_vit_fmnist", num_classes=5), torch.device("cpu"))
+
+
+def test_the_device_check_runs_on_a_cpu():
+    """benchmarks/gpu_check.py, the script a GPU machine runs, kept working by its CPU dry run."""
+    done = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "gpu_check.py"), "--cpu-dry-run", "--no-parity", "--steps", "2",
+         "--precisions", "fp32", "fp16"],
+        capture_output=True, text=True, timeout=600, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split() for line in done.stdout.splitlines() if line.strip().startswith(("fp32", "fp16"))]
+    assert len(rows) == 8 and all(row[3] == "yes" for row in rows)
