@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -48,6 +49,8 @@ def run(out: Path, folder: Path, epochs: int, init: Path | None) -> list[dict]:
             "0.5", "--workers", "0", "--threads", "1", "--no-progress", "--out", str(out)]
     if init is not None:
         argv += ["--init-weights", str(init)]
+    # a rerun replaces this script's own earlier run
+    shutil.rmtree(out, ignore_errors=True)
     train(add_train_arguments(argparse.ArgumentParser()).parse_args(argv))
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 

@@ -60,19 +60,26 @@ def check_precision(precision: str, name: str) -> None:
         )
 
 
-def engine(name: str, config, tensors, thresholds, graphs_dir: str | None = None, precision: str = "fp32"):
-    """Backend `name`'s early-exit engine at `precision` over the model `config` and `tensors` describe.
+def engine(
+    name: str, config, tensors, thresholds, graphs_dir: str | None = None, precision: str = "fp32", exit_policy=None,
+):
+    """Backend `name`'s early-exit engine at `precision` over the model `config` and `tensors` describe,
+    deciding by `exit_policy` (a dvt_shared.exit_policy.ExitPolicy; None: the release's max-softmax).
 
-    A backend that runs exported graphs takes them from `graphs_dir`, or from a temporary
-    folder that the exporting backend fills first.
+    A backend that runs exported graphs takes them from `graphs_dir`, or from a temporary folder that the
+    exporting backend fills and the engine is built from; the folder is removed once the engine holds them.
     """
+    from dvt_shared.exit_policy import MAX_SOFTMAX
+
     check_precision(precision, name)
     facade = load(name)
+    policy = exit_policy or MAX_SOFTMAX
     source = BACKENDS[name].graphs_from
     if source is None:
-        return facade.AdaptiveDVT(facade.inference_model(config, tensors), thresholds, precision=precision)
-    if graphs_dir is None:
-        exporter = load(source)
-        graphs_dir = tempfile.mkdtemp(prefix=f"dvt_{name}_")
-        exporter.export(exporter.inference_model(config, tensors), graphs_dir)
-    return facade.AdaptiveDVT(graphs_dir, thresholds)
+        return facade.AdaptiveDVT(facade.inference_model(config, tensors), thresholds, precision=precision, exit_policy=policy)
+    if graphs_dir is not None:
+        return facade.AdaptiveDVT(graphs_dir, thresholds, exit_policy=policy)
+    exporter = load(source)
+    with tempfile.TemporaryDirectory(prefix=f"dvt_{name}_") as exported:
+        exporter.export(exporter.inference_model(config, tensors), exported)
+        return facade.AdaptiveDVT(exported, thresholds, exit_policy=policy)

@@ -63,9 +63,9 @@ class Evaluated:
 
         from dvt_shared.adaptive import even_chunks
 
-        engine, facade = self.engine(backend, precision), backends.load(backend)
+        engine = self.engine(backend, precision)
         chunks = tqdm(even_chunks(len(images), engine.max_batch), desc=f"{backend} {precision}", unit="batch", leave=False)
-        return np.concatenate([engine.all_exit_logits(facade.tensor(images[a:b])) for a, b in chunks], axis=1)
+        return np.concatenate([engine.all_exit_logits(images[a:b]) for a, b in chunks], axis=1)
 
 
 def fashion_mnist(data_dir: str | None) -> dict[str, np.ndarray]:
@@ -141,11 +141,11 @@ def mindspore_agreement(dvt: Evaluated, images: np.ndarray, thresholds) -> dict:
     decisions vs the PyTorch model; samples within the fp32 decision margin of a threshold (derived in
     dvt_shared.error_bounds from each exit's logits) are counted as borderline."""
     from dvt_shared.error_bounds import FP32, decision_agreement
-    from dvt_shared.exit_policy import confidences, exit_indices
+    from dvt_shared.exit_policy import MAX_SOFTMAX, confidences, exit_indices
 
     ms_probs = softmax(dvt.exit_logits(images, "mindspore"))
     torch_conf, ms_conf = confidences(dvt.test_probs), confidences(ms_probs)
-    margins = FP32.margin(FP32.exit_bounds(dvt.config.depth, dvt.test_logits))
+    margins = MAX_SOFTMAX.margin(FP32.exit_bounds(dvt.config.depth, dvt.test_logits))
     agreement = decision_agreement(torch_conf, exit_indices(ms_conf, thresholds), thresholds, margins, ms_conf)
     same_class = dvt.test_probs.argmax(-1) == ms_probs.argmax(-1)
     return {

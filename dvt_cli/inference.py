@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from dvt_shared.configs import DVTConfig
+from dvt_shared.exit_policy import EXIT_POLICIES, MAX_SOFTMAX
 
 from . import CommandError, backends, positive_float, positive_int, read_weights
 
@@ -78,19 +79,18 @@ def _calibrate(args: argparse.Namespace) -> None:
             f"--budget {args.budget} is below {gflops[0]:.6g}, the GFLOPs of the first exit of {config.name}, "
             "the least any policy spends per image"
         )
+    policy = exit_policy.exit_policy(args.exit_policy)
     images, labels = _calibration_images(args, config)
     probs = exit_policy.softmax(all_exit_logits(config, tensors, images))
     exit_policy.check_calibration_data(probs, labels)
-    if args.budget is not None:
-        thresholds = exit_policy.thresholds_for_budget(probs, gflops, args.budget)
-    elif args.accuracy is not None:
-        thresholds = exit_policy.thresholds_for_accuracy(probs, labels, gflops, args.accuracy)
-    else:
-        thresholds = exit_policy.find_thresholds(probs, exit_policy.exit_shares(args.p, config.num_exits))
-    result = exit_policy.dynamic_evaluate(probs, labels, gflops, thresholds)
+    target = {"budget": args.budget} if args.budget is not None else (
+        {"accuracy": args.accuracy} if args.accuracy is not None else {"p": args.p})
+    thresholds = policy.search(probs, labels, gflops, **target)
+    result = exit_policy.dynamic_evaluate(probs, labels, gflops, thresholds, policy)
     metadata.thresholds = [float(t) for t in thresholds]
+    metadata.exit_policy = policy.name
     save_canonical(args.out or args.weights, tensors, metadata)
-    print(f"thresholds {metadata.thresholds} on {len(images)} {args.split} images: accuracy {result.accuracy:.2f}%, "
+    print(f"{policy.name} thresholds {metadata.thresholds} on {len(images)} {args.split} images: accuracy {result.accuracy:.2f}%, "
           f"{result.expected_flops:.4f} GFLOPs on average, exits {result.exit_counts.tolist()}; "
           f"written to {args.out or args.weights}")
 
@@ -113,6 +113,9 @@ def add_calibrate(subparsers, common: argparse.ArgumentParser) -> None:
                         help="release's geometric exit shares proportional to p^k")
     target.add_argument("--budget", type=positive_float, help="target average GFLOPs per image")
     target.add_argument("--accuracy", type=positive_float, help="target accuracy in %%")
+    parser.add_argument("--exit-policy", choices=tuple(EXIT_POLICIES), default=MAX_SOFTMAX.name,
+                        help="the confidence an image stops on: max-softmax (the release's) or entropy "
+                             "(1 - entropy / log classes); stored with the thresholds")
     parser.add_argument("--out", help="write here instead of updating --weights in place")
     parser.set_defaults(handler=_calibrate)
 
@@ -120,16 +123,26 @@ def add_calibrate(subparsers, common: argparse.ArgumentParser) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from dvt_shared.flops import exit_gflops
 
+    from dvt_shared.exit_policy import exit_policy
+
     config, tensors, metadata, _ = read_weights(args.weights, args.model, args.num_classes)
     thresholds = args.thresholds or (metadata.thresholds if metadata is not None else None)
     if not thresholds:
         raise CommandError(f"{args.weights} holds no thresholds: run `dvt calibrate` or pass --thresholds")
+    stored_policy = metadata.exit_policy if metadata is not None else MAX_SOFTMAX.name
+    if args.thresholds is None and args.exit_policy not in (None, stored_policy):
+        raise CommandError(
+            f"{args.weights} holds thresholds for the {stored_policy} policy, not {args.exit_policy}: "
+            f"run `dvt calibrate --exit-policy {args.exit_policy}` or pass --thresholds"
+        )
+    policy = exit_policy(args.exit_policy or stored_policy)
     backends.check_precision(args.precision, args.backend)
     images = load_images(args.images, config)
     engine = backends.engine(
-        args.backend, config, tensors, thresholds, graphs_dir=args.onnx_dir, precision=args.precision
+        args.backend, config, tensors, thresholds, graphs_dir=args.onnx_dir, precision=args.precision,
+        exit_policy=policy,
     )
-    prediction = engine.predict(backends.load(args.backend).tensor(images))
+    prediction = engine.predict(images)
     names = _class_names(config)
     print(f"{'image':<40} {'class':<14} {'exit':>4} {'confidence':>10} {'GFLOPs':>8}")
     for path, cls, exit_index, conf, gflops in zip(
@@ -137,7 +150,8 @@ def _predict(args: argparse.Namespace) -> None:
     ):
         label = names[cls] if names else str(cls)
         print(f"{path:<40} {label:<14} {exit_index:>4} {conf:>10.4f} {gflops:>8.4f}")
-    print(f"average {prediction.gflops.mean():.4f} GFLOPs per image (every exit: {exit_gflops(config)[-1]:.4f})")
+    print(f"average {prediction.gflops.mean():.4f} GFLOPs per image (every exit: {exit_gflops(config)[-1]:.4f}), "
+          f"{policy.name} confidence")
 
 
 def _class_names(config: DVTConfig) -> tuple[str, ...] | None:
@@ -160,6 +174,9 @@ def add_predict(subparsers, common: argparse.ArgumentParser) -> None:
                         "--backend mindspore fp16 as Ascend's Cube unit computes")
     parser.add_argument("--thresholds", type=_parse_thresholds, help="comma-separated, one per exit "
                         "(default: the calibrated ones stored with the weights)")
+    parser.add_argument("--exit-policy", choices=tuple(EXIT_POLICIES), default=None,
+                        help="the confidence an image stops on (default: the policy the stored thresholds were "
+                             "calibrated for; with --thresholds, max-softmax)")
     parser.add_argument("--onnx-dir", help="graphs from `dvt export --format onnx` (default: export to a temp dir)")
     parser.add_argument("--model", help="registered config, for weights that record none")
     parser.add_argument("--num-classes", type=positive_int)

@@ -23,6 +23,7 @@ from mindspore import Tensor, nn, ops
 from dvt_shared.adaptive import (
     DEFAULT_MAX_BATCH, AdaptiveEngine, Prediction, check_gears, gear_pieces, power_of_two_gears,
 )
+from dvt_shared.exit_policy import MAX_SOFTMAX, ExitPolicy
 
 from .dvt import DVT, check_images
 from .layers import TokenPerformer
@@ -153,6 +154,9 @@ class MindSporeEngine(AdaptiveEngine):
     gears: tuple[int, ...] | None = None
     graphs: list
 
+    def _from_numpy(self, images: np.ndarray) -> ms.Tensor:
+        return ms.Tensor(images)
+
     def _num_images(self, images) -> int:
         if isinstance(images, SelectedRows):
             return images.index.size
@@ -210,9 +214,9 @@ class AdaptiveDVT(MindSporeEngine):
 
     def __init__(
         self, model: DVT, thresholds, max_batch: int = DEFAULT_MAX_BATCH,
-        gears: str | Sequence[int] = DEFAULT_GEARS, precision: str = "fp32",
+        gears: str | Sequence[int] = DEFAULT_GEARS, precision: str = "fp32", exit_policy: ExitPolicy = MAX_SOFTMAX,
     ):
-        super().__init__(model.config, thresholds, max_batch)
+        super().__init__(model.config, thresholds, max_batch, exit_policy)
         self.model = model
         self.input_dtype = model.dtype
         self.precision = precision

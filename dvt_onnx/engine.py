@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from dvt_shared.adaptive import DEFAULT_MAX_BATCH, AdaptiveEngine
+from dvt_shared.exit_policy import MAX_SOFTMAX, ExitPolicy
 from dvt_shared.export_manifest import read_manifest
 from dvt_shared.image_checks import check_finite, check_image_dtype, check_image_shape
 
@@ -17,12 +18,15 @@ FORMAT = "dvt-onnx-v1"
 class OnnxAdaptiveDVT(AdaptiveEngine):
     """The shared early-exit loop over the per-stage ONNX graphs, run by ONNX Runtime."""
 
-    def __init__(self, onnx_dir, thresholds, max_batch: int = DEFAULT_MAX_BATCH, threads: int | None = None):
+    def __init__(
+        self, onnx_dir, thresholds, max_batch: int = DEFAULT_MAX_BATCH, threads: int | None = None,
+        exit_policy: ExitPolicy = MAX_SOFTMAX,
+    ):
         import onnxruntime as ort
 
         onnx_dir = Path(onnx_dir)
         config, self.stages = read_manifest(onnx_dir, MANIFEST, FORMAT, "dvt export --format onnx")
-        super().__init__(config, thresholds, max_batch)
+        super().__init__(config, thresholds, max_batch, exit_policy)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from dvt_shared.adaptive import DEFAULT_MAX_BATCH, AdaptiveEngine, Prediction
+from dvt_shared.exit_policy import MAX_SOFTMAX, ExitPolicy
 
 from .dvt import DVT, ReuseState, check_images
 
@@ -36,12 +37,18 @@ class AdaptiveDVT(AdaptiveEngine):
     precision: "fp32", or "bf16" or "fp16" (autocast on the model's device).
     """
 
-    def __init__(self, model: DVT, thresholds, max_batch: int = DEFAULT_MAX_BATCH, precision: str = "fp32"):
-        super().__init__(model.config, thresholds, max_batch)
+    def __init__(
+        self, model: DVT, thresholds, max_batch: int = DEFAULT_MAX_BATCH, precision: str = "fp32",
+        exit_policy: ExitPolicy = MAX_SOFTMAX,
+    ):
+        super().__init__(model.config, thresholds, max_batch, exit_policy)
         self.model = model.eval()
         self.device = next(model.parameters()).device
         autocast_for(self.device, precision)  # checks the name
         self.precision = precision
+
+    def _from_numpy(self, images: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(images)
 
     def _num_images(self, images: torch.Tensor) -> int:
         check_images(images, self.config, self.model.dtype)

@@ -12,7 +12,7 @@ import numpy as np
 import dvt_torch
 from dvt_shared.error_bounds import DecisionAgreement
 from dvt_shared.error_bounds import decision_agreement as shared_decision_agreement
-from dvt_shared.exit_policy import confidences, exit_indices, softmax
+from dvt_shared.exit_policy import MAX_SOFTMAX, confidences, exit_indices, softmax
 from dvt_torch import DVT as TorchDVT
 from parity_tests import harness
 from parity_tests.targets import PrecisionTarget
@@ -58,5 +58,5 @@ def decision_agreement(
 ) -> DecisionAgreement:
     """Exits chosen at both precisions with the same thresholds; margins from each exit's logit bound."""
     ref_conf, got_conf = confidences(softmax(reference)), confidences(softmax(reduced))
-    margins = target.errors.margin([a.bound for a in agreements])
+    margins = MAX_SOFTMAX.margin([a.bound for a in agreements])
     return shared_decision_agreement(ref_conf, exit_indices(got_conf, thresholds), thresholds, margins, got_conf)

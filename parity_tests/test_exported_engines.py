@@ -14,7 +14,7 @@ import torch
 
 from dvt_mindspore.export import MindIRAdaptiveDVT, export_mindir
 from dvt_shared.error_bounds import decision_agreement
-from dvt_shared.exit_policy import confidences, exit_indices, exit_shares, find_thresholds, softmax
+from dvt_shared.exit_policy import MAX_SOFTMAX, confidences, exit_indices, exit_shares, find_thresholds, softmax
 from dvt_onnx import OnnxAdaptiveDVT
 from dvt_torch.export import export_onnx
 from parity_tests import harness
@@ -77,7 +77,7 @@ def test_exported_stages_match_pytorch(case, fmt, tmp_path):
     assert_chosen_close(got.logits, every_exit[got.exit_index, np.arange(count)], got.exit_index, config.depth)
     conf = confidences(softmax(reference))
     policy = exit_indices(conf, thresholds)
-    agreement = decision_agreement(conf, got.exit_index, thresholds, CPU.errors.margin(bounds))
+    agreement = decision_agreement(conf, got.exit_index, thresholds, MAX_SOFTMAX.margin(bounds))
     record(f"{fmt} decisions", case.name, "cpu", f"{count} samples, exits {np.bincount(policy).tolist()}",
            f"{agreement.differ} differ, {agreement.borderline} borderline (margin {agreement.margin:.1e})",
            "0 non-borderline", agreement.unexplained.size == 0)

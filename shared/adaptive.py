@@ -1,8 +1,8 @@
 """Real early exit, framework-neutral: the compaction loop every backend runs.
 
-A backend supplies three small operations (run one stage on a batch, take rows of the
-images, take rows of the reuse state); this core decides with the shared exit policy which
-images leave at each exit, runs the next stage on the others only, and scatters results
+A backend supplies a few small operations (run one stage on a batch, take rows of the
+images, take rows of the reuse state, make its tensor of a NumPy batch); this core decides
+with the engine's exit policy (dvt_shared.exit_policy) which images leave at each exit, runs the next stage on the others only, and scatters results
 back to input order. So every backend (PyTorch, MindSpore, ONNX Runtime) exits the same
 images at the same exits by construction.
 """
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .configs import DVTConfig
-from .exit_policy import check_thresholds, softmax, stops_at_exit
+from .exit_policy import MAX_SOFTMAX, ExitPolicy, check_thresholds, stops_at_exit
 from .flops import cumulative_flops
 
 DEFAULT_MAX_BATCH = 256
@@ -90,7 +90,7 @@ class Prediction:
 
     logits: (n, classes) logits of the exit the image left at.
     exit_index: exit it left at; -1 where its confidence was NaN (undecided, reported).
-    confidence: its maximum softmax probability there.
+    confidence: its confidence there, under the engine's exit policy.
     macs: multiply-adds spent on it (all stages it ran).
     """
 
@@ -124,14 +124,21 @@ def reuse_tensor_names(config: DVTConfig, index: int) -> list[str]:
 
 
 class AdaptiveEngine(ABC):
-    """Early-exit classifier over a DVT of any backend; subclasses adapt one framework."""
+    """Early-exit classifier over a DVT of any backend; subclasses adapt one framework.
 
-    def __init__(self, config: DVTConfig, thresholds, max_batch: int = DEFAULT_MAX_BATCH):
+    `predict` and `all_exit_logits` take a NumPy batch or the backend's own tensor; an image stops at
+    the first exit whose confidence under `exit_policy` reaches that exit's threshold.
+    """
+
+    def __init__(
+        self, config: DVTConfig, thresholds, max_batch: int = DEFAULT_MAX_BATCH, exit_policy: ExitPolicy = MAX_SOFTMAX
+    ):
         if isinstance(max_batch, bool) or not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.config = config
         self.thresholds = check_thresholds(thresholds, config.num_exits)
         self.max_batch = max_batch
+        self.exit_policy = exit_policy
         self.exit_macs = np.asarray(cumulative_flops(config), dtype=np.int64)
 
     @abstractmethod
@@ -150,26 +157,34 @@ class AdaptiveEngine(ABC):
     def _take_state(self, state: Any, rows: np.ndarray) -> Any:
         """Rows `rows` of a reuse state."""
 
+    def _from_numpy(self, images: np.ndarray) -> Any:
+        """The backend's tensor of a NumPy batch (the batch itself where the backend runs on NumPy)."""
+        return images
+
     def _slice(self, images: Any, start: int, stop: int) -> Any:
         return self._take(images, np.arange(start, stop))
 
+    def _chunks(self, images) -> tuple[Any, list[tuple[int, int]]]:
+        """The batch as the backend's tensor, checked, and its `even_chunks` of at most max_batch rows."""
+        if isinstance(images, np.ndarray):
+            images = self._from_numpy(images)
+        return images, even_chunks(self._num_images(images), self.max_batch)
+
     def predict(self, images) -> Prediction:
-        n = self._num_images(images)
-        if n <= self.max_batch:
-            return self._predict_chunk(images, n)
-        # bounded memory: big batches go through in chunks of max_batch images
-        parts = [
-            self._predict_chunk(self._slice(images, start, min(start + self.max_batch, n)), min(self.max_batch, n - start))
-            for start in range(0, n, self.max_batch)
-        ]
+        # bounded memory: big batches go through in even chunks of at most max_batch images
+        images, chunks = self._chunks(images)
+        if len(chunks) == 1:
+            return self._predict_chunk(images, chunks[0][1])
+        parts = [self._predict_chunk(self._slice(images, start, stop), stop - start) for start, stop in chunks]
         return Prediction(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("logits", "exit_index", "confidence", "macs")))
 
     def all_exit_logits(self, images) -> np.ndarray:
         """(exits, n, classes) float32 logits of every exit for every image, through the stages
         `predict` runs (the same compiled graphs and gears), in `even_chunks` of at most max_batch."""
-        n = self._num_images(images)
+        images, chunks = self._chunks(images)
+        n = chunks[-1][1]
         parts = []
-        for start, stop in even_chunks(n, self.max_batch):
+        for start, stop in chunks:
             chunk = images if stop - start == n else self._slice(images, start, stop)
             logits, state = [], None
             for k in range(self.config.num_exits):
@@ -187,7 +202,7 @@ class AdaptiveEngine(ABC):
         active, state = np.arange(n), None
         for k in range(last + 1):
             logits, state = self._run_stage(k, images, state)
-            conf = softmax(logits.astype(np.float32), axis=-1).max(axis=-1)
+            conf = self.exit_policy.scores_from_logits(logits)
             meets = stops_at_exit(conf, self.thresholds[k])
             decided = meets & ~np.isnan(conf)
             # at the last exit everyone stops; whoever met no threshold there is undecided
@@ -200,7 +215,8 @@ class AdaptiveEngine(ABC):
             going_on = np.flatnonzero(~stops)
             if going_on.size == 0:
                 break
-            if going_on.size < stops.size:  # nobody left: the batch goes on as it is, no copy
+            # when nobody left, the batch goes on as it is; otherwise the rows going on are taken (a copy)
+            if going_on.size < stops.size:
                 active = active[going_on]
                 images = self._take(images, going_on)
                 state = self._take_state(state, going_on)

@@ -22,8 +22,9 @@ to 17 on the release's cascades and the registered configs; 128 leaves 3.2x.
 Decisions: for a softmax p, |dp_i| <= 2 p_i (1 - p_i) max|dz| <= max|dz| / 2, so a maximum
 softmax probability moves by at most half the logit bound; a sample can leave at another exit
 only if a threshold lies between its two confidences, within a quarter of the bound of one of
-them. So the decision margin is bound / 4: samples that close to a threshold they meet may
-route either way (counted, not failed); every other sample must exit identically.
+them. So the release's decision margin is bound / 4 (`ExitPolicy.margin`, which holds each
+policy's own constant): samples that close to a threshold they meet may route either way
+(counted, not failed); every other sample must exit identically.
 """
 from __future__ import annotations
 
@@ -63,11 +64,6 @@ class ErrorModel:
         """Per-exit bounds of a cascade whose stages have `depth` blocks each, from the reference logits
         (exits, n, classes): exit k's logits pass through stages 0..k, depth * (k + 1) blocks."""
         return np.array([self.bound(depth * (k + 1), np.abs(np.asarray(ref)).max()) for k, ref in enumerate(reference)])
-
-    @staticmethod
-    def margin(bound):
-        """Decision margin of a logit bound: confidences this close to a threshold may route either way."""
-        return np.asarray(bound) / 4
 
 
 def computation_blocks(config, exit_index: int = -1) -> int:
@@ -114,9 +110,9 @@ class DecisionAgreement:
 def decision_agreement(reference_conf, other_exit, thresholds, margins, other_conf=None) -> DecisionAgreement:
     """Compare another run's exits (n,) with the exits `thresholds` give the reference confidences (exits, n).
 
-    `margins` is one decision margin per exit (or one for all), bound / 4. With the other run's confidences
-    at every exit (`other_conf`), a sample is borderline if either run's confidence at an exit it reached in
-    either run lies within the margin of that exit's threshold. An engine that stops early knows only the
+    `margins` is one decision margin per exit (or one for all), the exit policy's `ExitPolicy.margin`. With
+    the other run's confidences at every exit (`other_conf`), a sample is borderline if either run's confidence
+    at an exit it reached in either run lies within the margin of that exit's threshold. An engine that stops early knows only the
     confidence of the exit it left at: then the reference's confidence alone is held to twice the margin
     (the two lie within 2 x margin of each other, so a threshold between them is that close to the reference).
     """

@@ -5,6 +5,13 @@ search (`find_thresholds`), its simulated early exit (`dynamic_evaluate`) and it
 over p = i/20 (`release_sweep`). Every decision is taken on float32 confidences, as in
 the release, whose softmax outputs are float32 tensors.
 
+What a confidence is comes from an `ExitPolicy`: the release's maximum softmax probability
+(`MAX_SOFTMAX`, the default everywhere) or one minus the normalised entropy (`ENTROPY`). The
+rule is the same for every policy (a sample stops at the first exit whose confidence reaches
+its threshold), and so are the searches; the engines, `dvt calibrate`, `dvt predict` and the
+parity tests take the policy as one object, whose `margin` turns a logit bound into the
+distance from a threshold within which two runs may route a sample differently.
+
 Departures from the release, where it fails silently: a NaN confidence is never routed
 (the sample gets exit index -1 and is reported), and invalid inputs raise ValueError.
 """
@@ -13,7 +20,7 @@ from __future__ import annotations
 import heapq
 import warnings
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -89,6 +96,77 @@ def _check_probs(probs, name: str = "probs") -> np.ndarray:
     return arr
 
 
+def _max_probability(probs: np.ndarray) -> np.ndarray:
+    return probs.max(axis=-1)
+
+
+def _certainty(probs: np.ndarray) -> np.ndarray:
+    """1 - H(p) / log(classes): 1 for a one-hot distribution, 0 for the uniform one."""
+    classes = probs.shape[-1]
+    if classes < 2:
+        raise ValueError("the entropy policy needs at least 2 classes")
+    p = probs.astype(np.float64)
+    positive = p > 0
+    entropy = -np.where(positive, p * np.log(np.where(positive, p, 1.0)), 0.0).sum(axis=-1)
+    return 1.0 - entropy / np.log(classes)
+
+
+@dataclass(frozen=True)
+class ExitPolicy:
+    """Where a sample stops: at the first exit whose confidence (`score` of its softmax) reaches the threshold.
+
+    `lipschitz` bounds how far the confidence moves when every logit moves by at most 1: the maximum
+    softmax probability moves by at most 2 p (1 - p) <= 1/2 (dvt_shared.error_bounds); the certainty
+    1 - H / log C by at most 2, since the entropy's gradient has 1-norm E|log p + H| <= 2 H <= 2 log C.
+    """
+
+    name: str
+    score: Callable[[np.ndarray], np.ndarray]
+    lipschitz: float
+    description: str
+
+    def scores(self, probs) -> np.ndarray:
+        """(n_exits, n_samples) float32 confidences of probs (n_exits, n_samples, n_classes)."""
+        return self.score(_check_probs(probs)).astype(np.float32)
+
+    def scores_from_logits(self, logits) -> np.ndarray:
+        """float32 confidences of one exit's logits (n_samples, n_classes), as an engine takes its decision."""
+        return self.score(softmax(np.asarray(logits).astype(np.float32), axis=-1)).astype(np.float32)
+
+    def margin(self, logit_bound):
+        """The decision margin of a logit bound: two runs whose logits differ by at most the bound give
+        confidences within lipschitz x bound of each other, so a threshold between them lies within half
+        of that of one of them; samples that close to a threshold may route either way."""
+        return np.asarray(logit_bound, dtype=np.float64) * self.lipschitz / 2
+
+    def search(self, probs, targets, cumulative_flops, *, p: float | None = None, budget: float | None = None,
+               accuracy: float | None = None) -> np.ndarray:
+        """Thresholds for one target, exactly one of: the release's geometric shares for `p`, the best found
+        within a `budget` (units of cumulative_flops), the cheapest found reaching an `accuracy` (%)."""
+        given = [name for name, value in (("p", p), ("budget", budget), ("accuracy", accuracy)) if value is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of p, budget, accuracy; got {given or 'none'}")
+        if budget is not None:
+            return thresholds_for_budget(probs, cumulative_flops, budget, policy=self)
+        if accuracy is not None:
+            return thresholds_for_accuracy(probs, targets, cumulative_flops, accuracy, policy=self)
+        return find_thresholds(probs, exit_shares(p, np.asarray(probs).shape[0]), policy=self)
+
+
+MAX_SOFTMAX = ExitPolicy("max-softmax", _max_probability, 0.5, "the largest softmax probability (the release's)")
+ENTROPY = ExitPolicy("entropy", _certainty, 2.0, "one minus the softmax's entropy over log(classes)")
+EXIT_POLICIES = {policy.name: policy for policy in (MAX_SOFTMAX, ENTROPY)}
+
+
+def exit_policy(name: str | None) -> ExitPolicy:
+    """The policy called `name` (None: the release's max-softmax)."""
+    if name is None:
+        return MAX_SOFTMAX
+    if name not in EXIT_POLICIES:
+        raise ValueError(f"unknown exit policy {name!r}; known: {', '.join(EXIT_POLICIES)}")
+    return EXIT_POLICIES[name]
+
+
 def _check_distributions(probs: np.ndarray, name: str = "probs") -> np.ndarray:
     """`probs`, unless some row is not a probability distribution (logits passed by mistake).
 
@@ -134,9 +212,9 @@ def check_calibration_data(probs, targets=None) -> None:
             )
 
 
-def confidences(probs) -> np.ndarray:
-    """(n_exits, n_samples) confidence of every exit: its maximum softmax probability."""
-    return _check_probs(probs).max(axis=-1)
+def confidences(probs, policy: ExitPolicy = MAX_SOFTMAX) -> np.ndarray:
+    """(n_exits, n_samples) confidence of every exit under `policy` (default: its maximum softmax probability)."""
+    return policy.score(_check_probs(probs))
 
 
 def predictions(probs) -> np.ndarray:
@@ -144,10 +222,10 @@ def predictions(probs) -> np.ndarray:
     return _check_probs(probs).argmax(axis=-1)
 
 
-def _conf32(probs_or_conf) -> np.ndarray:
+def _conf32(probs_or_conf, policy: ExitPolicy = MAX_SOFTMAX) -> np.ndarray:
     arr = np.asarray(probs_or_conf)
     if arr.ndim == 3:
-        return confidences(arr).astype(np.float32)
+        return confidences(arr, policy).astype(np.float32)
     if arr.ndim != 2:
         raise ValueError(
             "expected probs (n_exits, n_samples, n_classes) or confidences (n_exits, n_samples), "
@@ -253,14 +331,14 @@ def _search_thresholds(conf: np.ndarray, shares: np.ndarray) -> np.ndarray:
     return thr
 
 
-def find_thresholds(probs, shares) -> np.ndarray:
+def find_thresholds(probs, shares, policy: ExitPolicy = MAX_SOFTMAX) -> np.ndarray:
     """The release's threshold search: float32 thresholds, the last one -1e8.
 
     For each exit but the last, floor(n * share) of the samples still present should leave:
     its threshold is the confidence of the floor(n * share)-th most confident of them (ties
     at that confidence all leave), or 1e8 when that count is 0 or exceeds those present.
     """
-    conf = _conf32(_check_distributions(_check_probs(probs)))
+    conf = _conf32(_check_distributions(_check_probs(probs)), policy)
     if np.isnan(conf).any():
         bad = np.isnan(conf).any(axis=0).sum()
         raise ValueError(f"probs give NaN confidences for {bad} sample(s); thresholds would be undefined")
@@ -294,23 +372,23 @@ def _expected_cost(stop: np.ndarray, flops: np.ndarray) -> float:
     return float(np.bincount(stop, minlength=flops.size) @ flops / stop.size)
 
 
-def exit_indices(probs_or_conf, thresholds) -> np.ndarray:
+def exit_indices(probs_or_conf, thresholds, policy: ExitPolicy = MAX_SOFTMAX) -> np.ndarray:
     """Exit each sample leaves at: the first k with confidence >= thresholds[k].
 
     -1 where a NaN confidence is met before an exit is found, or where no exit's threshold
     is met (possible only when the last threshold is not -1e8).
     """
-    conf = _conf32(probs_or_conf)
+    conf = _conf32(probs_or_conf, policy)
     return _route(conf, check_thresholds(thresholds, conf.shape[0]))[0]
 
 
-def dynamic_evaluate(probs, targets, cumulative_flops, thresholds) -> DynamicResult:
+def dynamic_evaluate(probs, targets, cumulative_flops, thresholds, policy: ExitPolicy = MAX_SOFTMAX) -> DynamicResult:
     """The release's dynamic evaluation: route every sample, score it at its exit."""
     probs = _check_probs(probs)
     n_exits, n, _ = probs.shape
     targets = _check_targets(targets, n)
     flops = _check_flops(cumulative_flops, n_exits)
-    conf = _conf32(probs)
+    conf = _conf32(probs, policy)
     index, stop = _route(conf, check_thresholds(thresholds, n_exits))
     decided = index >= 0
     undecided = int(n - decided.sum())
@@ -380,7 +458,7 @@ def _budget_candidates(conf: np.ndarray, flops: np.ndarray) -> tuple[np.ndarray,
     return np.asarray(costs), found
 
 
-def thresholds_for_budget(probs, cumulative_flops, budget: float) -> np.ndarray:
+def thresholds_for_budget(probs, cumulative_flops, budget: float, policy: ExitPolicy = MAX_SOFTMAX) -> np.ndarray:
     """Thresholds whose expected cost on `probs` is the largest found that is <= budget.
 
     Searched over the release's geometric family (shares proportional to p**k) plus the
@@ -392,7 +470,7 @@ def thresholds_for_budget(probs, cumulative_flops, budget: float) -> np.ndarray:
     The cost holds on `probs`; on other data the same thresholds may cost more or less.
     """
     check_calibration_data(probs)
-    conf = _conf32(_check_distributions(_check_probs(probs)))
+    conf = _conf32(_check_distributions(_check_probs(probs)), policy)
     if np.isnan(conf).any():
         raise ValueError("probs give NaN confidences; cannot search thresholds on them")
     flops = _check_flops(cumulative_flops, conf.shape[0])
@@ -412,14 +490,16 @@ def thresholds_for_budget(probs, cumulative_flops, budget: float) -> np.ndarray:
     return found[best].copy()
 
 
-def thresholds_for_accuracy(probs, targets, cumulative_flops, accuracy: float) -> np.ndarray:
+def thresholds_for_accuracy(
+    probs, targets, cumulative_flops, accuracy: float, policy: ExitPolicy = MAX_SOFTMAX
+) -> np.ndarray:
     """The cheapest thresholds found whose accuracy on (probs, targets) is >= `accuracy` (%).
 
     Searched over the same budget-independent candidates as `thresholds_for_budget`.
     """
     check_calibration_data(probs, targets)
     probs = _check_distributions(_check_probs(probs))
-    conf = _conf32(probs)
+    conf = _conf32(probs, policy)
     if np.isnan(conf).any():
         raise ValueError("probs give NaN confidences; cannot search thresholds on them")
     flops = _check_flops(cumulative_flops, conf.shape[0])
@@ -441,7 +521,9 @@ def thresholds_for_accuracy(probs, targets, cumulative_flops, accuracy: float) -
     return found[int(np.argmin(np.where(feasible, costs, np.inf)))].copy()
 
 
-def release_sweep(probs, targets, cumulative_flops, calib_probs=None) -> list[SweepPoint]:
+def release_sweep(
+    probs, targets, cumulative_flops, calib_probs=None, policy: ExitPolicy = MAX_SOFTMAX
+) -> list[SweepPoint]:
     """The release's sweep over p = i/20: thresholds found on calib_probs (default: probs)
     and evaluated on probs."""
     probs = _check_probs(probs)
@@ -451,8 +533,8 @@ def release_sweep(probs, targets, cumulative_flops, calib_probs=None) -> list[Sw
         raise ValueError(f"calib_probs has {calib.shape[0]} exits but probs has {n_exits}")
     out = []
     for p in release_p_values():
-        thr = find_thresholds(calib, exit_shares(p, n_exits))
-        result = dynamic_evaluate(probs, targets, cumulative_flops, thr)
+        thr = find_thresholds(calib, exit_shares(p, n_exits), policy)
+        result = dynamic_evaluate(probs, targets, cumulative_flops, thr, policy)
         out.append(SweepPoint(float(p), thr, result.accuracy, result.expected_flops))
     return out
 

@@ -18,6 +18,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from .exit_policy import EXIT_POLICIES, MAX_SOFTMAX
 from .io_utils import atomic_write_bytes
 from .models import FAMILIES, MODEL_CONFIG_TYPES, ModelConfig, config_from_dict
 
@@ -26,6 +27,8 @@ FORMAT_VERSION = "dvt-canonical-v1"
 CONFIG_KEY = "dvt.config"
 EXIT_FLOPS_KEY = "dvt.exit_flops"
 THRESHOLDS_KEY = "dvt.thresholds"
+# The exit policy the thresholds were found for; files written before it existed hold max-softmax thresholds.
+EXIT_POLICY_KEY = "dvt.exit_policy"
 PROVENANCE_KEY = "dvt.provenance"
 EXTRA_KEY = "dvt.extra"
 
@@ -45,12 +48,14 @@ class WeightMetadata:
 
     exit_flops: cumulative GMACs of exiting at each exit (empty when unknown).
     thresholds: confidence thresholds of the exits, or None when not calibrated.
+    exit_policy: the name of the exit policy (dvt_shared.exit_policy) the thresholds are for.
     extra: any further strings, e.g. metrics serialised as JSON.
     """
 
     config: ModelConfig
     exit_flops: list[float] = field(default_factory=list)
     thresholds: list[float] | None = None
+    exit_policy: str = MAX_SOFTMAX.name
     provenance: str = ""
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -65,6 +70,8 @@ class WeightMetadata:
             )
         if self.thresholds is not None:
             self.thresholds = [float(x) for x in self.thresholds]
+        if self.exit_policy not in EXIT_POLICIES:
+            raise ValueError(f"unknown exit policy {self.exit_policy!r}; known: {', '.join(EXIT_POLICIES)}")
         if not isinstance(self.provenance, str):
             raise TypeError(f"provenance must be a str, got {type(self.provenance).__name__}")
         bad = [k for k, v in dict(self.extra).items() if not isinstance(k, str) or not isinstance(v, str)]
@@ -87,6 +94,7 @@ class WeightMetadata:
             CONFIG_KEY: json.dumps(self.config.to_dict()),
             EXIT_FLOPS_KEY: json.dumps(self.exit_flops),
             THRESHOLDS_KEY: json.dumps(self.thresholds),
+            EXIT_POLICY_KEY: json.dumps(self.exit_policy),
             PROVENANCE_KEY: json.dumps(self.provenance),
             EXTRA_KEY: json.dumps(self.extra, sort_keys=True),
         }
@@ -123,6 +131,7 @@ class WeightMetadata:
                 config=config,
                 exit_flops=values[EXIT_FLOPS_KEY],
                 thresholds=values[THRESHOLDS_KEY],
+                exit_policy=json.loads(strings.get(EXIT_POLICY_KEY, json.dumps(MAX_SOFTMAX.name))),
                 provenance=values[PROVENANCE_KEY],
                 extra=values[EXTRA_KEY],
             )

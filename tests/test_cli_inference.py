@@ -54,6 +54,34 @@ def test_calibrate_stores_thresholds(weights, tmp_path):
     assert all(np.array_equal(tensors[k], original[k]) for k in original)
 
 
+def test_calibrate_and_predict_with_the_entropy_policy(weights, images, tmp_path, capsys):
+    """`dvt calibrate --exit-policy entropy` stores entropy thresholds and the policy's name; `dvt predict`
+    then decides by that policy (its exits are the policy's on the model's own logits), and refuses to apply
+    them under another policy."""
+    if not (DEFAULT_FASHION_MNIST_DIR and os.path.isdir(DEFAULT_FASHION_MNIST_DIR)):
+        pytest.skip("Fashion-MNIST (Debian package dataset-fashion-mnist) is not installed")
+    from dvt_cli.inference import all_exit_logits, load_images
+    from dvt_shared.error_bounds import FP32, decision_agreement
+    from dvt_shared.exit_policy import ENTROPY, softmax
+
+    out = tmp_path / "entropy.safetensors"
+    assert main(["calibrate", "--weights", str(weights), "--limit", "300", "--p", "0.8", "--exit-policy", "entropy",
+                 "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith("entropy thresholds")
+    tensors, metadata = load_canonical(out)
+    assert metadata.exit_policy == "entropy" and metadata.thresholds[-1] == -1e8
+    assert main(["predict", "--weights", str(out), *images]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1].endswith("entropy confidence")
+    exits = [int(line.split()[2]) for line in printed[1:-1]]
+    logits = all_exit_logits(metadata.config, tensors, load_images(images, metadata.config))
+    margins = ENTROPY.margin(FP32.exit_bounds(metadata.config.depth, logits))
+    agreement = decision_agreement(ENTROPY.scores(softmax(logits)), np.array(exits), metadata.thresholds, margins)
+    assert agreement.unexplained.size == 0, f"images {agreement.unexplained} exit elsewhere than the policy says"
+    assert main(["predict", "--weights", str(out), "--exit-policy", "max-softmax", *images]) == 1
+    assert "holds thresholds for the entropy policy" in capsys.readouterr().err
+
+
 def spread_thresholds(weights, images) -> str:
     """Thresholds half-way between confidences (no backend's rounding can flip a decision) that
     send half of `images` out at exit 0 and one more at exit 1."""

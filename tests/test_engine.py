@@ -9,7 +9,7 @@ import torch
 
 from dvt_shared import find_thresholds, get_config
 from dvt_shared.error_bounds import FP32, decision_agreement
-from dvt_shared.exit_policy import exit_indices, softmax
+from dvt_shared.exit_policy import ENTROPY, MAX_SOFTMAX, exit_indices, softmax
 from dvt_shared.flops import cumulative_flops
 from dvt_torch import DVT
 from dvt_torch.engine import AdaptiveDVT
@@ -50,7 +50,7 @@ def test_decisions_equal_shared_policy(case, backend):
     got = engine(backend, model, thresholds, max_batch=128).predict(backend.tensor(images.numpy()))
     conf = probs.max(-1)
     rows = np.arange(len(images))
-    margins = FP32.margin(FP32.exit_bounds(model.config.depth, all_exit))
+    margins = MAX_SOFTMAX.margin(FP32.exit_bounds(model.config.depth, all_exit))
     agreement = decision_agreement(conf, got.exit_index, thresholds, margins)
     print(f"{backend.name}: exit counts {np.bincount(got.exit_index, minlength=3)}, borderline {agreement.borderline} "
           f"(margins {np.array2string(margins, precision=1)}), mismatched {int((got.exit_index != expected).sum())}")
@@ -113,3 +113,23 @@ def test_onnx_export_leaves_the_model_in_eval_mode(tmp_path):
     model = sharp_tiny_model()
     export_onnx(model, tmp_path)
     assert not any(m.training for m in model.modules())
+
+
+def test_the_engine_decides_by_its_exit_policy_on_numpy_input(case, backend):
+    """With the entropy policy (thresholds searched on its confidences), the engine's exits are the policy's
+    on PyTorch's all-exit logits, up to borderline samples, and its NumPy input gives its tensor input's answer."""
+    model, images, all_exit, probs, _ = case
+    thresholds = ENTROPY.search(probs, None, cumulative_flops(model.config), p=1.2)
+    expected = exit_indices(probs, thresholds, ENTROPY)
+    assert set(np.unique(expected)) == {0, 1, 2}, "thresholds must use every exit"
+    run = engine(backend, model, thresholds, max_batch=128, exit_policy=ENTROPY)
+    got = run.predict(images.numpy())
+    margins = ENTROPY.margin(FP32.exit_bounds(model.config.depth, all_exit))
+    agreement = decision_agreement(ENTROPY.scores(probs), got.exit_index, thresholds, margins)
+    assert agreement.unexplained.size == 0, f"samples {agreement.unexplained[:10]} exit differently, none borderline"
+    rows = np.arange(len(images))
+    conf_delta = np.abs(got.confidence - ENTROPY.scores(probs)[got.exit_index, rows])
+    assert (conf_delta <= ENTROPY.lipschitz * FP32.exit_bounds(model.config.depth, all_exit)[got.exit_index]).all()
+    from_tensor = run.predict(backend.tensor(images.numpy()))
+    np.testing.assert_array_equal(got.exit_index, from_tensor.exit_index)
+    np.testing.assert_array_equal(got.logits, from_tensor.logits)

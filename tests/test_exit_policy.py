@@ -24,6 +24,7 @@ from dvt_shared import (
     thresholds_for_budget,
 )
 from tests.release_fixtures import release_npz
+from dvt_shared.exit_policy import ENTROPY, EXIT_POLICIES, MAX_SOFTMAX, exit_policy
 
 
 
@@ -410,3 +411,46 @@ def test_stops_at_exit_rule():
 
     conf = np.array([0.5, 0.7, np.nan, 0.6999], dtype=np.float32)
     np.testing.assert_array_equal(stops_at_exit(conf, np.float32(0.7)), [False, True, True, False])
+
+
+def test_entropy_policy_scores_certainty():
+    one_hot = np.array([[[1.0, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0]]])
+    np.testing.assert_allclose(ENTROPY.scores(one_hot)[0], [1.0, 0.0, 0.5], atol=1e-7)
+    assert MAX_SOFTMAX.scores(one_hot).tolist() == [[1.0, 0.25, 0.5]]
+    assert exit_policy(None) is MAX_SOFTMAX and exit_policy("entropy") is ENTROPY
+    with pytest.raises(ValueError, match="unknown exit policy 'halting'"):
+        exit_policy("halting")
+
+
+@pytest.mark.parametrize("policy", EXIT_POLICIES.values(), ids=EXIT_POLICIES)
+def test_every_policy_moves_by_at_most_its_lipschitz_constant(policy):
+    """|d score| <= lipschitz x max|d logit|: what the policy's decision margin rests on, checked on logits
+    from flat to near one-hot, 2 to 1000 classes, each moved by a random perturbation of max size 1e-3."""
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for classes in (2, 3, 10, 1000):
+        logits = rng.standard_normal((200, classes)) * rng.uniform(0.0, 12.0, (200, 1))
+        delta = rng.uniform(-1e-3, 1e-3, logits.shape)
+        before = policy.score(softmax(logits))
+        after = policy.score(softmax(logits + delta))
+        worst = max(worst, float((np.abs(after - before) / np.abs(delta).max(axis=1)).max()))
+    assert 0 < worst <= policy.lipschitz
+
+
+@pytest.mark.parametrize("policy", EXIT_POLICIES.values(), ids=EXIT_POLICIES)
+def test_every_policy_searches_the_same_way(release, policy):
+    """One search over the policy's confidences: p shares, a budget and an accuracy target each give
+    thresholds that route as asked, through the same rule."""
+    probs, targets, flops = release["probs"], release["targets"], release["flops"]
+    n = probs.shape[1]
+    by_shares = policy.search(probs, targets, flops, p=1.5)
+    np.testing.assert_array_equal(by_shares, find_thresholds(probs, exit_shares(1.5, 3), policy))
+    routed = exit_indices(policy.scores(probs), by_shares)
+    np.testing.assert_array_equal(routed, exit_indices(probs, by_shares, policy))
+    assert np.bincount(routed, minlength=3)[0] >= np.floor(np.float32(n) * exit_shares(1.5, 3)[0])
+    budget = policy.search(probs, targets, flops, budget=2.0)
+    assert dynamic_evaluate(probs, targets, flops, budget, policy).expected_flops <= 2.0
+    accurate = policy.search(probs, targets, flops, accuracy=60.0)
+    assert dynamic_evaluate(probs, targets, flops, accurate, policy).accuracy >= 60.0
+    with pytest.raises(ValueError, match="exactly one of p, budget, accuracy"):
+        policy.search(probs, targets, flops, p=1.0, budget=2.0)
