@@ -1,11 +1,12 @@
-"""The backends `dvt` runs on, in one table. Each is a package whose facade (its `__init__`) has
-the same names, so a command picks one by name and never imports a backend's modules; a
-backend is imported only by the command that runs on it."""
+"""The backends, in one table that the commands, the tests' adapters (tests/backends.py) and the
+parity tests read. Each is a package whose facade (its `__init__`) has the same names, so a command
+picks one by name and never imports a backend's modules; a backend is imported only by the command
+that runs on it. README, "Adding a backend", lists what a new one touches."""
 from __future__ import annotations
 
 import importlib
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 
 
@@ -16,17 +17,33 @@ class Backend:
     exports: str | None = None  # the graph format its `export` writes
     graphs_from: str | None = None  # it runs the graphs that backend exports, not a model
     precisions: tuple[str, ...] = ("fp32",)  # what its engine and scoring compute in
+    # the hardware it runs on ("cpu", "gpu", "ascend"), each by its framework's own device name
+    devices: dict[str, str] = field(default_factory=lambda: {"cpu": "cpu"})
 
 
 BACKENDS = {
     # bf16 and fp16 by autocast (the performer's random features kept in float32); MindSpore's fp16 as
     # Ascend's Cube unit computes
-    "torch": Backend("dvt_torch", weights="pth", exports="onnx", precisions=("fp32", "bf16", "fp16")),
-    "mindspore": Backend("dvt_mindspore", weights="ckpt", exports="mindir", precisions=("fp32", "fp16")),
+    "torch": Backend("dvt_torch", weights="pth", exports="onnx", precisions=("fp32", "bf16", "fp16"),
+                     devices={"cpu": "cpu", "gpu": "cuda"}),
+    "mindspore": Backend("dvt_mindspore", weights="ckpt", exports="mindir", precisions=("fp32", "fp16"),
+                         devices={"cpu": "CPU", "gpu": "GPU", "ascend": "Ascend"}),
     "onnx": Backend("dvt_onnx", graphs_from="torch"),
 }
+# The backend every other one is held to: it trains, and its float64 run is proven against the release's.
+REFERENCE = "torch"
 EXPORT_FORMATS = tuple(b.exports for b in BACKENDS.values() if b.exports)
 PRECISIONS = tuple(dict.fromkeys(p for b in BACKENDS.values() for p in b.precisions))
+
+
+def model_backends() -> tuple[str, ...]:
+    """The backends that build and run models (not another backend's exported graphs), in table order."""
+    return tuple(name for name, b in BACKENDS.items() if b.graphs_from is None)
+
+
+def parity_pairs() -> list[tuple[str, str]]:
+    """(reference, candidate) pairs the parity tests check: every model backend against the reference."""
+    return [(REFERENCE, name) for name in model_backends() if name != REFERENCE]
 
 
 class BackendMissing(RuntimeError):

@@ -15,6 +15,7 @@ import mindspore as ms
 from mindspore import nn
 
 from dvt_shared.adaptive import DEFAULT_MAX_BATCH, check_gears, reuse_tensor_names
+from dvt_shared.exit_policy import MAX_SOFTMAX, ExitPolicy
 from dvt_shared.export_manifest import read_manifest, stage_entry, write_manifest
 from dvt_shared.io_utils import atomic_path, check_writable_dir
 
@@ -71,13 +72,13 @@ class MindIRAdaptiveDVT(MindSporeEngine):
     the largest gear then.
     """
 
-    def __init__(self, mindir_dir, thresholds, max_batch: int | None = None):
+    def __init__(self, mindir_dir, thresholds, max_batch: int | None = None, exit_policy: ExitPolicy = MAX_SOFTMAX):
         mindir_dir = Path(mindir_dir)
         config, stages = read_manifest(mindir_dir, MANIFEST, FORMAT, "dvt export --format mindir")
         gears = [entry["batch"] for entry in stages[0]["gears"]] if "gears" in stages[0] else None
         if max_batch is None:
             max_batch = DEFAULT_MAX_BATCH if gears is None else max(gears)
-        super().__init__(config, thresholds, max_batch)
+        super().__init__(config, thresholds, max_batch, exit_policy)
         if gears is None:
             self.graphs = [nn.GraphCell(ms.load(str(mindir_dir / stage["file"]))) for stage in stages]
             return

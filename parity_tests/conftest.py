@@ -8,7 +8,7 @@ from parity_tests.report import OBSERVATIONS, Observation, table
 def pytest_terminal_summary(terminalreporter):
     if not OBSERVATIONS:
         return
-    terminalreporter.section("DVT parity: PyTorch vs MindSpore, observed maxima")
+    terminalreporter.section("DVT parity: (reference, candidate) backends, observed maxima")
     for line in table():
         terminalreporter.write_line(line)
 

@@ -1,9 +1,11 @@
-"""Building twin models in both backends, running them, and locating where they part.
+"""Twin models of a (reference, candidate) pair of backends, run side by side, and where they part.
 
-A PyTorch model is built (seeded random weights, or the release fixtures' weights),
-converted through the canonical tensors, and loaded into a MindSpore model of the same
-config. When outputs differ, `first_divergence` reruns both with hooks on the stems,
-relation convs, blocks, final norms and heads, and names the first that differs.
+The pairs come from the one backend table (`dvt_cli.backends.parity_pairs`): every backend that runs
+models, against the reference (PyTorch, whose float64 run is proven against the release's). A model
+is built in the reference backend (seeded random weights, or the release fixtures' weights) and its
+twin in the candidate through the canonical tensors. When outputs differ, `first_divergence` reruns
+both with hooks on the stems, relation convs, blocks, final norms and heads, and names the first
+that differs.
 """
 from __future__ import annotations
 
@@ -11,19 +13,75 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import pytest
 import torch
 
-import mindspore as ms
+from dvt_cli.backends import BACKENDS, REFERENCE, parity_pairs
 from dvt_shared.configs import DVTConfig, get_config, list_configs
-from dvt_mindspore import DVT as MsDVT
-from dvt_mindspore.convert import from_canonical as ms_from_canonical
 from dvt_torch import DVT as TorchDVT
 from dvt_torch.convert import from_canonical as torch_from_canonical
-from dvt_torch.convert import to_canonical as torch_to_canonical
+from tests.backends import adapter
 from tests.release_fixtures import CASCADES, cascade_config, release_npz
 
 # Modules whose outputs are compared, in the order they run inside a stage.
 TRACED = re.compile(r"^[^.]+\.(tokens_to_token|patch_embed|relation_reuse_conv|blocks\.\d+|norm|head)$")
+
+
+def forward_exits(model, x):
+    return model.forward_exits(x)
+
+
+@dataclass(frozen=True)
+class Side:
+    """One backend of a pair, on one device (its framework's name for it)."""
+
+    backend: str
+    device: str
+
+    @property
+    def adapter(self):
+        return adapter(self.backend)
+
+    def twin(self, reference_model):
+        """This backend's model holding the reference model's weights (the reference's: the model itself)."""
+        return self.adapter.twin(reference_model)
+
+    def apply(self, model, fn, x: np.ndarray):
+        return self.adapter.apply(model, fn, x, self.device)
+
+    def exits(self, model, x: np.ndarray) -> list[np.ndarray]:
+        """Every exit's logits, as NumPy arrays."""
+        return self.apply(model, forward_exits, x)
+
+
+@dataclass(frozen=True)
+class Pair:
+    reference: str
+    candidate: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.reference}-{self.candidate}"
+
+    def on(self, target) -> tuple[Side, Side]:
+        """Both sides on `target`'s hardware, activated; the calling test is skipped (with the reason) where
+        a side's backend does not run on that hardware or its device is absent."""
+        sides = []
+        for backend, kind in ((self.reference, target.reference_on), (self.candidate, target.candidate_on)):
+            device = BACKENDS[backend].devices.get(kind)
+            if device is None:
+                pytest.skip(f"{backend} does not run on {kind}")
+            reason = adapter(backend).device_missing(device)
+            if reason:
+                pytest.skip(reason)
+            sides.append(Side(backend, device))
+        for side in sides:
+            side.adapter.activate(side.device)
+        return sides[0], sides[1]
+
+
+PAIRS = tuple(Pair(*pair) for pair in parity_pairs())
+PAIR_PARAMS = [pytest.param(pair, id=pair.id) for pair in PAIRS]
 
 
 @dataclass(frozen=True)
@@ -64,8 +122,9 @@ def perturb(model: torch.nn.Module, seed: int, scale: float = 0.02) -> None:
             param.add_(torch.randn(param.shape, generator=generator) * scale)
 
 
-def torch_model(case: Case, seed: int = 0, noise: float = 0.02, **overrides) -> TorchDVT:
-    """The case's PyTorch model in eval mode, on the CPU; random weights get `noise` added."""
+def reference_model(case: Case, seed: int = 0, noise: float = 0.02, **overrides) -> TorchDVT:
+    """The case's model in the reference backend, eval mode, on the CPU; random weights get `noise` added."""
+    assert REFERENCE == "torch", "models are drawn with PyTorch's generator; another reference needs its own"
     config = case.config(**overrides)
     torch.manual_seed(seed)
     model = TorchDVT(config)
@@ -77,89 +136,36 @@ def torch_model(case: Case, seed: int = 0, noise: float = 0.02, **overrides) -> 
     return model.eval()
 
 
-def mindspore_twin(model: TorchDVT) -> MsDVT:
-    """A MindSpore model of the same config holding the same weights, via the canonical tensors."""
-    twin = MsDVT(model.config)
-    ms_from_canonical(twin, torch_to_canonical(model), source="the PyTorch model's weights")
-    twin.set_train(model.training)
-    return twin
-
-
 def images(config: DVTConfig, batch: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return rng.standard_normal((batch, config.in_chans, config.img_size, config.img_size)).astype(np.float32)
 
 
-def torch_outputs(model: TorchDVT, x: np.ndarray, device: str = "cpu") -> list[np.ndarray]:
-    model = model.to(device)
-    with torch.no_grad():
-        outputs = model.forward_exits(torch.from_numpy(x).to(device))
-    model.to("cpu")
-    return [o.cpu().numpy() for o in outputs]
-
-
-def mindspore_outputs(model: MsDVT, x: np.ndarray) -> list[np.ndarray]:
-    return [o.asnumpy() for o in model.forward_exits(ms.Tensor(x))]
-
-
-def _named_outputs(name: str, output) -> list[tuple[str, np.ndarray]]:
-    if isinstance(output, (tuple, list)):
-        # A block returns (tokens, attention logits).
-        labels = ("tokens", "attention logits")
-        return [(f"{name} {label}", part) for label, part in zip(labels, output)]
-    return [(name, output)]
-
-
-def trace_torch(model: TorchDVT, x: np.ndarray, device: str = "cpu") -> list[tuple[str, np.ndarray]]:
-    """Outputs of the traced modules, in the order they ran."""
-    records: list[tuple[str, object]] = []
-    handles = [
-        module.register_forward_hook(lambda _m, _i, out, name=name: records.append((name, out)))
-        for name, module in model.named_modules()
-        if TRACED.match(name)
-    ]
-    try:
-        torch_outputs(model, x, device)
-    finally:
-        for handle in handles:
-            handle.remove()
-    traced = []
-    for name, output in records:
-        traced += [(label, t.detach().cpu().numpy()) for label, t in _named_outputs(name, output)]
-    return traced
-
-
-def trace_mindspore(model: MsDVT, x: np.ndarray) -> dict[str, np.ndarray]:
-    """Outputs of the traced cells by name (hooks run in PyNative mode only)."""
-    records: list[tuple[str, object]] = []
-    handles = [
-        cell.register_forward_hook(lambda _c, _i, out, name=name: records.append((name, out)))
-        for name, cell in model.cells_and_names()
-        if TRACED.match(name)
-    ]
-    try:
-        mindspore_outputs(model, x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    traced = {}
-    for name, output in records:
-        traced.update({label: t.asnumpy() for label, t in _named_outputs(name, output)})
-    return traced
+def labelled(traced: list[tuple[str, list]]) -> list[tuple[str, np.ndarray]]:
+    """(label, array) of every traced output: a block's (tokens, attention logits) are labelled apart."""
+    out = []
+    for name, outputs in traced:
+        if len(outputs) == 2:
+            out += [(f"{name} {label}", part) for label, part in zip(("tokens", "attention logits"), outputs)]
+        else:
+            out += [(name, part) for part in outputs]
+    return out
 
 
 def first_divergence(
-    torch_model: TorchDVT, ms_model: MsDVT, x: np.ndarray, tolerance: float, device: str = "cpu"
+    reference: Side, candidate: Side, reference_model, candidate_model, x: np.ndarray, tolerance: float,
+    pattern=TRACED, fn=forward_exits,
 ) -> str:
     """The first traced output, in execution order, whose max |delta| exceeds `tolerance`."""
-    ms_records = trace_mindspore(ms_model, x)
-    for name, reference in trace_torch(torch_model, x, device):
-        if name not in ms_records:
-            return f"{name} ran in PyTorch but not in MindSpore"
-        other = ms_records[name]
-        if other.shape != reference.shape:
-            return f"{name}: shape {reference.shape} in PyTorch vs {other.shape} in MindSpore"
-        delta = float(np.abs(other.astype(np.float64) - reference).max())
+    theirs = labelled(reference.adapter.trace(reference_model, fn, x, pattern, reference.device))
+    ours = dict(labelled(candidate.adapter.trace(candidate_model, fn, x, pattern, candidate.device)))
+    for name, expected in theirs:
+        if name not in ours:
+            return f"{name} ran in {reference.backend} but not in {candidate.backend}"
+        got = ours[name]
+        if got.shape != expected.shape:
+            return f"{name}: shape {expected.shape} in {reference.backend} vs {got.shape} in {candidate.backend}"
+        delta = max_abs_delta(got, expected)
         if not delta <= tolerance:
             return f"{name} (max |delta| {delta:.3e})"
     return "no traced layer exceeds the tolerance (the difference arises between traced layers)"

@@ -14,17 +14,15 @@ from dvt_shared.error_bounds import DecisionAgreement
 from dvt_shared.error_bounds import decision_agreement as shared_decision_agreement
 from dvt_shared.exit_policy import MAX_SOFTMAX, confidences, exit_indices, softmax
 from dvt_torch import DVT as TorchDVT
+from dvt_cli import backends
 from parity_tests import harness
 from parity_tests.targets import PrecisionTarget
+from tests.backends import adapter
 
 
 def reduced_logits(target: PrecisionTarget, model: TorchDVT, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    """(exits, n, classes) float32 logits of `model`'s weights run at the target's precision."""
-    if target.backend == "torch":
-        return dvt_torch.all_exit_logits(model, x, batch, target.precision)
-    import dvt_mindspore
-
-    return dvt_mindspore.all_exit_logits(harness.mindspore_twin(model), x, batch, target.precision)
+    """(exits, n, classes) float32 logits of `model`'s weights run by the target's backend at its precision."""
+    return backends.load(target.backend).all_exit_logits(adapter(target.backend).twin(model), x, batch, target.precision)
 
 
 def fp32_logits(model: TorchDVT, x: np.ndarray, batch: int = 256) -> np.ndarray:

@@ -1,14 +1,14 @@
 """Where the parity checks run, and the error model each is held to (dvt_shared.error_bounds).
 
-A target pairs a PyTorch device with a MindSpore device. CPU is always present; the
-accelerators are pytest parameters that skip with the reason when absent. MindSpore fixes
-its device when its runtime starts, once per process, so an accelerator target runs only
-in a process whose MindSpore has not yet run on the CPU: `pytest parity_tests -k gpu`.
+A target names the hardware each side of a (reference, candidate) pair runs on ("cpu", "gpu",
+"ascend"); each backend's own device name for it comes from the one backend table
+(`dvt_cli.backends.BACKENDS[...].devices`). CPU is always present; the accelerators are pytest
+parameters that skip with the reason when absent. MindSpore fixes its device when its runtime
+starts, once per process, so an accelerator target runs only in a process whose MindSpore has not
+yet run on the CPU: `pytest parity_tests -k gpu`.
 """
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,8 +20,8 @@ from dvt_shared.error_bounds import ASCEND_CUBE, BF16, FP16, FP16_AUTOCAST, FP32
 @dataclass(frozen=True)
 class Target:
     name: str
-    torch_device: str
-    mindspore_device: str
+    reference_on: str  # hardware kind the reference backend runs on
+    candidate_on: str  # and the candidate
     # how far the backends' outputs may drift here: bounds derived in dvt_shared.error_bounds
     errors: ErrorModel
     # share of all samples whose confidence may lie within the decision margin of a threshold
@@ -36,51 +36,12 @@ class Target:
         having passed every block forward and back (2 x blocks), scaled by the largest gradient."""
         return learning_rate * self.errors.bound(2 * blocks, largest_update / learning_rate)
 
-    def missing(self) -> str | None:
-        """Why this target cannot run here, or None."""
-        if self.torch_device == "cuda":
-            import torch
-
-            if not torch.cuda.is_available():
-                return "no CUDA device for PyTorch on this machine"
-        if self.mindspore_device == "Ascend" and not (os.environ.get("ASCEND_HOME_PATH") or shutil.which("npu-smi")):
-            return "no Ascend toolkit (ASCEND_HOME_PATH, npu-smi) on this machine"
-        if self.mindspore_device != "CPU":
-            import mindspore.hal
-
-            if not mindspore.hal.is_available(self.mindspore_device):
-                return f"this MindSpore build cannot run on {self.mindspore_device}"
-        return None
-
-    def activate(self) -> None:
-        """Put both frameworks on this target, or skip the calling test with the reason."""
-        reason = self.missing()
-        if reason:
-            pytest.skip(reason)
-        import mindspore as ms
-        import mindspore.hal
-
-        current = ms.get_context("device_target")
-        if current != self.mindspore_device:
-            if mindspore.hal.is_initialized(current):
-                pytest.skip(
-                    f"MindSpore already runs on {current} in this process and cannot move; "
-                    f"run `pytest parity_tests -k {self.name}` on its own"
-                )
-            ms.set_device(self.mindspore_device)
-        if self.torch_device == "cuda":
-            import torch
-
-            # TF32 would round matmul inputs to 10 mantissa bits; parity is measured in fp32.
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
-
 
 # fp32 on both sides: other kernels, other summation orders (TF32 is switched off on CUDA).
-CPU = Target("cpu", "cpu", "CPU", FP32)
-GPU = Target("gpu", "cuda", "GPU", FP32)
-# Ascend's Cube unit multiplies in fp16 even for fp32 tensors (PyTorch stays on the CPU as reference).
-ASCEND = Target("ascend", "cpu", "Ascend", ASCEND_CUBE, max_borderline_share=0.01)
+CPU = Target("cpu", "cpu", "cpu", FP32)
+GPU = Target("gpu", "gpu", "gpu", FP32)
+# Ascend's Cube unit multiplies in fp16 even for fp32 tensors (the reference stays on the CPU).
+ASCEND = Target("ascend", "cpu", "ascend", ASCEND_CUBE, max_borderline_share=0.01)
 
 TARGETS = (CPU, GPU, ASCEND)
 TARGET_PARAMS = [pytest.param(target, id=target.name) for target in TARGETS]
@@ -102,10 +63,17 @@ class PrecisionTarget:
     """
 
     name: str
-    backend: str  # the framework running reduced precision: "mindspore" or "torch"
+    backend: str  # the backend running reduced precision, by its name in dvt_cli.backends.BACKENDS
     precision: str
     errors: ErrorModel
     max_changed_share: float
+
+    def activate(self) -> None:
+        """Put the target's backend on the CPU, where its reduced precision runs here."""
+        from dvt_cli.backends import BACKENDS
+        from tests.backends import adapter
+
+        adapter(self.backend).activate(BACKENDS[self.backend].devices["cpu"])
 
 
 # MindSpore on this CPU, computing as Ascend does: fp16 matmuls and convolutions (u = 2^-11),

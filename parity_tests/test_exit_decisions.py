@@ -1,14 +1,13 @@
-"""With the same thresholds, every sample leaves the cascade at the same exit in both backends.
+"""With the same thresholds, every sample leaves the cascade at the same exit in both backends of a pair.
 
 Thresholds come from an exit policy (the release's max-softmax, and the entropy policy; the
 release's search with geometric shares) on a calibration set scored by PyTorch, and are applied to a separate test set, as the
 release does with held-out data. Only samples whose confidence lies within the target's
 margin of a threshold they meet on the way may route differently; they are counted.
-MindSpore runs in graph mode here, the mode a deployment would use.
+A backend with a graph mode (MindSpore) runs in it here, the mode a deployment would use.
 """
 from __future__ import annotations
 
-import mindspore as ms
 import numpy as np
 import pytest
 
@@ -47,38 +46,39 @@ def exit_logits(run, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("policy", EXIT_POLICIES.values(), ids=EXIT_POLICIES)
+@pytest.mark.parametrize("pair", harness.PAIR_PARAMS)
 @pytest.mark.parametrize("target", TARGET_PARAMS)
-def test_same_exit_for_every_sample(target, policy):
-    target.activate()
+def test_same_exit_for_every_sample(target, pair, policy):
+    ref, cand = pair.on(target)
     # Strong noise makes the random model's confidences depend on the image and spread out; with
     # the narrow spread of a freshly initialised model, many would crowd each threshold.
-    torch_model = harness.torch_model(CASE, seed=5, noise=0.1)
-    ms_model = harness.mindspore_twin(torch_model)
-    size = torch_model.config.img_size
+    ref_model = harness.reference_model(CASE, seed=5, noise=0.1)
+    cand_model = cand.twin(ref_model)
+    size = ref_model.config.img_size
 
     calibration = structured_noise(CALIBRATION, size, seed=11)
     thresholds = find_thresholds(
-        softmax(exit_logits(lambda x: harness.torch_outputs(torch_model, x, target.torch_device), calibration)),
-        exit_shares(P, torch_model.num_exits), policy,
+        softmax(exit_logits(lambda x: ref.exits(ref_model, x), calibration)), exit_shares(P, ref_model.num_exits), policy,
     )
 
     test = structured_noise(TEST, size, seed=12)
-    torch_logits = exit_logits(lambda x: harness.torch_outputs(torch_model, x, target.torch_device), test)
-    ms.set_context(mode=ms.GRAPH_MODE)
+    ref_logits = exit_logits(lambda x: ref.exits(ref_model, x), test)
+    modes = cand.adapter.modes
+    cand.adapter.mode("graph" if "graph" in modes else modes[0])
     try:
-        ms_logits = exit_logits(lambda x: harness.mindspore_outputs(ms_model, x), test)
+        cand_logits = exit_logits(lambda x: cand.exits(cand_model, x), test)
     finally:
-        ms.set_context(mode=ms.PYNATIVE_MODE)
-    torch_conf, ms_conf = policy.scores(softmax(torch_logits)), policy.scores(softmax(ms_logits))
-    torch_exit, ms_exit = exit_indices(torch_conf, thresholds), exit_indices(ms_conf, thresholds)
+        cand.adapter.mode(modes[0])  # hooks (first_divergence) run in the first mode
+    ref_conf, cand_conf = policy.scores(softmax(ref_logits)), policy.scores(softmax(cand_logits))
+    ref_exit, cand_exit = exit_indices(ref_conf, thresholds), exit_indices(cand_conf, thresholds)
 
     # margins from each exit's logit bound (dvt_shared.error_bounds), the logits scaled by PyTorch's
-    bounds = target.errors.exit_bounds(torch_model.config.depth, torch_logits)
+    bounds = target.errors.exit_bounds(ref_model.config.depth, ref_logits)
     margins = policy.margin(bounds)
-    agreement = decision_agreement(torch_conf, ms_exit, thresholds, margins, ms_conf)
+    agreement = decision_agreement(ref_conf, cand_exit, thresholds, margins, cand_conf)
     share = agreement.borderline_share
-    conf_delta = np.abs(ms_conf - torch_conf).max(axis=1)
-    counts = np.bincount(torch_exit, minlength=torch_model.num_exits).tolist()
+    conf_delta = np.abs(cand_conf - ref_conf).max(axis=1)
+    counts = np.bincount(ref_exit, minlength=ref_model.num_exits).tolist()
     # a confidence moves by at most the policy's Lipschitz constant times its logits' bound
     conf_ok = bool((conf_delta <= policy.lipschitz * bounds).all())
     # the target's share is set for the release's margin; a policy with a wider margin (a larger Lipschitz
@@ -86,7 +86,7 @@ def test_same_exit_for_every_sample(target, policy):
     max_share = target.max_borderline_share * policy.lipschitz / MAX_SOFTMAX.lipschitz
     ok = agreement.unexplained.size == 0 and share < max_share and conf_ok
     record(
-        f"decisions, {policy.name}", CASE.name, target.name, f"{TEST} samples, exits {counts}",
+        f"decisions {pair.id}, {policy.name}", CASE.name, target.name, f"{TEST} samples, exits {counts}",
         f"{agreement.differ} differ, {agreement.borderline} borderline (margin {agreement.margin:.1e}), "
         f"max |dconf| {conf_delta.max():.1e}, closest to a threshold {agreement.closest:.1e}",
         f"0 non-borderline, < {max_share:.1%}", ok,
@@ -98,11 +98,11 @@ def test_same_exit_for_every_sample(target, policy):
     assert min(counts) > 0, f"thresholds {thresholds} route no sample to some exit: {counts}; the check would be vacuous"
     wrong = agreement.unexplained
     if wrong.size:
-        where = harness.first_divergence(torch_model, ms_model, test[wrong[:4]], bounds[-1], target.torch_device)
+        where = harness.first_divergence(ref, cand, ref_model, cand_model, test[wrong[:4]], bounds[-1])
         pytest.fail(
             f"{wrong.size} sample(s) leave at different exits although no confidence is within "
-            f"{agreement.margin:.1e} of a threshold: samples {wrong[:10].tolist()}, PyTorch exits "
-            f"{torch_exit[wrong[:10]].tolist()}, MindSpore exits {ms_exit[wrong[:10]].tolist()}; "
+            f"{agreement.margin:.1e} of a threshold: samples {wrong[:10].tolist()}, {ref.backend} exits "
+            f"{ref_exit[wrong[:10]].tolist()}, {cand.backend} exits {cand_exit[wrong[:10]].tolist()}; "
             f"first divergent layer on them: {where}"
         )
     assert share < max_share, (

@@ -1,41 +1,42 @@
-"""Exported stage graphs give PyTorch's logits and exit decisions: ONNX Runtime and MindIR.
+"""Exported stage graphs give the reference's logits and exit decisions: every export format of the
+backend table (ONNX from PyTorch, run by ONNX Runtime; MindIR from the converted MindSpore model).
 
-The graphs are exported per stage (ONNX from PyTorch, MindIR from the converted MindSpore
-model); each engine runs the shared early-exit loop over them. Per-exit logits are compared
+The graphs are exported per stage; each engine runs the shared early-exit loop over them. Per-exit logits are compared
 with PyTorch's stage-wise outputs, decisions with the shared policy on PyTorch's confidences
 (borderline samples within the CPU target's margin of a threshold are counted, not failed).
 """
 from __future__ import annotations
 
-import mindspore as ms
 import numpy as np
 import pytest
 import torch
 
-from dvt_mindspore.export import MindIRAdaptiveDVT, export_mindir
+from dvt_cli.backends import BACKENDS, EXPORT_FORMATS, load
 from dvt_shared.error_bounds import decision_agreement
 from dvt_shared.exit_policy import MAX_SOFTMAX, confidences, exit_indices, exit_shares, find_thresholds, softmax
-from dvt_onnx import OnnxAdaptiveDVT
-from dvt_torch.export import export_onnx
 from parity_tests import harness
 from parity_tests.report import record
 from parity_tests.targets import CPU
 from parity_tests.test_exit_decisions import structured_noise
+from tests.backends import adapter
 from tests.bounds import assert_chosen_close
 
 CASES = [harness.Case("dvt_t2t_vit_fmnist"), harness.Case("deit_mini", fixture=True)]
 SAMPLES = 256
 
 
-def engines(case: harness.Case, tmp_path):
-    model = harness.torch_model(case, seed=3, noise=0.1)
-    export_onnx(model, tmp_path / "onnx")
-    ms.set_context(mode=ms.GRAPH_MODE)
-    try:
-        export_mindir(harness.mindspore_twin(model), tmp_path / "mindir")
-    finally:
-        ms.set_context(mode=ms.PYNATIVE_MODE)
-    return model
+def exported_engine(model, fmt: str, folder, thresholds):
+    """The stage graphs of `model` in format `fmt`, exported by the backend that writes it (from its twin of
+    the model, in graph mode where it has one), and the engine that runs them."""
+    exporter = next(name for name, b in BACKENDS.items() if b.exports == fmt)
+    side = adapter(exporter)
+    side.activate(BACKENDS[exporter].devices["cpu"])
+    side.mode("graph" if "graph" in side.modes else side.modes[0])
+    load(exporter).export(side.twin(model), folder)
+    runner = next((name for name, b in BACKENDS.items() if b.graphs_from == exporter), None)
+    if runner is not None:
+        return load(runner).AdaptiveDVT(folder, thresholds)
+    return load(exporter).ExportedAdaptiveDVT(folder, thresholds)
 
 
 def inputs(config, count: int, seed: int) -> np.ndarray:
@@ -45,21 +46,17 @@ def inputs(config, count: int, seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-@pytest.mark.parametrize("fmt", ["onnx", "mindir"])
-def test_exported_stages_match_pytorch(case, fmt, tmp_path):
-    CPU.activate()
-    model = engines(case, tmp_path)
+@pytest.mark.parametrize("fmt", EXPORT_FORMATS)
+def test_exported_stages_match_the_reference(case, fmt, tmp_path):
+    model = harness.reference_model(case, seed=3, noise=0.1)
     config = model.config
     count = SAMPLES if config.img_size <= 64 else 8
     x = inputs(config, count, seed=21)
     with torch.no_grad():
         reference = np.stack([o.numpy() for o in model.forward_exits(torch.from_numpy(x))])
     thresholds = find_thresholds(softmax(reference), exit_shares(1.5, model.num_exits))
-    if fmt == "onnx":
-        engine, images = OnnxAdaptiveDVT(tmp_path / "onnx", thresholds), x
-    else:
-        ms.set_context(mode=ms.GRAPH_MODE)
-        engine, images = MindIRAdaptiveDVT(tmp_path / "mindir", thresholds), ms.Tensor(x)
+    engine = exported_engine(model, fmt, tmp_path / fmt, thresholds)
+    images = x  # engines take NumPy batches
 
     # every exit's logits for every image, through the engine's own stage graphs
     every_exit = engine.all_exit_logits(images)

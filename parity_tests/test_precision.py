@@ -42,8 +42,8 @@ def check_logits(target, case_name: str, model, reference, reduced) -> list:
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("target", PRECISION_TARGET_PARAMS)
 def test_reduced_precision_logits(target, case):
-    CPU.activate()
-    model = harness.torch_model(case)
+    target.activate()
+    model = harness.reference_model(case)
     x = harness.images(model.config, case.batch, seed=1)
     reduced = reduced_logits(target, model, x)
     reference = fp32_logits(model, x)
@@ -70,7 +70,7 @@ def shipped():
 
 @pytest.mark.parametrize("target", PRECISION_TARGET_PARAMS)
 def test_shipped_model_logits_and_decisions(target, shipped):
-    CPU.activate()
+    target.activate()
     model, x, thresholds, reference = shipped
     reduced = reduced_logits(target, model, x)
     agreements = check_logits(target, "shipped fmnist", model, reference, reduced)

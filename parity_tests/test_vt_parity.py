@@ -1,4 +1,4 @@
-"""VT models agree across the backends: logits (and VT-FPN's per-level outputs) in eval mode
+"""VT models agree across the backends of every pair: logits (and VT-FPN's per-level outputs) in eval mode
 with converted BatchNorm statistics, and one SGD step in training mode.
 
 Every registered VT name is checked; the ImageNet-size models at small inputs (the
@@ -9,21 +9,16 @@ from __future__ import annotations
 
 import re
 
-import mindspore as ms
 import numpy as np
 import pytest
 import torch
 
-import dvt_mindspore
-from dvt_mindspore.convert import from_canonical as ms_from_canonical
-from dvt_mindspore.convert import to_canonical as ms_to_canonical
-from dvt_shared.vt import VTFPNConfig, get_vt_config, list_vt_configs
 import dvt_torch
-from dvt_torch.convert import to_canonical as torch_to_canonical
 from dvt_shared.error_bounds import computation_blocks
+from dvt_shared.vt import VTFPNConfig, get_vt_config, list_vt_configs
 from parity_tests import harness
 from parity_tests.report import record
-from parity_tests.targets import TARGET_PARAMS
+from parity_tests.targets import CPU, TARGET_PARAMS
 
 SMALL_INPUTS = {"vt_resnet18": {"img_size": 64}, "vt_resnet34": {"img_size": 64}, "vt_fpn_r50": {"img_size": (64, 96)}}
 BATCH = 2
@@ -53,14 +48,12 @@ def randomise(model: torch.nn.Module, seed: int, noise: float = 0.02) -> None:
                 module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
 
 
-def twins(config, seed: int = 0):
-    """A PyTorch model with seeded random weights (eval mode) and its MindSpore twin."""
+def reference_model(config, seed: int = 0):
+    """The config's model in the reference backend, with seeded random weights and statistics, eval mode."""
     torch.manual_seed(seed)
     model = dvt_torch.build_model(config).eval()
     randomise(model, seed + 1)
-    twin = ms_from_canonical(dvt_mindspore.build_model(config), torch_to_canonical(model), source="the PyTorch model's weights")
-    twin.set_train(False)
-    return model, twin
+    return model
 
 
 def images(config, batch: int, seed: int) -> np.ndarray:
@@ -68,39 +61,20 @@ def images(config, batch: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch, config.in_chans, *size)).astype(np.float32)
 
 
-def named_outputs(config, model, x) -> list[tuple[str, np.ndarray]]:
-    """The logits, and for VT-FPN every level of `forward_features` as well."""
+def outputs_of(config):
+    """The function of (model, x) whose outputs are compared: the logits, and VT-FPN's levels too."""
+    def run(model, x):
+        if isinstance(config, VTFPNConfig):
+            levels = model.forward_features(x)
+            return [model.forward_head(levels), *levels]
+        return [model(x)]
+    return run
+
+
+def output_labels(config) -> list[str]:
     if isinstance(config, VTFPNConfig):
-        levels = model.forward_features(x)
-        named = [(f"level {i} (stride {4 << i})", level) for i, level in enumerate(levels)]
-        return [("logits", model.forward_head(levels))] + named
-    return [("logits", model(x))]
-
-
-def _arrays(value) -> list:
-    return list(value) if isinstance(value, (tuple, list)) else [value]
-
-
-def first_divergence(torch_model, ms_model, x: np.ndarray, tolerance: float) -> str:
-    """The first traced submodule, in execution order, whose outputs differ by more than `tolerance`."""
-    torch_records, ms_records = [], {}
-    handles = [m.register_forward_hook(lambda _m, _i, out, n=n: torch_records.append((n, out)))
-               for n, m in torch_model.named_modules() if TRACED.match(n)]
-    handles += [c.register_forward_hook(lambda _c, _i, out, n=n: ms_records.__setitem__(n, out))
-                for n, c in ms_model.cells_and_names() if TRACED.match(n)]
-    try:
-        with torch.no_grad():
-            torch_model(torch.from_numpy(x))
-        ms_model(ms.Tensor(x))
-    finally:
-        for handle in handles:
-            handle.remove()
-    for name, output in torch_records:
-        for part, (ours, theirs) in enumerate(zip(_arrays(ms_records[name]), _arrays(output))):
-            delta = harness.max_abs_delta(ours.asnumpy(), theirs.detach().numpy())
-            if not delta <= tolerance:
-                return f"{name} output {part} (max |delta| {delta:.3e})"
-    return "no traced submodule exceeds the tolerance"
+        return ["logits"] + [f"level {i} (stride {4 << i})" for i in range(config.num_levels)]
+    return ["logits"]
 
 
 # The ResNet-34 and ResNet-50 trunks take MindSpore seconds to build and run: in the slow set.
@@ -110,100 +84,79 @@ OUTPUT_CASES = [
 ]
 
 
+@pytest.mark.parametrize("pair", harness.PAIR_PARAMS)
 @pytest.mark.parametrize("target", TARGET_PARAMS)
 @pytest.mark.parametrize("name", OUTPUT_CASES)
-def test_vt_outputs(name, target):
-    target.activate()
+def test_vt_outputs(name, target, pair):
+    ref, cand = pair.on(target)
     config = config_of(name)
-    torch_model, ms_model = twins(config)
+    ref_model = reference_model(config)
+    cand_model = cand.twin(ref_model)
     x = images(config, BATCH, seed=1)
-    torch_model.to(target.torch_device)
-    with torch.no_grad():
-        reference = named_outputs(config, torch_model, torch.from_numpy(x).to(target.torch_device))
-    torch_model.to("cpu")
-    ours = named_outputs(config, ms_model, ms.Tensor(x))
+    run = outputs_of(config)
+    reference, ours = ref.apply(ref_model, run, x), cand.apply(cand_model, run, x)
     blocks = computation_blocks(config)
     failures = []
-    for (label, theirs), (_, mine) in zip(reference, ours):
-        theirs = theirs.cpu().numpy()
-        assert mine.shape == theirs.shape, f"{name} {label}: {mine.shape} in MindSpore vs {theirs.shape} in PyTorch"
+    for label, theirs, mine in zip(output_labels(config), reference, ours):
+        assert mine.shape == theirs.shape, f"{name} {label}: {mine.shape} in {cand.backend} vs {theirs.shape} in {ref.backend}"
         bound = target.logit_bound(blocks, theirs)
         assert np.abs(theirs).max() > 100 * bound, f"{name} {label} is near zero; the check would be vacuous"
-        delta = harness.max_abs_delta(mine.asnumpy(), theirs)
+        delta = harness.max_abs_delta(mine, theirs)
         ok = delta <= bound
-        record("VT outputs", name, target.name, label, f"{delta:.2e}", f"{bound:.1e}", ok)
+        record(f"VT outputs {pair.id}", name, target.name, label, f"{delta:.2e}", f"{bound:.1e}", ok)
         if not ok:
             failures.append(f"{label}: max |delta| {delta:.3e} > {bound:.2e}")
     if failures:
-        where = first_divergence(torch_model, ms_model, x, target.logit_bound(blocks, reference[0][1].cpu().numpy()))
+        where = harness.first_divergence(ref, cand, ref_model, cand_model, x, target.logit_bound(blocks, reference[0]),
+                                         pattern=TRACED, fn=run)
         pytest.fail(f"{name} on {target.name}: " + "; ".join(failures) + f"; first divergent submodule: {where}")
 
 
-def _batchnorms(torch_model, ms_model):
-    ms_norms = {name: cell for name, cell in ms_model.cells_and_names() if isinstance(cell, ms.nn.BatchNorm2d)}
-    torch_norms = {n: m for n, m in torch_model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
-    assert ms_norms.keys() == torch_norms.keys() and torch_norms
-    return [(name, torch_norms[name], ms_norms[name]) for name in torch_norms]
-
-
+@pytest.mark.parametrize("pair", harness.PAIR_PARAMS)
 @pytest.mark.parametrize("name", ["vt_resnet_fmnist", "resnet_fmnist"])
-def test_batchnorm_statistics_convert_both_ways(name):
-    """Running statistics land in moving_mean/moving_variance and come back unchanged; the
+def test_batchnorm_statistics_convert_both_ways(name, pair):
+    """Running statistics (and every other tensor) reach the candidate and come back unchanged; the
     momentum convention (MindSpore's 1 - PyTorch's) is checked by its effect, in the SGD step test."""
-    torch_model, ms_model = twins(config_of(name))
-    for key, t, m in _batchnorms(torch_model, ms_model):
-        np.testing.assert_array_equal(m.moving_mean.asnumpy(), t.running_mean.numpy(), err_msg=key)
-        np.testing.assert_array_equal(m.moving_variance.asnumpy(), t.running_var.numpy(), err_msg=key)
-        assert m.eps == t.eps, key
-    back = ms_to_canonical(ms_model)
-    reference = torch_to_canonical(torch_model)
+    ref, cand = pair.on(CPU)
+    ref_model = reference_model(config_of(name))
+    reference = ref.adapter.canonical(ref_model)
+    assert any(key.endswith("running_var") for key in reference)
+    back = cand.adapter.canonical(cand.twin(ref_model))
     assert back.keys() == reference.keys()
     assert all(np.array_equal(back[key], reference[key]) for key in reference)
 
 
+@pytest.mark.parametrize("pair", harness.PAIR_PARAMS)
 @pytest.mark.parametrize("target", TARGET_PARAMS)
 @pytest.mark.parametrize("name", TRAIN_CASES)
-def test_vt_one_sgd_step(name, target):
+def test_vt_one_sgd_step(name, target, pair):
     """Training mode (batch statistics, running-statistics update) and one SGD step move both the same way."""
-    target.activate()
+    ref, cand = pair.on(target)
     config = config_of(name)
-    torch_model, ms_model = twins(config, seed=7)
-    torch_model.train()
-    ms_model.set_train(True)
-    before = torch_to_canonical(torch_model)
+    ref_model = reference_model(config, seed=7).train()
+    cand_model = cand.twin(ref_model)
+    before = ref.adapter.canonical(ref_model)
     x = images(config, TRAIN_BATCH, seed=8)
     y = np.random.default_rng(9).integers(0, config.num_classes, TRAIN_BATCH)
 
-    torch_model.to(target.torch_device)
-    optimizer = torch.optim.SGD(torch_model.parameters(), lr=LEARNING_RATE)
-    optimizer.zero_grad()
-    torch_loss = torch.nn.functional.cross_entropy(
-        torch_model(torch.from_numpy(x).to(target.torch_device)), torch.from_numpy(y).to(target.torch_device)
-    )
-    torch_loss.backward()
-    optimizer.step()
-    torch_model.to("cpu")
+    ref_loss = ref.adapter.sgd_step(ref_model, x, y, LEARNING_RATE, "cross_entropy", ref.device)
+    cand_loss = cand.adapter.sgd_step(cand_model, x, y, LEARNING_RATE, "cross_entropy", cand.device)
 
-    ms_optimizer = ms.nn.SGD(ms_model.trainable_params(), learning_rate=LEARNING_RATE)
-    grad_fn = ms.value_and_grad(lambda a, b: ms.ops.cross_entropy(ms_model(a), b), None, ms_optimizer.parameters)
-    ms_loss, grads = grad_fn(ms.Tensor(x), ms.Tensor(y.astype(np.int32)))
-    ms_optimizer(grads)
-
-    loss_delta = abs(float(ms_loss.asnumpy()) - float(torch_loss.detach().cpu()))
-    after_torch, after_ms = torch_to_canonical(torch_model), ms_to_canonical(ms_model)
-    deltas = {key: harness.max_abs_delta(after_ms[key], after_torch[key]) for key in after_torch}
+    loss_delta = abs(cand_loss - ref_loss)
+    after_ref, after_cand = ref.adapter.canonical(ref_model), cand.adapter.canonical(cand_model)
+    deltas = {key: harness.max_abs_delta(after_cand[key], after_ref[key]) for key in after_ref}
     worst = max(deltas, key=deltas.get)
     statistics = [k for k in before if k.endswith(("running_mean", "running_var"))]
     weights = [k for k in before if k not in statistics]
-    step = max(harness.max_abs_delta(after_torch[k], before[k]) for k in weights)
-    moved = max(harness.max_abs_delta(after_torch[k], before[k]) for k in statistics)
+    step = max(harness.max_abs_delta(after_ref[k], before[k]) for k in weights)
+    moved = max(harness.max_abs_delta(after_ref[k], before[k]) for k in statistics)
     blocks = computation_blocks(config)
     # the running statistics move by (1 - momentum) x batch statistics: bounded like the forward pass
     bound = max(target.step_bound(blocks, LEARNING_RATE, step), target.logit_bound(blocks, moved))
-    loss_bound = target.logit_bound(blocks, float(torch_loss.detach().cpu()))
+    loss_bound = target.logit_bound(blocks, ref_loss)
     ok = deltas[worst] <= bound and loss_delta <= loss_bound
     record(
-        "VT train step", name, target.name, f"SGD lr {LEARNING_RATE}, largest update {step:.2e}",
+        f"VT train step {pair.id}", name, target.name, f"SGD lr {LEARNING_RATE}, largest update {step:.2e}",
         f"max |dw| {deltas[worst]:.2e} ({worst}), |dloss| {loss_delta:.1e}", f"{bound:.1e}, {loss_bound:.1e}", ok,
     )
     assert step > 100 * bound, f"the step barely moved the weights ({step:.2e}); the check would be vacuous"

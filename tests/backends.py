@@ -1,14 +1,28 @@
 """The backends every backend-parametrised test runs on, each behind one small adapter (Keras 3 style).
 
-A test written against the `backend` fixture (tests/conftest.py) runs once per entry of
-`BACKENDS`; a new backend is one more adapter here. Each adapter imports its framework when
+A test written against the `backend` fixture (tests/conftest.py) runs once per backend of the
+one table, `dvt_cli.backends.BACKENDS`, that runs models (not exported graphs); the parity tests
+take their (reference, candidate) pairs from the same table and these adapters. A new backend is
+one more adapter here, under its name in that table. Each adapter imports its framework when
 it is built, so collecting the tests imports neither.
+
+The parity methods (`device_missing`, `activate`, `apply`, `trace`, `sgd_step`, `canonical`) take the
+framework's own device name, as the table's `Backend.devices` gives it for a hardware kind.
 """
 from __future__ import annotations
 
 import contextlib
 
 import numpy as np
+
+from dvt_cli.backends import model_backends
+
+
+def _to_numpy(value, convert):
+    """Tensors (possibly nested in tuples and lists) as NumPy arrays, the nesting kept."""
+    if isinstance(value, (tuple, list)):
+        return [_to_numpy(v, convert) for v in value]
+    return None if value is None else convert(value)
 
 
 class TorchBackend:
@@ -90,6 +104,58 @@ class TorchBackend:
         """The early-exit engine; PyTorch runs any batch size, so `gears` (MindSpore's) changes nothing."""
         return self.engine_module.AdaptiveDVT(model, thresholds, **kwargs)
 
+    def device_missing(self, device: str) -> str | None:
+        if device == "cuda" and not self.torch.cuda.is_available():
+            return "no CUDA device for PyTorch on this machine"
+        return None
+
+    def activate(self, device: str) -> None:
+        if device == "cuda":
+            # TF32 would round matmul inputs to 10 mantissa bits; parity is measured in fp32.
+            self.torch.backends.cuda.matmul.allow_tf32 = False
+            self.torch.backends.cudnn.allow_tf32 = False
+
+    def apply(self, model, fn, x: np.ndarray, device: str = "cpu"):
+        """`fn(model, x)` on `device` without gradients, its tensors as NumPy arrays; the model goes back to the CPU."""
+        model.to(device)
+        try:
+            with self.torch.no_grad():
+                return _to_numpy(fn(model, self.torch.from_numpy(x).to(device)), self.numpy)
+        finally:
+            model.to("cpu")
+
+    def trace(self, model, fn, x: np.ndarray, pattern, device: str = "cpu") -> list[tuple[str, list]]:
+        """(module name, its outputs as NumPy arrays) of every module whose name matches `pattern`, in the order
+        they ran during `fn(model, x)`."""
+        records = []
+        handles = [module.register_forward_hook(lambda _m, _i, out, name=name: records.append((name, out)))
+                   for name, module in model.named_modules() if pattern.match(name)]
+        try:
+            self.apply(model, fn, x, device)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [(name, _to_numpy(out if isinstance(out, (tuple, list)) else [out], self.numpy)) for name, out in records]
+
+    def sgd_step(self, model, x: np.ndarray, labels: np.ndarray, learning_rate: float, loss: str, device: str = "cpu"):
+        """One plain SGD step on `model` (in its current train/eval mode) with the multi-exit loss ("multi_exit")
+        or the cross-entropy ("cross_entropy"); the loss as a float."""
+        functional = self.torch.nn.functional
+        loss_fn = self.package.multi_exit_loss if loss == "multi_exit" else functional.cross_entropy
+        model.to(device)
+        try:
+            optimizer = self.torch.optim.SGD(model.parameters(), lr=learning_rate)
+            optimizer.zero_grad()
+            value = loss_fn(model(self.torch.from_numpy(x).to(device)), self.torch.from_numpy(labels).to(device))
+            value.backward()
+            optimizer.step()
+            return float(value.detach().cpu())
+        finally:
+            model.to("cpu")
+
+    def canonical(self, model) -> dict[str, np.ndarray]:
+        return self.convert.to_canonical(model)
+
     def layouts(self, images: np.ndarray) -> dict:
         """The same images held in other memory layouts."""
         x = self.torch.from_numpy(images)
@@ -126,8 +192,9 @@ class MindSporeBackend:
         return self.package.create_model(name, **overrides)
 
     def twin(self, torch_model):
-        """A MindSpore model holding `torch_model`'s weights, through the canonical format."""
-        return self.convert.from_canonical(self.build(torch_model.config), self._torch_canonical(torch_model))
+        """A MindSpore model holding `torch_model`'s weights, through the canonical format, in its train/eval mode."""
+        twin = self.convert.from_canonical(self.build(torch_model.config), self._torch_canonical(torch_model))
+        return self.set_train(twin, torch_model.training)
 
     def float64(self, model):
         return model.to(self.ms.float64)
@@ -173,6 +240,60 @@ class MindSporeBackend:
         self.mode("graph")
         return self.engine_module.AdaptiveDVT(model, thresholds, gears=gears, **kwargs)
 
+    def device_missing(self, device: str) -> str | None:
+        import os
+        import shutil
+
+        if device == "Ascend" and not (os.environ.get("ASCEND_HOME_PATH") or shutil.which("npu-smi")):
+            return "no Ascend toolkit (ASCEND_HOME_PATH, npu-smi) on this machine"
+        if device != "CPU":
+            import mindspore.hal
+
+            if not mindspore.hal.is_available(device):
+                return f"this MindSpore build cannot run on {device}"
+        return None
+
+    def activate(self, device: str) -> None:
+        """Put MindSpore on `device`; it fixes its device when its runtime starts, once per process, so a test
+        on another device than the one it started on is skipped with the way to run it."""
+        import mindspore.hal
+        import pytest
+
+        current = self.ms.get_context("device_target")
+        if current != device:
+            if mindspore.hal.is_initialized(current):
+                pytest.skip(f"MindSpore already runs on {current} in this process and cannot move; "
+                            f"run the {device} parity tests in a process of their own (pytest parity_tests -k ...)")
+            self.ms.set_device(device)
+
+    def apply(self, model, fn, x: np.ndarray, device: str = "CPU"):
+        """`fn(model, x)`, its tensors as NumPy arrays (MindSpore runs where `activate` put it)."""
+        return _to_numpy(fn(model, self.ms.Tensor(x)), self.numpy)
+
+    def trace(self, model, fn, x: np.ndarray, pattern, device: str = "CPU") -> list[tuple[str, list]]:
+        """(cell name, its outputs as NumPy arrays) of every cell matching `pattern`, in the order they ran
+        (hooks run in PyNative mode only)."""
+        records = []
+        handles = [cell.register_forward_hook(lambda _c, _i, out, name=name: records.append((name, out)))
+                   for name, cell in model.cells_and_names() if pattern.match(name)]
+        try:
+            self.apply(model, fn, x, device)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [(name, _to_numpy(out if isinstance(out, (tuple, list)) else [out], self.numpy)) for name, out in records]
+
+    def sgd_step(self, model, x: np.ndarray, labels: np.ndarray, learning_rate: float, loss: str, device: str = "CPU"):
+        loss_fn = self.package.multi_exit_loss if loss == "multi_exit" else self.ms.ops.cross_entropy
+        optimizer = self.ms.nn.SGD(model.trainable_params(), learning_rate=learning_rate)
+        grad_fn = self.ms.value_and_grad(lambda a, b: loss_fn(model(a), b), None, optimizer.parameters)
+        value, grads = grad_fn(self.ms.Tensor(x), self.ms.Tensor(labels.astype(np.int32)))
+        optimizer(grads)
+        return float(value.asnumpy())
+
+    def canonical(self, model) -> dict[str, np.ndarray]:
+        return self.convert.to_canonical(model)
+
     def layouts(self, images: np.ndarray) -> dict:
         nhwc = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
         return {"channels-last": self.ms.Tensor(nhwc.transpose(0, 3, 1, 2)),
@@ -180,4 +301,17 @@ class MindSporeBackend:
                 "transposed view": self.ms.Tensor(nhwc).transpose(0, 3, 1, 2)}
 
 
-BACKENDS = (TorchBackend, MindSporeBackend)
+ADAPTERS = {adapter.name: adapter for adapter in (TorchBackend, MindSporeBackend)}
+_missing = sorted(set(model_backends()) - set(ADAPTERS))
+if _missing:
+    raise ImportError(f"backend(s) {_missing} of dvt_cli.backends.BACKENDS have no test adapter in tests/backends.py")
+# Every backend of the one table that runs models, in the table's order.
+BACKENDS = tuple(ADAPTERS[name] for name in model_backends())
+_adapters: dict = {}
+
+
+def adapter(name: str):
+    """The adapter of backend `name`, built once per process (building one imports its framework)."""
+    if name not in _adapters:
+        _adapters[name] = ADAPTERS[name]()
+    return _adapters[name]
