@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp-install
 
-.PHONY: setup data demo test test-fast test-explore parity bench clean
+.PHONY: setup data demo lint test test-fast test-explore parity bench clean
 
 setup: $(STAMP)
 
@@ -38,9 +38,13 @@ SECOND_KERNELS := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_M
 NUMERIC_TESTS := tests/test_engine.py tests/test_dvt_model.py tests/test_backend_ops.py parity_tests/test_logits.py \
 	parity_tests/test_exit_decisions.py parity_tests/test_exported_engines.py parity_tests/test_train_step.py
 
-test: setup
+test: setup lint
 	$(PYTEST) tests parity_tests
 	$(SECOND_KERNELS) $(PYTEST) -m "not slow" $(NUMERIC_TESTS)
+
+# Style and static checks (pyflakes, pycodestyle, import order, bugbear; pyproject.toml's [tool.ruff]).
+lint: setup
+	$(VENV)/bin/ruff check .
 
 test-fast: setup
 	$(PYTEST) -m "not slow" tests parity_tests

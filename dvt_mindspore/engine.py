@@ -21,8 +21,9 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from dvt_shared.adaptive import (
-    DEFAULT_MAX_BATCH, AdaptiveEngine, Prediction, check_gears, gear_pieces, power_of_two_gears,
+    DEFAULT_MAX_BATCH, AdaptiveEngine, Prediction, check_gears, gear_pieces, power_of_two_gears, reuse_tensor_names,
 )
+from dvt_shared.cascade import ReuseState
 from dvt_shared.exit_policy import MAX_SOFTMAX, ExitPolicy
 
 from .dvt import DVT, check_images
@@ -116,8 +117,9 @@ class AllExitLogits:
 
 
 class SelectedRows:
-    """Rows `index` of `tensors`, selected lazily: the engine gathers once per stage input, when a
-    stage runs, however many times rows were selected since (compaction, chunking, gear padding)."""
+    """Rows `index` of `tensors` (the images, or a ReuseState), selected lazily: the engine gathers once per
+    stage input, when a stage runs, however many times rows were selected since (compaction, chunking, gear
+    padding)."""
 
     def __init__(self, tensors: tuple, index: np.ndarray):
         self.tensors, self.index = tensors, index
@@ -131,12 +133,14 @@ class SelectedRows:
         return SelectedRows(self.tensors, self.index[rows])
 
     def gathered(self, rows: np.ndarray) -> tuple:
-        """The tensors at rows `index[rows]`, without a copy where that is all of them in order."""
+        """The tensors at rows `index[rows]` as the stage graphs take them (positionally), without a copy where
+        that is all of them in order."""
+        held = self.tensors.positional() if isinstance(self.tensors, ReuseState) else self.tensors
         index = self.index[rows]
-        if index.size == self.tensors[0].shape[0] and np.array_equal(index, np.arange(index.size)):
-            return self.tensors
+        if index.size == held[0].shape[0] and np.array_equal(index, np.arange(index.size)):
+            return held
         index = Tensor(index.astype(np.int32))
-        return tuple(ops.gather(t, index, 0) for t in self.tensors)
+        return tuple(ops.gather(t, index, 0) for t in held)
 
 
 class MindSporeEngine(AdaptiveEngine):
@@ -190,7 +194,8 @@ class MindSporeEngine(AdaptiveEngine):
         offsets = np.cumsum([0] + [gear for _, gear in pieces[:-1]])
         real = np.concatenate([offset + np.arange(rows) for offset, (rows, _) in zip(offsets, pieces)])
         tensors = outputs[0] if len(outputs) == 1 else tuple(ops.cat(parts, axis=0) for parts in zip(*outputs))
-        return np.concatenate(logits), SelectedRows(tensors, real)
+        state = ReuseState.from_positional(tensors, reuse_tensor_names(self.config, index))
+        return np.concatenate(logits), SelectedRows(state, real)
 
 
 def resolve_gears(gears, max_batch: int) -> tuple[int, ...] | None:

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from dvt_shared.adaptive import DEFAULT_MAX_BATCH, AdaptiveEngine
+from dvt_shared.cascade import ReuseState
 from dvt_shared.exit_policy import MAX_SOFTMAX, ExitPolicy
 from dvt_shared.export_manifest import read_manifest
 from dvt_shared.image_checks import check_finite, check_image_dtype, check_image_shape
@@ -43,16 +44,14 @@ class OnnxAdaptiveDVT(AdaptiveEngine):
         check_finite(np.isfinite(images).reshape(len(images), -1).all(axis=1))
         return images.shape[0]
 
-    def _run_stage(self, index: int, images: np.ndarray, state):
+    def _run_stage(self, index: int, images: np.ndarray, state: ReuseState | None):
         # ONNX Runtime reads a dense buffer: strided views (channels-last) are copied once here.
-        feeds = {"images": np.ascontiguousarray(images)}
-        feeds.update(state or {})
+        feeds = {"images": np.ascontiguousarray(images), **(state.feeds() if state is not None else {})}
         outputs = self.sessions[index].run(None, feeds)
-        names = self.stages[index]["outputs"]
-        return outputs[0], {"prev_" + name: value for name, value in zip(names[1:], outputs[1:])}
+        return outputs[0], ReuseState.from_positional(outputs[1:], self.stages[index]["outputs"][1:])
 
     def _take(self, images: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return images[rows]
 
-    def _take_state(self, state: dict, rows: np.ndarray) -> dict:
-        return {name: value[rows] for name, value in state.items()}
+    def _take_state(self, state: ReuseState, rows: np.ndarray) -> ReuseState:
+        return state.map(lambda t: t[rows])

@@ -65,4 +65,4 @@ class AdaptiveDVT(AdaptiveEngine):
 
     def _take_state(self, state: ReuseState, rows: np.ndarray) -> ReuseState:
         index = torch.from_numpy(rows).to(self.device)
-        return ReuseState(*(None if t is None else t.index_select(0, index) for t in state))
+        return state.map(lambda t: t.index_select(0, index))

@@ -2,7 +2,9 @@
 
 A stage is called as `stage(images, features, relations)` and returns `(logits, features,
 relations)`: the last two are what the next stage reuses, None where it reuses nothing (and
-after the last stage). Between stages they travel together as a `ReuseState`.
+after the last stage). Between stages they travel together as a `ReuseState`, in every engine
+(PyTorch, MindSpore, ONNX Runtime); an exported stage graph takes and gives them positionally
+(`positional`, `from_positional`), by name with the "prev_" prefix as its inputs (`feeds`).
 """
 from __future__ import annotations
 
@@ -18,6 +20,27 @@ class ReuseState(NamedTuple):
 
     features: Any
     relations: Any
+
+    def map(self, fn) -> "ReuseState":
+        """`fn` applied to every tensor held, None kept: rows taken, devices or array types changed."""
+        return ReuseState(*(None if t is None else fn(t) for t in self))
+
+    def positional(self) -> tuple:
+        """The tensors held, in field order: how a stage graph takes and gives them."""
+        return tuple(t for t in self if t is not None)
+
+    @classmethod
+    def from_positional(cls, tensors, names) -> "ReuseState":
+        """The state of a graph's positional reuse tensors, whose field names are `names` (in field order)."""
+        tensors = tuple(tensors)
+        if len(tensors) != len(names) or not set(names) <= set(cls._fields):
+            raise ValueError(f"{len(tensors)} reuse tensor(s) for the names {list(names)}")
+        held = dict(zip(names, tensors))
+        return cls(*(held.get(name) for name in cls._fields))
+
+    def feeds(self, prefix: str = "prev_") -> dict:
+        """The tensors held by input name of an exported stage graph ("prev_features", "prev_relations")."""
+        return {prefix + name: t for name, t in zip(self._fields, self) if t is not None}
 
 
 def run_stage(stage, images, state: ReuseState | None) -> tuple[Any, ReuseState]:
