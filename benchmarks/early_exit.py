@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import MINDSPORE_DEFAULT_GLOG_V, best_time, print_table, run_worker
 
 SHARES = (0.60, 0.25, 0.15)

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from common import print_table
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,7 +23,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 from common import best_time, print_table
 
 HERE = Path(__file__).resolve().parent

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from common import MINDSPORE_DEFAULT_GLOG_V, print_table
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import print_table, run_worker
 
 BACKENDS = ("torch", "mindspore", "onnx")
@@ -88,9 +87,9 @@ def mindspore_engine(config, tensors, thresholds, batch: int, threads: int | Non
 def onnx_engine(config, tensors, thresholds, batch: int, threads: int | None):
     import tempfile
 
+    from dvt_onnx import OnnxAdaptiveDVT
     from dvt_torch.convert import from_canonical
     from dvt_torch.dvt import DVT
-    from dvt_onnx import OnnxAdaptiveDVT
     from dvt_torch.export import export_onnx
 
     folder = tempfile.mkdtemp(prefix="dvt_soak_onnx_")

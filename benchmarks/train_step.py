@@ -154,8 +154,13 @@ def resampling_calls(model, batch: int) -> dict[str, list]:
         stage, src = model.stage(index), config.grids[index - 1]
         tag = f"exit {index}"
         if stage.feature_reuse:
-            x = torch.randn(batch, config.reuse_dim, src, src, requires_grad=True)
-            calls[f"{tag} feature resampling"].extend([(layers.resample_grid, (x, stage.resample_t))] * config.depth)
+            # revisions before cda9db3 (--before) moved (B, C, s, s) maps with resample_grid
+            if hasattr(layers, "resample_tokens"):
+                resample, shape = layers.resample_tokens, (batch, src * src, config.reuse_dim)
+            else:
+                resample, shape = layers.resample_grid, (batch, config.reuse_dim, src, src)
+            x = torch.randn(shape, requires_grad=True)
+            calls[f"{tag} feature resampling"].extend([(resample, (x, stage.resample_t))] * config.depth)
         if stage.relation_reuse:
             tokens = src * src + 1
             x = torch.randn(batch, config.relation_channels, tokens, tokens, requires_grad=True)

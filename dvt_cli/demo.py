@@ -70,7 +70,7 @@ def speedup(dvt: Evaluated, images: np.ndarray, thresholds) -> list[dict]:
 def _timed(label, engine, chunks, thresholds) -> dict:
     """Every exit on every image, then real early exit at `thresholds`, through the same engine: each
     the best of TIMED_RUNS runs (see there)."""
-    from dvt_shared.exit_policy import check_thresholds, last_exit_only
+    from dvt_shared.exit_policy import last_exit_only
     from dvt_shared.flops import cumulative_flops
 
     def best_of_runs():
@@ -82,9 +82,9 @@ def _timed(label, engine, chunks, thresholds) -> dict:
         return min(times), predictions
 
     config = engine.config
-    engine.thresholds = last_exit_only(config.num_exits)
+    engine.set_thresholds(last_exit_only(config.num_exits))
     full_s, _ = best_of_runs()
-    engine.thresholds = check_thresholds(thresholds, config.num_exits)
+    engine.set_thresholds(thresholds)
     engine_s, predictions = best_of_runs()
     spent = sum(int(p.macs.sum()) for p in predictions)
     count = sum(len(p.macs) for p in predictions)
@@ -122,27 +122,34 @@ def run_demo(args: argparse.Namespace) -> None:
     print(f"report: {out}/evaluation.md, {out}/accuracy_vs_gflops.png; demo took {time.perf_counter() - start:.0f} s")
 
 
-RELEASE_FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "release"
+# The release's two reference cascades (config, weights, images and the release's per-exit logits) ship
+# as package data, so that an installed `dvt demo` checks them too.
+RELEASE_CASCADES_DIR = Path(__file__).resolve().parent / "data" / "release"
+RELEASE_CASCADES = ("t2t_mini", "deit_mini")
 RANDOM_DEMO_MODEL = "dvt_t2t_vit_12"
 
 
-def check_release_fixtures(facade) -> None:
-    """Per-exit logits of the release's two reference cascades against the release's own."""
+def release_cascade_file(cascade: str, part: str) -> Path:
+    """The shipped file `part` ("config.json", "weights.npz" or "io.npz") of the release cascade `cascade`."""
+    path = RELEASE_CASCADES_DIR / f"{cascade}_{part}"
+    if not path.is_file():
+        raise CommandError(f"{path} is missing: this installation of dvt_cli is incomplete")
+    return path
+
+
+def release_cascade_deltas(facade) -> dict[str, list[float]]:
+    """Per release reference cascade, max |logit - release logit| at each exit, run through `facade`."""
     from dvt_shared import config_from_release_json
 
-    for family in ("t2t", "deit"):
-        config_file = RELEASE_FIXTURES / f"{family}_mini_config.json"
-        if not config_file.exists():
-            print(f"release fixture {family}_mini not found under {RELEASE_FIXTURES}: skipped")
-            continue
-        config = config_from_release_json(json.loads(config_file.read_text()), f"{family}_mini")
-        with np.load(RELEASE_FIXTURES / f"{family}_mini_weights.npz") as weights:
+    deltas = {}
+    for name in RELEASE_CASCADES:
+        config = config_from_release_json(json.loads(release_cascade_file(name, "config.json").read_text()), name)
+        with np.load(release_cascade_file(name, "weights.npz")) as weights:
             model = facade.inference_model(config, dict(weights))
-        with np.load(RELEASE_FIXTURES / f"{family}_mini_io.npz") as io:
+        with np.load(release_cascade_file(name, "io.npz")) as io:
             outputs = facade.all_exit_logits(model, io["images"])
-            deltas = [float(np.abs(o - io[f"exit{k}"]).max()) for k, o in enumerate(outputs)]
-        print(f"release fixture {family}_mini: max |logit - release logit| per exit = "
-              + ", ".join(f"{d:.1e}" for d in deltas))
+            deltas[name] = [float(np.abs(o - io[f"exit{k}"]).max()) for k, o in enumerate(outputs)]
+    return deltas
 
 
 def random_weight_demo(backend: str = "torch") -> None:
@@ -165,7 +172,9 @@ def random_weight_demo(backend: str = "torch") -> None:
     outputs = facade.all_exit_logits(model, images)
     elapsed = time.perf_counter() - start
     print(f"forward pass, batch 2, {backend}, CPU: {elapsed * 1000:.0f} ms; logits per exit: {[o.shape for o in outputs]}")
-    check_release_fixtures(facade)
+    for name, deltas in release_cascade_deltas(facade).items():
+        print(f"release fixture {name}: max |logit - release logit| per exit = "
+              + ", ".join(f"{d:.1e}" for d in deltas))
 
 
 def add_demo(subparsers, common: argparse.ArgumentParser) -> None:

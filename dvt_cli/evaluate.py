@@ -70,7 +70,8 @@ class Evaluated:
 
 def fashion_mnist(data_dir: str | None) -> dict[str, np.ndarray]:
     """Normalised float32 (n, 1, 28, 28) images and int64 labels: test, and a fixed held-out train sample."""
-    from dvt_shared.datasets import load_fashion_mnist, normalise_fashion_mnist as normalise
+    from dvt_shared.datasets import load_fashion_mnist
+    from dvt_shared.datasets import normalise_fashion_mnist as normalise
 
     raw = load_fashion_mnist(data_dir)
 

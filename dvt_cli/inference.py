@@ -121,9 +121,8 @@ def add_calibrate(subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from dvt_shared.flops import exit_gflops
-
     from dvt_shared.exit_policy import exit_policy
+    from dvt_shared.flops import exit_gflops
 
     config, tensors, metadata, _ = read_weights(args.weights, args.model, args.num_classes)
     thresholds = args.thresholds or (metadata.thresholds if metadata is not None else None)

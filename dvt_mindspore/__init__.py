@@ -2,7 +2,15 @@
 public face: models from configs (mindcv-style `create_model`, `list_models`), weights in and out
 (canonical `.safetensors` and MindSpore's `.ckpt`), the early-exit engine and MindIR export.
 `dvt_torch` has the same names."""
-from .checkpoint import CHECKPOINT_FORMAT, load_ckpt, load_weights, read_checkpoint, save_ckpt, save_weights, write_checkpoint
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    load_ckpt,
+    load_weights,
+    read_checkpoint,
+    save_ckpt,
+    save_weights,
+    write_checkpoint,
+)
 from .convert import from_canonical, to_canonical
 from .dvt import DVT, DVTStage, ReuseState, check_images, multi_exit_loss
 from .engine import AdaptiveDVT, Prediction

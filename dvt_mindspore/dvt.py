@@ -18,7 +18,15 @@ from dvt_shared.image_checks import check_finite, check_image_dtype, check_image
 from dvt_shared.token_schedule import resample_matrix_1d, sinusoid_table
 
 from .layers import (
-    Block, PatchEmbed, PointwiseConv2d, T2TStem, class_token, dense, forget_compiled_graphs, gelu, layer_norm,
+    Block,
+    PatchEmbed,
+    PointwiseConv2d,
+    T2TStem,
+    class_token,
+    dense,
+    forget_compiled_graphs,
+    gelu,
+    layer_norm,
     resample_relations,
 )
 

@@ -21,7 +21,13 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from dvt_shared.adaptive import (
-    DEFAULT_MAX_BATCH, AdaptiveEngine, Prediction, check_gears, gear_pieces, power_of_two_gears, reuse_tensor_names,
+    DEFAULT_MAX_BATCH,
+    AdaptiveEngine,
+    Prediction,
+    check_gears,
+    gear_pieces,
+    power_of_two_gears,
+    reuse_tensor_names,
 )
 from dvt_shared.cascade import ReuseState
 from dvt_shared.exit_policy import MAX_SOFTMAX, ExitPolicy

@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 import time
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Orthogonal, TruncatedNormal, initializer
 

@@ -26,6 +26,7 @@ from .models import (
 )
 from .vt import VTFPN, FilterTokenizer, Projector, RecurrentTokenizer, ResNet, VTModule, VTResNet, VTTransformer
 
+
 def run_training(args) -> dict:
     """`dvt train`: the training loop of `dvt_torch.train` (a submodule of that name, so this one has
     another), imported only when used."""

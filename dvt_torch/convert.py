@@ -16,7 +16,6 @@ from torch import nn
 
 from dvt_shared.weight_format import check_state_dict
 
-
 _STEP_COUNTER = "num_batches_tracked"
 
 

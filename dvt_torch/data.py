@@ -28,6 +28,7 @@ from dvt_shared.datasets import (
     load_fashion_mnist,
     normalise_fashion_mnist,
 )
+
 # timm's RandomErasing defaults: erased area fraction and log-uniform aspect-ratio range.
 ERASE_AREA = (0.02, 1 / 3)
 ERASE_RATIO = (0.3, 1 / 0.3)

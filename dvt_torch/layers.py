@@ -55,11 +55,6 @@ class TokenPerformer(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def soft_split(x: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
-    """nn.Unfold(kernel, stride, padding) of a (B, C, H, W) batch, bit for bit (see soft_split_tokens)."""
-    return soft_split_tokens(x.permute(0, 2, 3, 1), kernel, stride, padding).transpose(1, 2)
-
-
 def soft_split_tokens(grid: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
     """(B, H, W, C) grid -> (B, L, C*kernel*kernel) tokens: nn.Unfold's patches, bit for bit, token-major.
 
@@ -228,19 +223,12 @@ def grid_map(resample_t: torch.Tensor) -> torch.Tensor:
     return (resample_t[:, None, :, None] * resample_t[None, :, None, :]).reshape(src * src, dst * dst)
 
 
-def resample_grid(x: torch.Tensor, resample_t: torch.Tensor) -> torch.Tensor:
-    """(..., s, s) -> (..., t, t) with the (s, t) transposed one-axis map of dvt_shared, applied to both axes.
-
-    Both axes move in one product with the grid map: one matrix product runs far faster than
-    two with inner sizes of s and t (s, t < 15), each needing a transpose.
-    """
-    src, dst = resample_t.shape
-    moved = x.flatten(-2) @ grid_map(resample_t)
-    return moved.reshape(*x.shape[:-2], dst, dst)
-
-
 def resample_tokens(tokens: torch.Tensor, resample_t: torch.Tensor) -> torch.Tensor:
-    """(B, s*s, C) grid tokens -> (B, t*t, C), as resample_grid moves (B, C, s, s) maps, without transposes."""
+    """(B, s*s, C) grid tokens -> (B, t*t, C) with the (s, t) transposed one-axis map of dvt_shared on both axes.
+
+    Both axes move in one product with the grid map, on the tokens as they are: one matrix
+    product runs far faster than two with inner sizes of s and t (s, t < 15), each needing a transpose.
+    """
     return grid_map(resample_t).transpose(0, 1) @ tokens
 
 

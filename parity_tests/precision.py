@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import numpy as np
 
 import dvt_torch
+from dvt_cli import backends
 from dvt_shared.error_bounds import DecisionAgreement
 from dvt_shared.error_bounds import decision_agreement as shared_decision_agreement
 from dvt_shared.exit_policy import MAX_SOFTMAX, confidences, exit_indices, softmax
 from dvt_torch import DVT as TorchDVT
-from dvt_cli import backends
 from parity_tests import harness
 from parity_tests.targets import PrecisionTarget
 from tests.backends import adapter

@@ -20,18 +20,18 @@ from .exit_policy import (
     predictions,
     release_p_values,
     release_sweep,
+    softmax,
     stops_at_exit,
     thresholds_for_accuracy,
-    softmax,
     thresholds_for_budget,
 )
+from .io_utils import atomic_write_bytes, atomic_writer, sha256_file
 from .token_schedule import (
     relation_resample_matrix,
     resample_matrix,
     resample_matrix_1d,
     token_grids,
 )
-from .io_utils import atomic_write_bytes, atomic_writer, sha256_file
 from .weight_format import (
     FORMAT_VERSION,
     WeightMetadata,

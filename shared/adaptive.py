@@ -141,6 +141,13 @@ class AdaptiveEngine(ABC):
         self.exit_policy = exit_policy
         self.exit_macs = np.asarray(cumulative_flops(config), dtype=np.int64)
 
+    def set_thresholds(self, thresholds) -> None:
+        """Decide with `thresholds` (one per exit, checked as the constructor checks them) from the next call on.
+
+        The engine keeps its stages: a new engine would compile its graphs (MindSpore, per gear) again.
+        """
+        self.thresholds = check_thresholds(thresholds, self.config.num_exits)
+
     @abstractmethod
     def _num_images(self, images: Any) -> int:
         """Validate the batch and return its size."""

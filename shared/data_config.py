@@ -39,6 +39,20 @@ def data_config(config) -> dict:
     )
 
 
+def pool_size(config) -> tuple[int, int] | None:
+    """timm's `pool_size`: (height, width) of the feature map `forward_features` returns at the config's
+    input size, the map the global pool averages.
+
+    A plain ResNet's is layer4's output, derived from the trunk's geometry (the stem, then three
+    3x3/2 convolutions: 224 -> 7, 28 with the small stem -> 4). The other models have none, as
+    timm's ViTs: DVT and VT-ResNet return tokens (B, N, C), VT-FPN four maps of four sizes.
+    """
+    if getattr(config, "family", None) != "resnet":
+        return None
+    height, width = image_size(config)
+    return config.trunk.stage_sizes(height)[3], config.trunk.stage_sizes(width)[3]
+
+
 def pretrained_cfg(config) -> dict:
     """timm's pretrained_cfg of the model built from `config` (either backend), without weights to fetch.
 
@@ -48,6 +62,6 @@ def pretrained_cfg(config) -> dict:
     classifier, first_conv = family_of(config).layer_names(config)
     return dict(
         architecture=config.name, url="", hf_hub_id=None, num_classes=config.num_classes,
-        pool_size=None, fixed_input_size=True, first_conv=first_conv, classifier=classifier,
+        pool_size=pool_size(config), fixed_input_size=True, first_conv=first_conv, classifier=classifier,
         **data_config(config),
     )

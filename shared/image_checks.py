@@ -11,7 +11,6 @@ from typing import Sequence
 import numpy as np
 
 
-
 def check_image_shape(shape: Sequence[int], config) -> None:
     """ValueError unless `shape` is (B, C, H, W) with B >= 1 and the config's C, H, W.
 

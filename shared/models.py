@@ -21,7 +21,7 @@ from .layout import (
     LayerNames, Layout, dvt_layer_names, dvt_layout, vt_fpn_layer_names, vt_fpn_layout, vt_resnet_layer_names,
     vt_resnet_layout,
 )
-from .vt import VTFPNConfig, VTResNetConfig, get_vt_config, list_vt_configs, vt_fpn_macs, vt_resnet_macs
+from .vt import VTFPNConfig, VTResNetConfig, get_vt_config, list_vt_configs, vt_gflops
 
 ModelConfig = DVTConfig | VTResNetConfig | VTFPNConfig
 
@@ -48,21 +48,14 @@ def register_family(family: ModelFamily) -> ModelFamily:
     return family
 
 
-def _single_exit(macs: Callable[[Any], Any]) -> Callable[[Any], tuple[float]]:
-    return lambda config: (macs(config).total / 1e9,)
-
-
 for _name in ("t2t_vit", "deit"):
     register_family(ModelFamily(_name, DVTConfig, exit_gflops, dvt_layout, dvt_layer_names, cascade=True))
 for _name in ("vt_resnet", "resnet"):
     register_family(ModelFamily(
-        _name, VTResNetConfig, _single_exit(vt_resnet_macs), vt_resnet_layout, vt_resnet_layer_names, cascade=False,
+        _name, VTResNetConfig, vt_gflops, vt_resnet_layout, vt_resnet_layer_names, cascade=False,
     ))
 register_family(
-    ModelFamily(
-        "vt_fpn", VTFPNConfig, _single_exit(vt_fpn_macs), vt_fpn_layout, vt_fpn_layer_names, cascade=False,
-        task="segmentation",
-    )
+    ModelFamily("vt_fpn", VTFPNConfig, vt_gflops, vt_fpn_layout, vt_fpn_layer_names, cascade=False, task="segmentation")
 )
 
 MODEL_CONFIG_TYPES = tuple(dict.fromkeys(family.config_class for family in FAMILIES.values()))

@@ -308,8 +308,6 @@ class VTFPNConfig:
         return cls(**data)
 
 
-VTConfig = VTResNetConfig | VTFPNConfig
-
 # ---------------------------------------------------------------- registry
 
 RESNET18 = ResNetSpec("basic", (2, 2, 2, 2))

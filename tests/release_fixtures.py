@@ -1,4 +1,8 @@
-"""The release's reference data, shipped in tests/fixtures/release/: the one place that reads it."""
+"""The release's reference data: the one place tests read it.
+
+The two reference cascades' config, weights and logits ship with dvt_cli (`dvt demo` checks them,
+dvt_cli/data/release/); the rest, which only tests read, is in tests/fixtures/release/.
+"""
 from __future__ import annotations
 
 import json
@@ -6,12 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
+from dvt_cli.demo import RELEASE_CASCADES, RELEASE_CASCADES_DIR
+
 RELEASE_DIR = Path(__file__).resolve().parent / "fixtures" / "release"
-CASCADES = ("t2t_mini", "deit_mini")
+CASCADES = RELEASE_CASCADES
+SHIPPED_FILES = frozenset(f"{name}_{part}" for name in CASCADES for part in ("config.json", "weights.npz", "io.npz"))
 
 
 def release_file(name: str) -> Path:
-    path = RELEASE_DIR / name
+    path = (RELEASE_CASCADES_DIR if name in SHIPPED_FILES else RELEASE_DIR) / name
     if not path.exists():
         raise FileNotFoundError(f"release fixture {path} is missing from this checkout")
     return path

@@ -190,6 +190,21 @@ def test_demo_times_the_evaluations_engines(weights):
         assert row["practical"] == pytest.approx(row["every_exit_s"] / row["engine_s"])
 
 
+def test_demo_checks_the_release_cascades_shipped_with_the_package(monkeypatch, tmp_path):
+    """The random-weight demo runs the release's cascades from dvt_cli's package data and matches the
+    release's logits (to float32 rounding; test_dvt_model holds the exact bounds); an installation
+    without them is refused, naming the missing file."""
+    from dvt_cli import CommandError, demo
+
+    deltas = demo.release_cascade_deltas(backends.load("torch"))
+    assert list(deltas) == list(demo.RELEASE_CASCADES)
+    for name, per_exit in deltas.items():
+        assert len(per_exit) == 3 and max(per_exit) < 1e-4, (name, per_exit)
+    monkeypatch.setattr(demo, "RELEASE_CASCADES_DIR", tmp_path)
+    with pytest.raises(CommandError, match="t2t_mini_config.json is missing"):
+        demo.release_cascade_deltas(backends.load("torch"))
+
+
 def test_mindspore_logs_are_silenced_unless_verbose(monkeypatch):
     from dvt_cli import quiet_mindspore
 

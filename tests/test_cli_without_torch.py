@@ -74,8 +74,9 @@ def test_a_mis_shaped_ckpt_is_refused_without_torch(tmp_path):
 
 
 def test_predict_on_onnx_graphs_needs_no_torch(tmp_path):
-    import dvt_torch
     from PIL import Image
+
+    import dvt_torch
 
     model = dvt_torch.create_model("dvt_t2t_vit_fmnist", embed_dim=24, depth=1, num_heads=2, token_dim=8).eval()
     dvt_torch.save_weights(model, tmp_path / "w.safetensors")

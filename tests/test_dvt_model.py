@@ -291,11 +291,12 @@ def test_mindspore_matches_pytorch_in_every_reuse_mode(reuse):
     ((2, 1, 28, 28), 3, 1, 1), ((2, 3, 224, 224), 14, 8, 3), ((2, 3, 224, 224), 11, 6, 5), ((1, 16, 28, 28), 3, 2, 1),
     ((3, 2, 19, 19), 3, 2, 1), ((1, 1, 28, 28), 9, 1, 0)])
 def test_torch_soft_split_equals_unfold_bit_for_bit(shape, kernel, stride, padding):
-    from dvt_torch.layers import soft_split
+    from dvt_torch.layers import soft_split_tokens
 
     x = torch.randn(shape, requires_grad=True)
     expected = torch.nn.Unfold(kernel, stride=stride, padding=padding)(x)
-    got = soft_split(x, kernel, stride, padding)
+    # the stem's token-major (B, H, W, C) -> (B, L, C*k*k), in nn.Unfold's (B, C*k*k, L) layout
+    got = soft_split_tokens(x.permute(0, 2, 3, 1), kernel, stride, padding).transpose(1, 2)
     assert torch.equal(got, expected)
     grad = torch.randn_like(expected)
     (expected_grad,) = torch.autograd.grad(expected, x, grad)

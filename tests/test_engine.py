@@ -9,7 +9,7 @@ import torch
 
 from dvt_shared import find_thresholds, get_config
 from dvt_shared.error_bounds import FP32, decision_agreement
-from dvt_shared.exit_policy import ENTROPY, MAX_SOFTMAX, exit_indices, softmax
+from dvt_shared.exit_policy import ENTROPY, MAX_SOFTMAX, exit_indices, last_exit_only, softmax
 from dvt_shared.flops import cumulative_flops
 from dvt_torch import DVT
 from dvt_torch.engine import AdaptiveDVT
@@ -93,6 +93,21 @@ def test_work_really_stops():
     AdaptiveDVT(model, [1e8, 1e8, -1e8]).predict(torch.randn(7, 1, 28, 28))
     assert seen == [7]
     hook.remove()
+
+
+def test_set_thresholds_decides_as_a_new_engine_and_refuses_bad_ones(case):
+    model, images, _, _, thresholds = case
+    run = AdaptiveDVT(model, last_exit_only(model.config.num_exits))
+    assert (run.predict(images).exit_index == 2).all()
+    run.set_thresholds(thresholds)
+    got = run.predict(images).exit_index
+    assert set(np.unique(got)) == {0, 1, 2}
+    np.testing.assert_array_equal(got, AdaptiveDVT(model, thresholds).predict(images).exit_index)
+    with pytest.raises(ValueError, match="one per exit"):
+        run.set_thresholds(thresholds[:2])
+    with pytest.raises(ValueError, match="NaN"):
+        run.set_thresholds([0.5, np.nan, 0.5])
+    np.testing.assert_array_equal(run.thresholds, thresholds)
 
 
 def test_nan_logits_are_reported_not_assigned(backend):

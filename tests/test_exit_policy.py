@@ -23,9 +23,8 @@ from dvt_shared import (
     thresholds_for_accuracy,
     thresholds_for_budget,
 )
-from tests.release_fixtures import release_npz
 from dvt_shared.exit_policy import ENTROPY, EXIT_POLICIES, MAX_SOFTMAX, exit_policy
-
+from tests.release_fixtures import release_npz
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,7 @@ import json
 
 import pytest
 
-from dvt_cli import CommandError
-from dvt_cli import demo
+from dvt_cli import CommandError, demo
 from dvt_shared.models import config_from_dict, model_gflops
 from dvt_shared.weight_format import load_canonical
 

@@ -3,7 +3,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dvt_shared import get_config, list_configs, relation_resample_matrix, resample_matrix, resample_matrix_1d, token_grids
+from dvt_shared import (
+    get_config,
+    list_configs,
+    relation_resample_matrix,
+    resample_matrix,
+    resample_matrix_1d,
+    token_grids,
+)
 
 PAIRS = [(7, 10), (10, 14), (3, 5), (5, 7), (4, 4), (6, 13), (9, 7), (1, 3)]
 

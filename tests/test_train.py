@@ -21,6 +21,7 @@ from dvt_shared.configs import get_config, static_baseline
 from dvt_shared.datasets import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_FILES, write_idx
 from dvt_shared.flops import exit_gflops
 from dvt_shared.weight_format import load_canonical
+from dvt_torch import train as train_module
 from dvt_torch.data import (
     BatchAugment,
     epoch_indices,
@@ -30,7 +31,6 @@ from dvt_torch.data import (
     seeded_subset,
 )
 from dvt_torch.dvt import DVT
-from dvt_torch import train as train_module
 from dvt_torch.train import Dist, TrainingRun, add_train_arguments, train
 from dvt_torch.train_outputs import history_figure
 from dvt_torch.train_state import load_checkpoint

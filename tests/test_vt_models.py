@@ -152,9 +152,9 @@ def test_unknown_name_lists_the_registered_ones(backend):
 def test_trunks_are_timms_resnets():
     import timm
 
-    from dvt_torch.convert import to_canonical
-    from dvt_torch import ResNet, create_model
     from dvt_shared.vt import plain_resnet
+    from dvt_torch import ResNet, create_model
+    from dvt_torch.convert import to_canonical
 
     for vt_name, timm_name in (("vt_resnet18", "resnet18"), ("vt_resnet34", "resnet34"), ("vt_fpn_r50", "resnet50")):
         reference = {k: v.shape for k, v in timm.create_model(timm_name, pretrained=False).state_dict().items()}
@@ -193,7 +193,8 @@ def test_every_parameter_receives_a_gradient():
                                             ("vt_fpn_r50", TINY_FPN)])
 def test_mindspore_names_are_the_pytorch_keys(name, overrides):
     import dvt_mindspore
-    from dvt_mindspore.convert import mindspore_names, to_canonical as ms_canonical
+    from dvt_mindspore.convert import mindspore_names
+    from dvt_mindspore.convert import to_canonical as ms_canonical
 
     config = get_vt_config(name, **overrides)
     ms_model = dvt_mindspore.build_model(config)
@@ -265,8 +266,8 @@ def test_ckpt_round_trip_with_batchnorm_statistics(tmp_path):
 
 
 def test_canonical_file_records_a_vt_config(tmp_path):
-    from dvt_torch.convert import from_canonical, to_canonical
     from dvt_torch import build_model
+    from dvt_torch.convert import from_canonical, to_canonical
 
     config = get_vt_config("vt_resnet_fmnist")
     metadata = WeightMetadata(config=config, exit_flops=list(model_gflops(config)))
@@ -354,8 +355,8 @@ def test_evaluate_compares_a_vt_model_with_its_baseline(trained, data_dir, tmp_p
 
 def test_convert_command_round_trips_vt_weights(tmp_path):
     from dvt_cli import main
-    from dvt_torch.convert import to_canonical
     from dvt_torch import create_model
+    from dvt_torch.convert import to_canonical
 
     config = get_vt_config("vt_resnet_fmnist")
     tensors = to_canonical(create_model("vt_resnet_fmnist"))

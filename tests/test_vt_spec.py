@@ -151,5 +151,7 @@ def test_fpn_module_reduction_against_the_paper(size):
 
 def test_single_exit_gflops_for_weight_metadata():
     config = get_vt_config("vt_resnet_fmnist")
-    assert model_gflops(config) == (vt_total_macs(config) / 1e9,)
+    assert model_gflops(config) == (vt_resnet_macs(config).total / 1e9,)
     assert isinstance(config, VTResNetConfig) and config.num_exits == 1
+    fpn = get_vt_config("vt_fpn_r50")
+    assert model_gflops(fpn) == (vt_fpn_macs(fpn).total / 1e9,)
