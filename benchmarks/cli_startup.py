@@ -21,7 +21,8 @@ FRAMEWORKS = ("torch", "timm", "mindspore")
 
 def imported_frameworks(stderr: str) -> list[str]:
     """Top-level frameworks named in `-X importtime` output."""
-    names = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in stderr.splitlines() if line.startswith("import time:")}
+    names = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in stderr.splitlines()
+             if line.startswith("import time:")}
     return [name for name in FRAMEWORKS if name in names]
 
 

@@ -78,7 +78,8 @@ def prepare(name: str, work: Path, count: int) -> dict:
         for p in model.parameters():
             if p.dim() >= 2 and p.requires_grad:
                 p.normal_(0, 1.5 / np.sqrt(p[0].numel()))
-    save_canonical(work / WEIGHTS_FILE, to_canonical(model), WeightMetadata(config=model.config, provenance="benchmark"))
+    save_canonical(work / WEIGHTS_FILE, to_canonical(model),
+                   WeightMetadata(config=model.config, provenance="benchmark"))
     export_onnx(model, work / "onnx")
     with torch.inference_mode():
         logits = np.stack([o.numpy() for o in model.forward_exits(torch.from_numpy(images_for(model.config, count)))])
@@ -92,10 +93,10 @@ def batches(images: np.ndarray, batch: int) -> list[np.ndarray]:
 
 
 def every_exit(engine):
-    """`engine` with thresholds nobody meets before the last exit (restore with `engine.thresholds = ...`)."""
+    """`engine` with thresholds nobody meets before the last exit (restore with `engine.set_thresholds(...)`)."""
     from dvt_shared.exit_policy import last_exit_only
 
-    engine.thresholds = last_exit_only(engine.config.num_exits)
+    engine.set_thresholds(last_exit_only(engine.config.num_exits))
     return engine
 
 
@@ -103,7 +104,7 @@ def compare(engine, chunks: list, repeats: int) -> dict:
     """Wall time of every exit on every image against real early exit, through the same engine (its stages)."""
     thresholds = engine.thresholds
     all_exit = best_time(lambda: [every_exit(engine).predict(x) for x in chunks], repeats)
-    engine.thresholds = thresholds
+    engine.set_thresholds(thresholds)
     macs = []
     adaptive = best_time(lambda: macs.append(sum(int(engine.predict(x).macs.sum()) for x in chunks)), repeats)
     return {"all_exit_s": all_exit, "engine_s": adaptive, "macs": macs[-1]}
@@ -156,7 +157,6 @@ def bench_mindspore(work: Path, thresholds, batch: int, count: int, repeats: int
     import dvt_mindspore
     from dvt_mindspore.convert import from_canonical
     from dvt_mindspore.engine import AdaptiveDVT
-    from dvt_shared.exit_policy import check_thresholds
     from dvt_shared.weight_format import load_canonical
 
     ms.set_context(mode=ms.GRAPH_MODE)
@@ -172,7 +172,7 @@ def bench_mindspore(work: Path, thresholds, batch: int, count: int, repeats: int
         start = time.perf_counter()
         engine.predict(ms.Tensor(np.resize(images, (size, *images.shape[1:]))))
         compile_s[str(size) if engine.gears else "dynamic"] = time.perf_counter() - start
-    engine.thresholds = check_thresholds(thresholds, engine.config.num_exits)
+    engine.set_thresholds(thresholds)
     result = compare(engine, chunks, repeats)
     result["compile_s"] = compile_s
     if profile:
@@ -242,7 +242,8 @@ def main() -> None:
             common = ["--work", str(work), "--batch", str(batch), "--count", str(count),
                       "--thresholds", json.dumps(prepared["thresholds"]), "--repeats", str(args.repeats)]
             common += ["--profile"] if args.profile else []
-            chunk = {b: min(batch, args.mindspore_max_batch) if b.startswith("mindspore") else batch for b in args.backends}
+            chunk = {b: min(batch, args.mindspore_max_batch) if b.startswith("mindspore") else batch
+                     for b in args.backends}
             results = {}
             for b in args.backends:
                 results[b] = run_worker(__file__, b, [*common, "--max-batch", str(chunk[b])])

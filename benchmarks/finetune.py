@@ -76,7 +76,8 @@ def plot(logs: dict[str, list[dict]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classes", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="Fashion-MNIST labels kept")
-    parser.add_argument("--per-class", type=int, default=200, help="training images per class (half as many to validate)")
+    parser.add_argument("--per-class", type=int, default=200,
+                        help="training images per class (half as many to validate)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--data-dir", help="folder with the four Fashion-MNIST IDX files")
     parser.add_argument("--out", default="out/finetune")

@@ -55,7 +55,8 @@ def time_mindspore(name: str, batch: int, repeats: int, graph: bool) -> dict:
     model = dvt_mindspore.create_model(name)
     model.set_train(False)
     config = model.config
-    x = ms.Tensor(np.random.default_rng(0).standard_normal((batch, config.in_chans, config.img_size, config.img_size)).astype(np.float32))
+    x = ms.Tensor(np.random.default_rng(0).standard_normal(
+        (batch, config.in_chans, config.img_size, config.img_size)).astype(np.float32))
     per_exit, compile_s = [], 0.0
     for exit_index in range(model.num_exits):
         def run(stages=exit_index + 1):
@@ -116,7 +117,8 @@ def main() -> None:
     rows = []
     for (name, batch, backend), r in results.items():
         reference = results.get((name, batch, "torch"))
-        ratios = [t / v for t, v in zip(reference["images_per_s"], r["images_per_s"])] if reference else [float("nan")] * 3
+        ratios = ([t / v for t, v in zip(reference["images_per_s"], r["images_per_s"])] if reference
+                  else [float("nan")] * 3)
         compile_s = r.get("compile_s")
         rows.append([name, batch, backend, *r["images_per_s"], *ratios, "-" if compile_s is None else compile_s])
     print_table(header, rows)

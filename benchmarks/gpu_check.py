@@ -132,7 +132,8 @@ def main() -> int:
         finite = all(math.isfinite(loss) for loss in result["losses"])
         ok &= finite
         losses = result["losses"]
-        rows.append(label + ["yes" if finite else "NO", f"{losses[0]:.4f} -> {losses[-1]:.4f}", f"{result['images_per_s']:.1f}"])
+        rows.append(label + ["yes" if finite else "NO", f"{losses[0]:.4f} -> {losses[-1]:.4f}",
+                             f"{result['images_per_s']:.1f}"])
     print(f"\n{options.model}, batch {options.batch_size}, {options.steps} steps (images/s over the last "
           f"{options.steps - options.warmup}):")
     print_table(["precision", "channels_last", "compile", "finite losses", "loss first -> last", "images/s"], rows)

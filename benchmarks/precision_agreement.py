@@ -5,7 +5,8 @@ as Ascend does; `bf16` and `fp16`: PyTorch autocast): accuracy per exit, predict
 |d logit| against its bound, and exit decisions with the shipped thresholds (same exit, and the
 share of samples within the decision margin of a threshold), printed as a table and plotted.
 
-    .venv/bin/python benchmarks/precision_agreement.py [--images 10000] [--targets ascend-fp16 bf16] [--png out/precision.png]
+    .venv/bin/python benchmarks/precision_agreement.py [--images 10000] [--targets ascend-fp16 bf16] \\
+        [--png out/precision.png]
 """
 from __future__ import annotations
 

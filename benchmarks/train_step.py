@@ -95,7 +95,8 @@ def _detached(value):
 def _backward_all(output) -> None:
     import torch
 
-    tensors = [o for o in (output if isinstance(output, tuple) else (output,)) if isinstance(o, torch.Tensor) and o.requires_grad]
+    tensors = [o for o in (output if isinstance(output, tuple) else (output,))
+               if isinstance(o, torch.Tensor) and o.requires_grad]
     torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
 
 
@@ -105,7 +106,7 @@ def part_modules(model) -> dict[str, list]:
     for index in range(model.num_exits):
         stage = model.stage(index)
         tag = f"exit {index}"
-        stem = getattr(stage, "tokens_to_token", None) or getattr(stage, "patch_embed")
+        stem = getattr(stage, "tokens_to_token", None) or stage.patch_embed
         groups[f"{tag} stem"].append(stem)
         for name, child in stem.named_children():
             if name.startswith("attention"):
@@ -224,7 +225,8 @@ def worker(kind: str, options: argparse.Namespace) -> dict:
         wall = step_time(steps, options.repeats, wall=True)
         cpu = step_time(steps, options.repeats)  # this process's threads, spin-waits included
         images = options.batch * options.ddp_steps
-        return {"images_per_s": dist_ctx.world_size * images / wall, "images_per_cpu_s": images / cpu, "rank": dist_ctx.rank}
+        return {"images_per_s": dist_ctx.world_size * images / wall, "images_per_cpu_s": images / cpu,
+                "rank": dist_ctx.rank}
     raise ValueError(kind)
 
 
@@ -233,7 +235,8 @@ def _python_path_with_model_files_from(revision: str, work: str) -> str:
     package = os.path.join(work, "dvt_torch")
     shutil.copytree(os.path.join(REPO, "dvt_torch"), package, ignore=shutil.ignore_patterns("__pycache__"))
     for path in MODEL_FILES:
-        source = subprocess.run(["git", "-C", REPO, "show", f"{revision}:{path}"], capture_output=True, text=True, check=True)
+        source = subprocess.run(["git", "-C", REPO, "show", f"{revision}:{path}"], capture_output=True, text=True,
+                                check=True)
         with open(os.path.join(work, path), "w", encoding="utf-8") as handle:
             handle.write(source.stdout)
     return work
@@ -245,7 +248,8 @@ def run_worker(kind: str, options: argparse.Namespace, python_path: str | None =
     if python_path:
         env["PYTHONPATH"] = python_path + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [*(launcher or [sys.executable]), os.path.abspath(__file__), "--worker", kind, "--model", options.model,
-           "--batch", str(options.batch), "--repeats", str(options.repeats), "--ddp-steps", str(options.ddp_steps), *extra]
+           "--batch", str(options.batch), "--repeats", str(options.repeats), "--ddp-steps", str(options.ddp_steps),
+           *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{kind} worker failed:\n{done.stderr[-3000:]}")
@@ -259,7 +263,8 @@ def parse_options() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--top-ops", type=int, default=15)
-    parser.add_argument("--before", default=None, metavar="REV", help=f"also time {', '.join(MODEL_FILES)} as of git revision REV")
+    parser.add_argument("--before", default=None, metavar="REV",
+                        help=f"also time {', '.join(MODEL_FILES)} as of git revision REV")
     parser.add_argument("--amp-table", action="store_true", help="float32 against bf16 autocast")
     parser.add_argument("--ddp-table", action="store_true", help="torchrun: 1x1, 1x2 threads, 2 processes x 1 thread")
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="only the tables asked for")
@@ -275,7 +280,8 @@ def profile_tables(options: argparse.Namespace) -> None:
     columns = {"now": run_worker("profile", options)}
     if options.before:
         with tempfile.TemporaryDirectory() as work:
-            columns[f"at {options.before}"] = run_worker("profile", options, _python_path_with_model_files_from(options.before, work))
+            columns[f"at {options.before}"] = run_worker("profile", options,
+                                                         _python_path_with_model_files_from(options.before, work))
     names = list(columns)
     header = ["part (fwd + bwd)"] + [f"ms/step {n}" for n in names] + ([f"{names[1]} / now"] if len(names) > 1 else [])
     rows = []
@@ -299,7 +305,8 @@ def amp_table(options: argparse.Namespace) -> None:
     bf16 = run_worker("amp", options, extra=["--amp", "bf16"])["step"]
     print()
     print_table(["autocast", "ms/step", "images/s per core", "speed-up"],
-                [["float32", fp32, options.batch / fp32 * 1e3, 1.0], ["bf16", bf16, options.batch / bf16 * 1e3, fp32 / bf16]])
+                [["float32", fp32, options.batch / fp32 * 1e3, 1.0],
+                 ["bf16", bf16, options.batch / bf16 * 1e3, fp32 / bf16]])
 
 
 def ddp_table(options: argparse.Namespace) -> None:
@@ -308,9 +315,10 @@ def ddp_table(options: argparse.Namespace) -> None:
     layouts = [("1 process x 1 thread", 1, 1), ("1 process x 2 threads", 1, 2), ("2 processes x 1 thread", 2, 1)]
     rows = []
     for label, procs, threads in layouts:
-        result = run_worker("ddp", options, extra=["--threads", str(threads)], launcher=[*torchrun, "--nproc_per_node", str(procs)])
-        rows.append([label, procs * threads, result["images_per_s"], result["images_per_s"] / rows[0][2] if rows else 1.0,
-                     result["images_per_cpu_s"]])
+        result = run_worker("ddp", options, extra=["--threads", str(threads)],
+                            launcher=[*torchrun, "--nproc_per_node", str(procs)])
+        rows.append([label, procs * threads, result["images_per_s"],
+                     result["images_per_s"] / rows[0][2] if rows else 1.0, result["images_per_cpu_s"]])
     print()
     print_table(["torchrun layout", "cores", "images/s (wall)", "vs 1x1", "images per CPU-second"], rows)
 

@@ -76,7 +76,8 @@ _HEAD_MODULES = ("head", "fc", "classifier")
 def _head_classes(tensors: dict[str, np.ndarray]) -> int | None:
     heads = [
         value.shape[0] for key, value in tensors.items()
-        if key.endswith(".weight") and key[: -len(".weight")].rpartition(".")[2] in _HEAD_MODULES and value.ndim in (2, 4)
+        if key.endswith(".weight") and key[: -len(".weight")].rpartition(".")[2] in _HEAD_MODULES
+        and value.ndim in (2, 4)
     ]
     return heads[0] if heads else None
 
@@ -92,7 +93,8 @@ def _resolve_config(
             raise CommandError(f"{src} holds {config.num_classes} classes, but --num-classes {num_classes} was given")
         return config
     if model is None:
-        raise CommandError(f"{src} does not record its model: pass --model NAME (one of {', '.join(list_model_names())})")
+        raise CommandError(f"{src} does not record its model: "
+                           f"pass --model NAME (one of {', '.join(list_model_names())})")
     num_classes = num_classes if num_classes is not None else _head_classes(tensors)
     try:
         return get_model_config(model, num_classes=num_classes)
@@ -144,7 +146,8 @@ def _add_convert(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("dst", help="file to write (replaced atomically)")
     parser.add_argument(
         "--model", choices=list_model_names(), metavar="NAME",
-        help=f"registered config of the weights, needed when SRC records none (.pth, .ckpt): {', '.join(list_model_names())}",
+        help=f"registered config of the weights, needed when SRC records none (.pth, .ckpt): "
+             f"{', '.join(list_model_names())}",
     )
     parser.add_argument(
         "--num-classes", type=positive_int, help="classes of the heads (default: read from the weights' head)",

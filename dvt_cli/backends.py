@@ -93,7 +93,8 @@ def engine(
     policy = exit_policy or MAX_SOFTMAX
     source = BACKENDS[name].graphs_from
     if source is None:
-        return facade.AdaptiveDVT(facade.inference_model(config, tensors), thresholds, precision=precision, exit_policy=policy)
+        return facade.AdaptiveDVT(facade.inference_model(config, tensors), thresholds, precision=precision,
+                                  exit_policy=policy)
     if graphs_dir is not None:
         return facade.AdaptiveDVT(graphs_dir, thresholds, exit_policy=policy)
     exporter = load(source)

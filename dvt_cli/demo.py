@@ -106,15 +106,15 @@ def run_demo(args: argparse.Namespace) -> None:
     out = Path(args.out)
     data = fashion_mnist(args.data_dir)
     report, dvt = evaluate(
-        str(dvt_path), str(static_path), data, out, mindspore=True, precisions=(("mindspore", "fp16"), ("torch", "bf16")),
-        precision_images=SPEEDUP_IMAGES,
+        str(dvt_path), str(static_path), data, out, mindspore=True,
+        precisions=(("mindspore", "fp16"), ("torch", "bf16")), precision_images=SPEEDUP_IMAGES,
     )
     print(markdown(report))
     thresholds = entry["thresholds"]
     rows = speedup(dvt, data["test_images"][:SPEEDUP_IMAGES], thresholds)
     print(f"Real early exit on the first {SPEEDUP_IMAGES} test images (thresholds {thresholds}, batch 256):")
-    print(f"{'backend':<16} {'every exit s':>12} {'engine s':>9} {'theoretical':>11} {'practical':>9} {'efficiency':>10}"
-          f" {'same exit as PyTorch fp32':>26}")
+    print(f"{'backend':<16} {'every exit s':>12} {'engine s':>9} {'theoretical':>11} {'practical':>9}"
+          f" {'efficiency':>10} {'same exit as PyTorch fp32':>26}")
     for r in rows:
         same = int((r["exit_index"] == rows[0]["exit_index"]).sum())
         print(f"{r['backend']:<16} {r['every_exit_s']:>12.2f} {r['engine_s']:>9.2f} {r['theoretical']:>11.2f} "
@@ -162,16 +162,19 @@ def random_weight_demo(backend: str = "torch") -> None:
     config = get_model_config(RANDOM_DEMO_MODEL)
     model = facade.create_model(RANDOM_DEMO_MODEL)
     print(f"{config.name}: {config.description}")
-    print(f"parameters: {facade.count_parameters(model) / 1e6:.2f} M (random weights: no trained ImageNet checkpoint ships)")
+    print(f"parameters: {facade.count_parameters(model) / 1e6:.2f} M "
+          f"(random weights: no trained ImageNet checkpoint ships)")
     print(f"{'exit':>4} {'tokens':>7} {'stage GFLOPs':>13} {'cumulative GFLOPs':>18}")
     for k, (grid, stage, total) in enumerate(zip(config.grids, stage_flops(config), exit_gflops(config))):
         print(f"{k:>4} {f'{grid}x{grid}':>7} {stage / 1e9:>13.3f} {total:>18.3f}")
-    images = np.random.default_rng(0).standard_normal((2, config.in_chans, config.img_size, config.img_size), np.float32)
+    images = np.random.default_rng(0).standard_normal((2, config.in_chans, config.img_size, config.img_size),
+                                                      np.float32)
     model = facade.inference_model(config, facade.to_canonical(model))
     start = time.perf_counter()
     outputs = facade.all_exit_logits(model, images)
     elapsed = time.perf_counter() - start
-    print(f"forward pass, batch 2, {backend}, CPU: {elapsed * 1000:.0f} ms; logits per exit: {[o.shape for o in outputs]}")
+    print(f"forward pass, batch 2, {backend}, CPU: {elapsed * 1000:.0f} ms; "
+          f"logits per exit: {[o.shape for o in outputs]}")
     for name, deltas in release_cascade_deltas(facade).items():
         print(f"release fixture {name}: max |logit - release logit| per exit = "
               + ", ".join(f"{d:.1e}" for d in deltas))

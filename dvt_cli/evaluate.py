@@ -64,7 +64,8 @@ class Evaluated:
         from dvt_shared.adaptive import even_chunks
 
         engine = self.engine(backend, precision)
-        chunks = tqdm(even_chunks(len(images), engine.max_batch), desc=f"{backend} {precision}", unit="batch", leave=False)
+        chunks = tqdm(even_chunks(len(images), engine.max_batch), desc=f"{backend} {precision}", unit="batch",
+                      leave=False)
         return np.concatenate([engine.all_exit_logits(images[a:b]) for a, b in chunks], axis=1)
 
 
@@ -78,7 +79,8 @@ def fashion_mnist(data_dir: str | None) -> dict[str, np.ndarray]:
     rows = np.random.default_rng(0).permutation(len(raw["train_images"]))[:CALIBRATION_IMAGES]
     return {
         "test_images": normalise(raw["test_images"]), "test_labels": raw["test_labels"].astype(np.int64),
-        "calib_images": normalise(raw["train_images"][rows]), "calib_labels": raw["train_labels"][rows].astype(np.int64),
+        "calib_images": normalise(raw["train_images"][rows]),
+        "calib_labels": raw["train_labels"][rows].astype(np.int64),
     }
 
 
@@ -215,16 +217,19 @@ def markdown(report: dict) -> str:
     curve = report["dvt"]
     lines = [f"# {curve['model']} on the Fashion-MNIST test set", "",
              "| exit | cumulative MFLOPs | accuracy (%) |", "|---|---|---|"]
-    lines += [f"| {k} | {g * 1e3:.2f} | {a:.2f} |" for k, (g, a) in enumerate(zip(curve["exit_gflops"], curve["exit_accuracy"]))]
+    lines += [f"| {k} | {g * 1e3:.2f} | {a:.2f} |"
+              for k, (g, a) in enumerate(zip(curve["exit_gflops"], curve["exit_accuracy"]))]
     lines += ["", "Budgeted classification (thresholds from 10,000 held-out training images):", "",
               "| budget MFLOPs | spent MFLOPs | accuracy (%) | exit shares |", "|---|---|---|---|"]
     lines += [f"| {b['budget'] * 1e3:.2f} | {b['gflops'] * 1e3:.2f} | {b['accuracy']:.2f} | "
               f"{' / '.join(f'{s:.0%}' for s in b['exit_shares'])} |" for b in curve["budgets"]]
     baseline = report.get("baseline")
     if baseline:
-        lines += ["", f"Static baseline {baseline['model']}: {baseline['accuracy']:.2f}% at {baseline['gflops'] * 1e3:.2f} MFLOPs."]
+        lines += ["", f"Static baseline {baseline['model']}: {baseline['accuracy']:.2f}% at "
+                      f"{baseline['gflops'] * 1e3:.2f} MFLOPs."]
         match = report.get("dvt_matching_baseline")
-        lines += [f"DVT reaches it at {match['gflops'] * 1e3:.2f} MFLOPs ({match['gflops'] / baseline['gflops']:.0%} of the "
+        lines += [f"DVT reaches it at {match['gflops'] * 1e3:.2f} MFLOPs "
+                  f"({match['gflops'] / baseline['gflops']:.0%} of the "
                   f"baseline's), accuracy {match['accuracy']:.2f}%." if match else
                   "DVT does not reach the baseline's accuracy on this curve."]
     agreement = report.get("mindspore")
@@ -232,7 +237,8 @@ def markdown(report: dict) -> str:
         lines += ["", f"MindSpore (graph mode) on the same {agreement['images']} images: same prediction per exit "
                   f"{agreement['same_prediction_per_exit']}, same exit {agreement['same_exit']} "
                   f"({agreement['borderline']} borderline within {agreement['margin']:.1e} of a threshold, "
-                  f"{agreement['differ_not_borderline']} others differ), max |d prob| {agreement['max_abs_prob_delta']:.1e}."]
+                  f"{agreement['differ_not_borderline']} others differ), "
+                  f"max |d prob| {agreement['max_abs_prob_delta']:.1e}."]
     lines += precision_lines(report.get("precisions", []))
     return "\n".join(lines) + "\n"
 
@@ -280,18 +286,19 @@ def classifier_plot(points: list[dict], path: Path) -> None:
 def classifier_markdown(report: dict) -> str:
     lines = ["# Fashion-MNIST test set", "", "| model | family | accuracy (%) | MFLOPs | parameters (M) |",
              "|---|---|---|---|---|"]
-    lines += [f"| {p['model']} | {p['family']} | {p['accuracy']:.2f} | {p['gflops'] * 1e3:.2f} | {p['params'] / 1e6:.3f} |"
-              for p in report["classifiers"]]
+    lines += [f"| {p['model']} | {p['family']} | {p['accuracy']:.2f} | {p['gflops'] * 1e3:.2f} | "
+              f"{p['params'] / 1e6:.3f} |" for p in report["classifiers"]]
     agreement = report.get("mindspore")
     if agreement:
-        lines += ["", f"MindSpore (graph mode) on the same {agreement['images']} images ({report['classifiers'][0]['model']}): "
-                  f"same prediction {agreement['same_prediction']}, max |d prob| {agreement['max_abs_prob_delta']:.1e}."]
+        lines += ["", f"MindSpore (graph mode) on the same {agreement['images']} images "
+                      f"({report['classifiers'][0]['model']}): same prediction {agreement['same_prediction']}, "
+                      f"max |d prob| {agreement['max_abs_prob_delta']:.1e}."]
     return "\n".join(lines) + "\n"
 
 
 def _cascade_report(
-    dvt: Evaluated, weights: str, baseline: str | None, data: dict, mindspore: bool, precisions: tuple[tuple[str, str], ...] = (),
-    precision_images: int | None = None,
+    dvt: Evaluated, weights: str, baseline: str | None, data: dict, mindspore: bool,
+    precisions: tuple[tuple[str, str], ...] = (), precision_images: int | None = None,
 ) -> dict:
     labels = data["test_labels"]
     if dvt.config.num_exits < 2:
@@ -328,18 +335,19 @@ def render(report: dict) -> str:
 
 
 def evaluate(
-    weights: str, baseline: str | None, data: dict, out: Path, mindspore: bool, precisions: tuple[tuple[str, str], ...] = (),
-    precision_images: int | None = None,
+    weights: str, baseline: str | None, data: dict, out: Path, mindspore: bool,
+    precisions: tuple[tuple[str, str], ...] = (), precision_images: int | None = None,
 ) -> tuple[dict, Evaluated]:
     """The report on `data` (see `fashion_mnist`), written under `out`, and the scored model.
 
-    precisions: (backend, precision) pairs, e.g. ("mindspore", "fp16"), to hold against PyTorch fp32 (a DVT only), on the first
-    `precision_images` test images (all by default)."""
+    precisions: (backend, precision) pairs, e.g. ("mindspore", "fp16"), to hold against PyTorch fp32 (a DVT only), on
+    the first `precision_images` test images (all by default)."""
     evaluated = score(weights, data)
     if family_of(evaluated.config).cascade:
         report = _cascade_report(evaluated, weights, baseline, data, mindspore, precisions, precision_images)
     elif precisions:
-        raise CommandError(f"--precision {precisions[0]} is checked on DVT cascades; {evaluated.config.name} is not one")
+        raise CommandError(f"--precision {precisions[0]} is checked on DVT cascades; "
+                           f"{evaluated.config.name} is not one")
     else:
         report = _classifier_report(evaluated, baseline, data, mindspore)
     out.mkdir(parents=True, exist_ok=True)
@@ -359,12 +367,14 @@ def _runs(precision: str) -> str:
 
 def _evaluate(args: argparse.Namespace) -> None:
     start = time.perf_counter()
-    precisions = () if args.precision == "fp32" else ((args.precision_backend or _runs(args.precision), args.precision),)
+    precisions = (() if args.precision == "fp32"
+                  else ((args.precision_backend or _runs(args.precision), args.precision),))
     report, _ = evaluate(
         args.weights, args.baseline, fashion_mnist(args.data_dir), Path(args.out), not args.no_mindspore, precisions
     )
     print(render(report))
-    print(f"wrote {args.out}/evaluation.md, evaluation.json, accuracy_vs_gflops.png in {time.perf_counter() - start:.0f} s")
+    print(f"wrote {args.out}/evaluation.md, evaluation.json, accuracy_vs_gflops.png "
+          f"in {time.perf_counter() - start:.0f} s")
 
 
 def add_evaluate(subparsers, common: argparse.ArgumentParser) -> None:
@@ -376,7 +386,8 @@ def add_evaluate(subparsers, common: argparse.ArgumentParser) -> None:
                     "the baseline's; written as Markdown, JSON and PNG under --out.",
     )
     parser.add_argument("--weights", required=True, help="DVT, VT-ResNet or ResNet weights (.safetensors, .pth, .ckpt)")
-    parser.add_argument("--baseline", help="baseline weights (the DVT's static baseline, or any classifier), for comparison")
+    parser.add_argument("--baseline",
+                        help="baseline weights (the DVT's static baseline, or any classifier), for comparison")
     parser.add_argument("--data-dir", help="folder with the four Fashion-MNIST IDX files")
     parser.add_argument("--out", default="out", help="report folder (default out/)")
     parser.add_argument("--no-mindspore", action="store_true", help="skip the MindSpore agreement check")

@@ -45,7 +45,8 @@ def _calibration_images(args, config: DVTConfig) -> tuple[np.ndarray, np.ndarray
     if args.data != "fmnist":
         raise CommandError(f"--data {args.data!r}: only 'fmnist' (the embedded default data set) is supported here")
     if config.in_chans != 1 or config.img_size != 28:
-        raise CommandError(f"{config.name} takes {config.in_chans}x{config.img_size}x{config.img_size} images, not Fashion-MNIST's 1x28x28")
+        raise CommandError(f"{config.name} takes {config.in_chans}x{config.img_size}x{config.img_size} images, "
+                           f"not Fashion-MNIST's 1x28x28")
     from dvt_shared.datasets import load_fashion_mnist, normalise_fashion_mnist
 
     data = load_fashion_mnist(args.data_dir)
@@ -90,8 +91,9 @@ def _calibrate(args: argparse.Namespace) -> None:
     metadata.thresholds = [float(t) for t in thresholds]
     metadata.exit_policy = policy.name
     save_canonical(args.out or args.weights, tensors, metadata)
-    print(f"{policy.name} thresholds {metadata.thresholds} on {len(images)} {args.split} images: accuracy {result.accuracy:.2f}%, "
-          f"{result.expected_flops:.4f} GFLOPs on average, exits {result.exit_counts.tolist()}; "
+    print(f"{policy.name} thresholds {metadata.thresholds} on {len(images)} {args.split} images: "
+          f"accuracy {result.accuracy:.2f}%, {result.expected_flops:.4f} GFLOPs on average, "
+          f"exits {result.exit_counts.tolist()}; "
           f"written to {args.out or args.weights}")
 
 
@@ -192,7 +194,8 @@ def _parse_gears(text: str) -> list[int] | str:
     try:
         gears = [int(v) for v in text.split(",")]
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"gears must be 'dynamic' or comma-separated batch sizes, got {text!r}") from exc
+        raise argparse.ArgumentTypeError(
+            f"gears must be 'dynamic' or comma-separated batch sizes, got {text!r}") from exc
     if min(gears) < 1:
         raise argparse.ArgumentTypeError(f"gears must be batch sizes >= 1, got {text!r}")
     return gears

@@ -45,7 +45,8 @@ def ship_training_log(run: Path, name: str) -> dict:
     """Copy a run's per-epoch log and its curve plot into weights/ as NAME.log.jsonl and NAME.png,
     so the shipped file's training history travels with it."""
     files = {}
-    for key, source, target_name in (("training_log", "log.jsonl", f"{name}.log.jsonl"), ("training_curve", "log.png", f"{name}.png")):
+    for key, source, target_name in (("training_log", "log.jsonl", f"{name}.log.jsonl"),
+                                     ("training_curve", "log.png", f"{name}.png")):
         source_path = run / source
         if not source_path.is_file():
             raise FileNotFoundError(f"{run} has no {source}: is it a `dvt train` output folder?")
@@ -107,7 +108,8 @@ def ship_classifiers(vt_run: Path, resnet_run: Path) -> dict:
         point = baseline_point(score(str(target), data, calibrate=False), data["test_labels"])
         entries[role] = {
             "file": target.name, "sha256": sha256_file(target), "config": metadata.config.to_dict(),
-            "recipe": json.loads(metadata.provenance), **run_summary(run), **ship_training_log(run, metadata.config.name),
+            "recipe": json.loads(metadata.provenance), **run_summary(run),
+            **ship_training_log(run, metadata.config.name),
             "test_accuracy": round(point["accuracy"], 2), "gflops": point["gflops"], "params": point["params"],
         }
     return write_manifest(entries)

@@ -91,7 +91,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], Non
     return load_ckpt(path), None
 
 
-def write_checkpoint(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], exit_flops: list[float] | None = None) -> None:
+def write_checkpoint(
+    path: str | os.PathLike, tensors: Mapping[str, np.ndarray], exit_flops: list[float] | None = None,
+) -> None:
     """Canonical tensors as a MindSpore `.ckpt`, atomically (`exit_flops` has no place in it)."""
     save_ckpt(tensors, path)
 

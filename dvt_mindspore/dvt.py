@@ -236,7 +236,9 @@ class DVT(nn.Cell):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """New heads for `num_classes` on every exit (identities for 0: the model then returns class tokens)."""
         if global_pool not in (None, "token"):
-            raise ValueError(f"{self.config.name} reads its class token: global_pool must be 'token', got {global_pool!r}")
+            raise ValueError(
+                f"{self.config.name} reads its class token: global_pool must be 'token', got {global_pool!r}"
+            )
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
             raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
         for index, name in enumerate(self.stage_names):

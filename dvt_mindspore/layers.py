@@ -18,7 +18,9 @@ from dvt_shared.configs import DVTConfig
 
 def dense(in_features: int, out_features: int, has_bias: bool = True) -> nn.Dense:
     """A Linear with the release's initialisation: truncated normal (std 0.02) weight, zero bias."""
-    return nn.Dense(in_features, out_features, weight_init=TruncatedNormal(sigma=0.02), bias_init="zeros", has_bias=has_bias)
+    return nn.Dense(
+        in_features, out_features, weight_init=TruncatedNormal(sigma=0.02), bias_init="zeros", has_bias=has_bias,
+    )
 
 
 # The BatchMatMul primitive, and plain 2-D MatMul for "tokens times a matrix": on CPU the generic

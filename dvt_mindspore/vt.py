@@ -113,7 +113,8 @@ class Projector(nn.Cell):
 
 
 class VTModule(nn.Cell):
-    """Tokenizer (filter-based first, recurrent after), transformer, and a projector unless its output would go unused."""
+    """Tokenizer (filter-based first, recurrent after), transformer, and a projector unless its output would go
+    unused."""
 
     def __init__(self, channels: int, vt: VTSpec, recurrent: bool, project: bool):
         super().__init__()
@@ -138,12 +139,15 @@ class VTModule(nn.Cell):
 
 def _conv(cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0, bias: bool = False) -> nn.Conv2d:
     # MindSpore defaults to pad_mode="same" and no bias: both stated, as PyTorch's Conv2d behaves.
-    return UnfoldConv2d(cin, cout, kernel, stride, padding, bias, weight_init=HeNormal(mode="fan_out", nonlinearity="relu"))
+    return UnfoldConv2d(
+        cin, cout, kernel, stride, padding, bias, weight_init=HeNormal(mode="fan_out", nonlinearity="relu"),
+    )
 
 
 def _batch_norm(channels: int, trunk: ResNetSpec, zero: bool = False) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(
-        channels, eps=trunk.batchnorm_eps, momentum=1.0 - trunk.batchnorm_momentum, gamma_init="zeros" if zero else "ones",
+        channels, eps=trunk.batchnorm_eps, momentum=1.0 - trunk.batchnorm_momentum,
+        gamma_init="zeros" if zero else "ones",
     )
 
 

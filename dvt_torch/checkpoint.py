@@ -74,7 +74,9 @@ def _sniff(path: str) -> str:
         raise ValueError(
             f"{path} looks like a safetensors file, not a PyTorch checkpoint; read it with dvt_shared.load_canonical"
         )
-    raise ValueError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a legacy torch.save file)")
+    raise ValueError(
+        f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a legacy torch.save file)"
+    )
 
 
 def _legacy_truncated(path: str) -> bool:
@@ -255,7 +257,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], lis
     return checkpoint.state_dict, checkpoint.flops
 
 
-def write_checkpoint(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], exit_flops: list[float] | None = None) -> None:
+def write_checkpoint(
+    path: str | os.PathLike, tensors: Mapping[str, np.ndarray], exit_flops: list[float] | None = None,
+) -> None:
     """Canonical tensors as a release-style `.pth`, atomically."""
     write_release_checkpoint(path, tensors, flops=exit_flops)
 

@@ -27,7 +27,8 @@ def _canonical_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def to_canonical(model: nn.Module) -> dict[str, np.ndarray]:
     """Every state-dict tensor of `model` (step counters aside) as a float32 NumPy array, by release key."""
     return {
-        key: value.detach().cpu().numpy().astype(np.float32, copy=True) for key, value in _canonical_state(model).items()
+        key: value.detach().cpu().numpy().astype(np.float32, copy=True)
+        for key, value in _canonical_state(model).items()
     }
 
 

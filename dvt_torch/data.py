@@ -236,7 +236,8 @@ def folder_transforms(config, augment: FolderAugment = FolderAugment()) -> tuple
         scale=augment.scale, ratio=augment.ratio, hflip=augment.hflip, color_jitter=augment.color_jitter,
     )
     evaluation = create_transform(
-        **common, is_training=False, interpolation=cfg["interpolation"], crop_pct=cfg["crop_pct"], crop_mode=cfg["crop_mode"],
+        **common, is_training=False, interpolation=cfg["interpolation"], crop_pct=cfg["crop_pct"],
+        crop_mode=cfg["crop_mode"],
     )
     return train, evaluation
 
@@ -268,7 +269,9 @@ def split_image_folder(root: str | os.PathLike, fraction: float, seed: int):
     if not 0 < fraction < 1:
         raise ValueError(f"--val-split must lie strictly between 0 and 1, got {fraction}")
     if all(os.path.isdir(os.path.join(root, s)) for s in ("train", "val")):
-        raise ValueError(f"{root} already holds train/ and val/: drop --val-split, or point --data at one class folder set")
+        raise ValueError(
+            f"{root} already holds train/ and val/: drop --val-split, or point --data at one class folder set"
+        )
     train, val = ImageFolder(root), ImageFolder(root)
     targets = np.asarray(train.targets)
     generator = np.random.default_rng(seed)
@@ -276,7 +279,9 @@ def split_image_folder(root: str | os.PathLike, fraction: float, seed: int):
     for label, name in enumerate(train.classes):
         members = np.flatnonzero(targets == label)
         if len(members) < 2:
-            raise ValueError(f"{root}: class {name!r} has {len(members)} image(s); --val-split needs 2 or more per class")
+            raise ValueError(
+                f"{root}: class {name!r} has {len(members)} image(s); --val-split needs 2 or more per class"
+            )
         count = min(max(round(fraction * len(members)), 1), len(members) - 1)
         held_out.extend(generator.permutation(members)[:count].tolist())
     is_val = np.zeros(len(targets), dtype=bool)
@@ -384,7 +389,8 @@ class TrainingData:
 
     def _take_subsets(self) -> None:
         args = self.args
-        for name, size, seed in (("train_set", args.train_subset, args.seed), ("test_set", args.test_subset, args.seed + 1)):
+        subsets = (("train_set", args.train_subset, args.seed), ("test_set", args.test_subset, args.seed + 1))
+        for name, size, seed in subsets:
             split = getattr(self, name)
             subset = seeded_subset(len(split), size, seed)
             if subset is None:
@@ -399,8 +405,9 @@ class TrainingData:
         a folder's images are read (grey or RGB), cropped, augmented and normalised for it."""
         if self.kind == "fmnist" and (config.in_chans, config.img_size) != (1, FASHION_MNIST_IMAGE_SIZE):
             raise ValueError(
-                f"{config.name} takes {config.in_chans}-channel {config.img_size}x{config.img_size} images; Fashion-MNIST "
-                "needs a 1-channel 28x28 config such as dvt_t2t_vit_fmnist (other models train on --data DIR)"
+                f"{config.name} takes {config.in_chans}-channel {config.img_size}x{config.img_size} images; "
+                "Fashion-MNIST needs a 1-channel 28x28 config such as dvt_t2t_vit_fmnist "
+                "(other models train on --data DIR)"
             )
         if self.kind == "synthetic":
             from dvt_shared.data_config import image_size
@@ -415,14 +422,17 @@ class TrainingData:
         if self.kind != "folder":
             return
         loader = folder_loader(config)
-        for split, transform in zip((self.train_set, self.test_set), folder_transforms(config, FolderAugment.from_args(self.args))):
+        transforms = folder_transforms(config, FolderAugment.from_args(self.args))
+        for split, transform in zip((self.train_set, self.test_set), transforms):
             folder = split
             while isinstance(folder, torch.utils.data.Subset):
                 folder = folder.dataset
             folder.loader, folder.transform = loader, transform
         workers = self.args.workers
         common = dict(num_workers=workers, pin_memory=self.pin_memory, persistent_workers=workers > 0)
-        self.train_sampler = EpochSampler(len(self.train_set), self.args.batch_size, self.args.seed, self.rank, self.world_size)
+        self.train_sampler = EpochSampler(
+            len(self.train_set), self.args.batch_size, self.args.seed, self.rank, self.world_size,
+        )
         self.train_loader = torch.utils.data.DataLoader(
             SeededSamples(self.train_set), batch_size=self.args.batch_size, sampler=self.train_sampler, drop_last=True,
             **common,
@@ -451,6 +461,7 @@ class TrainingData:
     def describe(self) -> dict:
         return {
             "data": os.path.abspath(self.args.data) if self.kind == "folder" else self.kind,
-            "train_samples": self.train_size, "test_samples": len(self.test_set) if self.kind != "synthetic" else self.sizes[1],
+            "train_samples": self.train_size,
+            "test_samples": len(self.test_set) if self.kind != "synthetic" else self.sizes[1],
             "classes": self.classes,
         }

@@ -65,7 +65,9 @@ def read_init_weights(path: str) -> InitWeights:
     try:
         from dvt_mindspore.checkpoint import load_ckpt
     except ModuleNotFoundError as exc:
-        raise ValueError(f"--init-weights {path}: reading a MindSpore .ckpt needs MindSpore ({exc.name} is missing)") from exc
+        raise ValueError(
+            f"--init-weights {path}: reading a MindSpore .ckpt needs MindSpore ({exc.name} is missing)"
+        ) from exc
     return InitWeights(path, load_ckpt(path), None)
 
 

@@ -69,7 +69,9 @@ def soft_split_tokens(grid: torch.Tensor, kernel: int, stride: int, padding: int
         x = grid.permute(0, 3, 1, 2)
         channels = int(x.shape[1])
         # built in numpy so that the exporter records a constant of known shape
-        one_hot = np.tile(np.eye(kernel * kernel, dtype=np.float32).reshape(kernel * kernel, 1, kernel, kernel), (channels, 1, 1, 1))
+        one_hot = np.tile(
+            np.eye(kernel * kernel, dtype=np.float32).reshape(kernel * kernel, 1, kernel, kernel), (channels, 1, 1, 1),
+        )
         filters = torch.from_numpy(one_hot).to(dtype=x.dtype, device=x.device)
         return F.conv2d(x, filters, stride=stride, padding=padding, groups=channels).flatten(2).transpose(1, 2)
     return _TokenSoftSplit.apply(grid, kernel, stride, padding)
@@ -156,7 +158,8 @@ class Attention(nn.Module):
         else:
             # bias + scale * q.k in one product, not three passes over the logits
             logits = torch.baddbmm(
-                relation_bias.reshape(batch * self.num_heads, tokens, tokens), q.reshape(batch * self.num_heads, tokens, -1),
+                relation_bias.reshape(batch * self.num_heads, tokens, tokens),
+                q.reshape(batch * self.num_heads, tokens, -1),
                 k.reshape(batch * self.num_heads, tokens, -1).transpose(1, 2), alpha=self.scale,
             ).view(batch, self.num_heads, tokens, tokens)
         attn = self.attn_drop(logits.softmax(dim=-1))

@@ -119,7 +119,10 @@ def cpu_has_native_bf16() -> bool:
         return False
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            flags = {word for line in handle if line.startswith(("flags", "Features")) for word in line.split(":", 1)[1].split()}
+            flags = {
+                word for line in handle if line.startswith(("flags", "Features"))
+                for word in line.split(":", 1)[1].split()
+            }
     except OSError:
         return False
     return any(flag in flags for flag in NATIVE_BF16_FLAGS)
@@ -190,7 +193,9 @@ def _all_reduce(dist_ctx: Dist, *tensors: torch.Tensor) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches, device: torch.device, num_exits: int, autocast, dist_ctx: Dist) -> list[float]:
+def evaluate(
+    model: torch.nn.Module, batches, device: torch.device, num_exits: int, autocast, dist_ctx: Dist,
+) -> list[float]:
     """Top-1 accuracy (%) of every exit over all ranks' shares of the test set."""
     model.eval()
     correct = torch.zeros(num_exits, dtype=torch.int64)
@@ -223,13 +228,19 @@ class TrainingRun:
         init = read_init_weights(args.init_weights) if args.init_weights else None
         config = self.config = _build_config(args, num_classes=len(self.data.classes), init=init)
         if family_of(config).task != "classification":
-            raise ValueError(f"{config.name} is a segmentation model; this project has no segmentation data to train it on")
+            raise ValueError(
+                f"{config.name} is a segmentation model; this project has no segmentation data to train it on"
+            )
         self.data.set_model_input(config)
         if args.grad_accum < 1 or args.batch_size % args.grad_accum:
-            raise ValueError(f"--grad-accum {args.grad_accum} must be a positive divisor of --batch-size {args.batch_size}")
+            raise ValueError(
+                f"--grad-accum {args.grad_accum} must be a positive divisor of --batch-size {args.batch_size}"
+            )
         self.exit_weights = tuple(args.exit_weights) if args.exit_weights else (1.0,) * config.num_exits
         if len(self.exit_weights) != config.num_exits:
-            raise ValueError(f"--exit-weights has {len(self.exit_weights)} values but {config.name} has {config.num_exits} exits")
+            raise ValueError(
+                f"--exit-weights has {len(self.exit_weights)} values but {config.name} has {config.num_exits} exits"
+            )
         self.teacher = load_teacher(args.teacher, config, device) if args.teacher else None
         self.recipe = run_recipe(args, dist_ctx.world_size, self.data.describe(), config.name)
 
@@ -257,8 +268,8 @@ class TrainingRun:
         self.steps_per_epoch = self.data.steps_per_epoch
         # the cosine's epochs, then the cooldown's at min_lr
         self.scheduler, self.total_epochs = create_scheduler_v2(
-            self.optimizer, "cosine", num_epochs=args.epochs, warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
-            min_lr=args.min_lr, cooldown_epochs=args.cooldown_epochs, step_on_epochs=False,
+            self.optimizer, "cosine", num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+            warmup_lr=args.warmup_lr, min_lr=args.min_lr, cooldown_epochs=args.cooldown_epochs, step_on_epochs=False,
             updates_per_epoch=self.steps_per_epoch,
         )
         self.ema = ModelEmaV3(self.model, decay=args.ema_decay) if args.ema else None
@@ -266,8 +277,9 @@ class TrainingRun:
         self.mixup = None
         if args.mixup > 0 or args.cutmix > 0:
             self.mixup = Mixup(
-                mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob, switch_prob=args.mixup_switch_prob,
-                label_smoothing=args.label_smoothing, num_classes=config.num_classes,
+                mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                switch_prob=args.mixup_switch_prob, label_smoothing=args.label_smoothing,
+                num_classes=config.num_classes,
             )
         # Mixup already smooths its soft targets; smoothing them again in the loss would double it.
         self.loss_smoothing = 0.0 if self.mixup is not None else args.label_smoothing
@@ -306,8 +318,10 @@ class TrainingRun:
             ranks = [mine]
         if self.dist.is_main:
             save_checkpoint(path, {
-                "format": CHECKPOINT_FORMAT, "recipe": json.dumps(self.recipe), "config": json.dumps(self.config.to_dict()),
-                "epoch": self.epochs_done, "step": self.step, "elapsed": self.elapsed, "history": json.dumps(self.history),
+                "format": CHECKPOINT_FORMAT, "recipe": json.dumps(self.recipe),
+                "config": json.dumps(self.config.to_dict()),
+                "epoch": self.epochs_done, "step": self.step, "elapsed": self.elapsed,
+                "history": json.dumps(self.history),
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
@@ -322,7 +336,8 @@ class TrainingRun:
         check_resumable(saved, self.recipe, path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if (saved["args"]["epochs"], saved["args"].get("cooldown_epochs", 0)) == (self.args.epochs, self.args.cooldown_epochs):
+        saved_length = (saved["args"]["epochs"], saved["args"].get("cooldown_epochs", 0))
+        if saved_length == (self.args.epochs, self.args.cooldown_epochs):
             self.scheduler.load_state_dict(state["scheduler"])
         else:
             # More (or fewer) epochs than the run was started with: the schedule is the new length's, at
@@ -441,7 +456,9 @@ class TrainingRun:
         record = {
             "epoch": epoch + 1, "step": self.step, "loss": round(float(loss_sum) / int(seen), 6),
             "train_acc": [round(100.0 * int(c) / int(seen), 4) for c in correct],
-            "test_acc": evaluate(self.train_model, self.data.test_batches(), self.device, num_exits, self.autocast, self.dist),
+            "test_acc": evaluate(
+                self.train_model, self.data.test_batches(), self.device, num_exits, self.autocast, self.dist
+            ),
         }
         if self.ema is not None:
             record["test_acc_ema"] = evaluate(
@@ -451,8 +468,8 @@ class TrainingRun:
         self.elapsed += epoch_time
         # training images per second over every rank (the epoch's training part; after a mid-epoch resume
         # the images before the interruption count too)
-        record.update(lr=self.optimizer.param_groups[0]["lr"], epoch_time_s=round(epoch_time, 2), elapsed_s=round(self.elapsed, 2),
-                      train_images_per_s=round(int(seen) / train_time, 1))
+        record.update(lr=self.optimizer.param_groups[0]["lr"], epoch_time_s=round(epoch_time, 2),
+                      elapsed_s=round(self.elapsed, 2), train_images_per_s=round(int(seen) / train_time, 1))
         self.history.append(record)
         self.epochs_done = epoch + 1
         self.sums = new_sums(num_exits, self.device)
@@ -508,7 +525,9 @@ def _train(args: argparse.Namespace, dist_ctx: Dist) -> dict:
     checkpoint_path = os.path.join(out, CHECKPOINT_NAME)
     # Every rank checks, so that a refusal never leaves the other ranks waiting in a collective.
     if not args.resume and os.path.exists(checkpoint_path):
-        raise ValueError(f"{out} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it or choose another --out")
+        raise ValueError(
+            f"{out} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it or choose another --out"
+        )
     if dist_ctx.is_main:
         os.makedirs(out, exist_ok=True)
 
@@ -559,7 +578,8 @@ def _announce(run: TrainingRun) -> None:
     print(
         f"training {config.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, "
         f"{config.num_exits} exit(s){grids}) on {run.recipe['dataset']['train_samples']} samples, "
-        f"{run.dist.world_size} process(es) on {run.device}, {run.steps_per_epoch} steps/epoch x {run.total_epochs} epochs",
+        f"{run.dist.world_size} process(es) on {run.device}, "
+        f"{run.steps_per_epoch} steps/epoch x {run.total_epochs} epochs",
         flush=True,
     )
     if run.init_report is not None and not run.args.resume:
@@ -591,7 +611,8 @@ def _save_final_weights(run: TrainingRun, out: str, metrics: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dvt_torch.train", description="Train a DVT cascade or a VT classifier (see the module docstring).",
+        prog="python -m dvt_torch.train",
+        description="Train a DVT cascade or a VT classifier (see the module docstring).",
     )
     add_train_arguments(parser)
     try:

@@ -50,7 +50,9 @@ def check_resumable(saved: dict, current: dict, path: str) -> None:
     if saved["world_size"] != current["world_size"]:
         differences.append(f"world size: {saved['world_size']} -> {current['world_size']}")
     if differences:
-        raise ValueError(f"cannot resume {path}: the recipe differs from the interrupted run's ({'; '.join(differences)})")
+        raise ValueError(
+            f"cannot resume {path}: the recipe differs from the interrupted run's ({'; '.join(differences)})"
+        )
 
 
 def save_checkpoint(path: str, state: dict) -> None:

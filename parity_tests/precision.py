@@ -22,7 +22,8 @@ from tests.backends import adapter
 
 def reduced_logits(target: PrecisionTarget, model: TorchDVT, x: np.ndarray, batch: int = 256) -> np.ndarray:
     """(exits, n, classes) float32 logits of `model`'s weights run by the target's backend at its precision."""
-    return backends.load(target.backend).all_exit_logits(adapter(target.backend).twin(model), x, batch, target.precision)
+    return backends.load(target.backend).all_exit_logits(
+        adapter(target.backend).twin(model), x, batch, target.precision)
 
 
 def fp32_logits(model: TorchDVT, x: np.ndarray, batch: int = 256) -> np.ndarray:
@@ -42,7 +43,9 @@ class ExitAgreement:
         return self.max_delta <= self.bound
 
 
-def logit_agreement(target: PrecisionTarget, reference: np.ndarray, reduced: np.ndarray, depth: int) -> list[ExitAgreement]:
+def logit_agreement(
+    target: PrecisionTarget, reference: np.ndarray, reduced: np.ndarray, depth: int
+) -> list[ExitAgreement]:
     rows = []
     for k, (ref, got) in enumerate(zip(reference, reduced)):
         blocks, scale = depth * (k + 1), float(np.abs(ref).max())

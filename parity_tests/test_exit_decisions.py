@@ -1,9 +1,10 @@
 """With the same thresholds, every sample leaves the cascade at the same exit in both backends of a pair.
 
 Thresholds come from an exit policy (the release's max-softmax, and the entropy policy; the
-release's search with geometric shares) on a calibration set scored by PyTorch, and are applied to a separate test set, as the
-release does with held-out data. Only samples whose confidence lies within the target's
-margin of a threshold they meet on the way may route differently; they are counted.
+release's search with geometric shares) on a calibration set scored by PyTorch, and are applied
+to a separate test set, as the release does with held-out data. Only samples whose confidence
+lies within the target's margin of a threshold they meet on the way may route differently; they
+are counted.
 A backend with a graph mode (MindSpore) runs in it here, the mode a deployment would use.
 """
 from __future__ import annotations
@@ -58,7 +59,8 @@ def test_same_exit_for_every_sample(target, pair, policy):
 
     calibration = structured_noise(CALIBRATION, size, seed=11)
     thresholds = find_thresholds(
-        softmax(exit_logits(lambda x: ref.exits(ref_model, x), calibration)), exit_shares(P, ref_model.num_exits), policy,
+        softmax(exit_logits(lambda x: ref.exits(ref_model, x), calibration)),
+        exit_shares(P, ref_model.num_exits), policy,
     )
 
     test = structured_noise(TEST, size, seed=12)
@@ -95,7 +97,8 @@ def test_same_exit_for_every_sample(target, pair, policy):
         f"{policy.name} confidences differ by up to {conf_delta} per exit, more than {policy.lipschitz} x the logit "
         f"bounds {bounds}"
     )
-    assert min(counts) > 0, f"thresholds {thresholds} route no sample to some exit: {counts}; the check would be vacuous"
+    assert min(counts) > 0, (
+        f"thresholds {thresholds} route no sample to some exit: {counts}; the check would be vacuous")
     wrong = agreement.unexplained
     if wrong.size:
         where = harness.first_divergence(ref, cand, ref_model, cand_model, test[wrong[:4]], bounds[-1])

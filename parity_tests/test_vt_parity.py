@@ -26,7 +26,8 @@ TRAIN_CASES = ("vt_resnet_fmnist", "resnet_fmnist")
 TRAIN_BATCH = 8
 LEARNING_RATE = 0.1
 # Submodules compared when outputs differ, in the order they run.
-TRACED = re.compile(r"^(conv1|layer\d|vt\.\d+|head|fc|lateral\.\d|tokenizers\.\d|transformer|projectors\.\d|classifier)$")
+TRACED = re.compile(
+    r"^(conv1|layer\d|vt\.\d+|head|fc|lateral\.\d|tokenizers\.\d|transformer|projectors\.\d|classifier)$")
 
 
 def config_of(name: str):
@@ -98,7 +99,8 @@ def test_vt_outputs(name, target, pair):
     blocks = computation_blocks(config)
     failures = []
     for label, theirs, mine in zip(output_labels(config), reference, ours):
-        assert mine.shape == theirs.shape, f"{name} {label}: {mine.shape} in {cand.backend} vs {theirs.shape} in {ref.backend}"
+        assert mine.shape == theirs.shape, (
+            f"{name} {label}: {mine.shape} in {cand.backend} vs {theirs.shape} in {ref.backend}")
         bound = target.logit_bound(blocks, theirs)
         assert np.abs(theirs).max() > 100 * bound, f"{name} {label} is near zero; the check would be vacuous"
         delta = harness.max_abs_delta(mine, theirs)

@@ -2,9 +2,9 @@
 
 A backend supplies a few small operations (run one stage on a batch, take rows of the
 images, take rows of the reuse state, make its tensor of a NumPy batch); this core decides
-with the engine's exit policy (dvt_shared.exit_policy) which images leave at each exit, runs the next stage on the others only, and scatters results
-back to input order. So every backend (PyTorch, MindSpore, ONNX Runtime) exits the same
-images at the same exits by construction.
+with the engine's exit policy (dvt_shared.exit_policy) which images leave at each exit, runs the
+next stage on the others only, and scatters results back to input order. So every backend
+(PyTorch, MindSpore, ONNX Runtime) exits the same images at the same exits by construction.
 """
 from __future__ import annotations
 
@@ -39,7 +39,9 @@ def check_gears(gears, max_batch: int) -> tuple[int, ...]:
     if not sizes or sizes[0] < 1 or any(isinstance(g, bool) or int(g) != g for g in gears):
         raise ValueError(f"gears must be batch sizes (integers >= 1), got {gears!r}")
     if sizes[-1] < max_batch:
-        raise ValueError(f"the largest gear, {sizes[-1]}, is below max_batch {max_batch}: bigger chunks would have none")
+        raise ValueError(
+            f"the largest gear, {sizes[-1]}, is below max_batch {max_batch}: bigger chunks would have none"
+        )
     return tuple(sizes)
 
 
@@ -183,7 +185,9 @@ class AdaptiveEngine(ABC):
         if len(chunks) == 1:
             return self._predict_chunk(images, chunks[0][1])
         parts = [self._predict_chunk(self._slice(images, start, stop), stop - start) for start, stop in chunks]
-        return Prediction(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("logits", "exit_index", "confidence", "macs")))
+        return Prediction(
+            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("logits", "exit_index", "confidence", "macs"))
+        )
 
     def all_exit_logits(self, images) -> np.ndarray:
         """(exits, n, classes) float32 logits of every exit for every image, through the stages

@@ -215,7 +215,9 @@ def _stages(stages) -> tuple[StageSpec, ...]:
     """Stages as StageSpecs, from StageSpecs or from `to_dict`'s nested dicts."""
     return tuple(
         s if isinstance(s, StageSpec)
-        else StageSpec(name=s["name"], stem=StemSpec(kind=s["stem"]["kind"], splits=tuple(tuple(x) for x in s["stem"]["splits"])))
+        else StageSpec(
+            name=s["name"], stem=StemSpec(kind=s["stem"]["kind"], splits=tuple(tuple(x) for x in s["stem"]["splits"]))
+        )
         for s in stages
     )
 
@@ -228,7 +230,8 @@ def _t2t_stages(*tokens_types: str) -> tuple[StageSpec, ...]:
 
 def _patch_stages(*patch_sizes: int) -> tuple[StageSpec, ...]:
     return tuple(
-        StageSpec(name, StemSpec("patch", (RELEASE_PATCH_STEMS[p],))) for name, p in zip(RELEASE_STAGE_NAMES, patch_sizes)
+        StageSpec(name, StemSpec("patch", (RELEASE_PATCH_STEMS[p],)))
+        for name, p in zip(RELEASE_STAGE_NAMES, patch_sizes)
     )
 
 
@@ -291,7 +294,8 @@ def static_baseline(config: DVTConfig) -> DVTConfig:
     """The static transformer DVT is measured against: the same backbone, one exit on the largest grid."""
     return config.replace(
         name=config.name + "_static", stages=(config.stages[-1],), reuse="none",
-        description=f"static baseline of {config.name}: its last exit alone ({config.grids[-1]}x{config.grids[-1]} tokens), no reuse",
+        description=f"static baseline of {config.name}: its last exit alone "
+        f"({config.grids[-1]}x{config.grids[-1]} tokens), no reuse",
     )
 
 

@@ -70,9 +70,13 @@ def read_idx(path: str | os.PathLike, expected_magic: int | None = None) -> np.n
     magic = int.from_bytes(data[:_HEADER_BYTES], "big")
     zeros, dtype, ndim = data[0:2], data[2], data[3]
     if zeros != b"\x00\x00":
-        raise ValueError(f"{path}: bad IDX magic number 0x{magic:08x} (must start with two zero bytes); not an IDX file")
+        raise ValueError(
+            f"{path}: bad IDX magic number 0x{magic:08x} (must start with two zero bytes); not an IDX file"
+        )
     if dtype != IDX_UBYTE:
-        raise ValueError(f"{path}: IDX dtype byte 0x{dtype:02x} is not supported (only 0x{IDX_UBYTE:02x}, unsigned bytes)")
+        raise ValueError(
+            f"{path}: IDX dtype byte 0x{dtype:02x} is not supported (only 0x{IDX_UBYTE:02x}, unsigned bytes)"
+        )
     if expected_magic is not None and magic != expected_magic:
         raise ValueError(
             f"{path}: magic number 0x{magic:08x} ({ndim} dimensions), expected 0x{expected_magic:08x} "
@@ -82,7 +86,9 @@ def read_idx(path: str | os.PathLike, expected_magic: int | None = None) -> np.n
         raise ValueError(f"{path}: IDX header declares {ndim} dimensions (1..{_MAX_DIMS} supported)")
     header_end = _HEADER_BYTES + 4 * ndim
     if len(data) < header_end:
-        raise ValueError(f"{path}: truncated header, {ndim} dimension sizes need {header_end} bytes, file has {len(data)}")
+        raise ValueError(
+            f"{path}: truncated header, {ndim} dimension sizes need {header_end} bytes, file has {len(data)}"
+        )
     shape = tuple(int.from_bytes(data[_HEADER_BYTES + 4 * i:_HEADER_BYTES + 4 * (i + 1)], "big") for i in range(ndim))
     expected = int(np.prod(shape, dtype=np.int64))
     payload = len(data) - header_end
@@ -147,13 +153,16 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> dict[str, n
         if len(images) != len(labels):
             raise ValueError(f"{data_dir}: {len(images)} {split} images but {len(labels)} {split} labels")
         if labels.size and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
-            raise ValueError(f"{data_dir}: {split} label {int(labels.max())} is out of range 0..{len(FASHION_MNIST_CLASSES) - 1}")
+            raise ValueError(
+                f"{data_dir}: {split} label {int(labels.max())} is out of range 0..{len(FASHION_MNIST_CLASSES) - 1}"
+            )
     return out
 
 
 def normalise_fashion_mnist(images: np.ndarray) -> np.ndarray:
     """uint8 (N, H, W) grey images -> float32 (N, 1, H, W) model input: scaled to [0, 1], then standardised."""
-    return ((np.asarray(images).astype(np.float32)[:, None] / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD).astype(np.float32)
+    scaled = np.asarray(images).astype(np.float32)[:, None] / 255.0
+    return ((scaled - FASHION_MNIST_MEAN) / FASHION_MNIST_STD).astype(np.float32)
 
 
 def fashion_mnist_stats(images: np.ndarray) -> tuple[float, float]:

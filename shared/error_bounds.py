@@ -112,9 +112,10 @@ def decision_agreement(reference_conf, other_exit, thresholds, margins, other_co
 
     `margins` is one decision margin per exit (or one for all), the exit policy's `ExitPolicy.margin`. With
     the other run's confidences at every exit (`other_conf`), a sample is borderline if either run's confidence
-    at an exit it reached in either run lies within the margin of that exit's threshold. An engine that stops early knows only the
-    confidence of the exit it left at: then the reference's confidence alone is held to twice the margin
-    (the two lie within 2 x margin of each other, so a threshold between them is that close to the reference).
+    at an exit it reached in either run lies within the margin of that exit's threshold. An engine that stops
+    early knows only the confidence of the exit it left at: then the reference's confidence alone is held to
+    twice the margin (the two lie within 2 x margin of each other, so a threshold between them is that close to
+    the reference).
     """
     reference_conf = np.asarray(reference_conf, dtype=np.float64)
     thresholds = np.asarray(thresholds, dtype=np.float64)

@@ -137,7 +137,9 @@ def _trunk(trunk: ResNetSpec, in_chans: int, stages: int) -> Layout:
     for stage in range(stages):
         for block in range(trunk.layers[stage]):
             stride = 2 if stage > 0 and block == 0 else 1
-            layout.update(_residual_block(f"layer{stage + 1}.{block}", trunk, in_channels, trunk.channels[stage], stride))
+            layout.update(
+                _residual_block(f"layer{stage + 1}.{block}", trunk, in_channels, trunk.channels[stage], stride)
+            )
             in_channels = trunk.stage_channels[stage]
     return layout
 

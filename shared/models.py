@@ -18,7 +18,13 @@ from typing import Any, Callable
 from .configs import DVTConfig, get_config, list_configs
 from .flops import exit_gflops
 from .layout import (
-    LayerNames, Layout, dvt_layer_names, dvt_layout, vt_fpn_layer_names, vt_fpn_layout, vt_resnet_layer_names,
+    LayerNames,
+    Layout,
+    dvt_layer_names,
+    dvt_layout,
+    vt_fpn_layer_names,
+    vt_fpn_layout,
+    vt_resnet_layer_names,
     vt_resnet_layout,
 )
 from .vt import VTFPNConfig, VTResNetConfig, get_vt_config, list_vt_configs, vt_gflops

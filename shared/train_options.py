@@ -57,16 +57,30 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     data.add_argument(
         "--val-split", type=float, default=None, metavar="F",
-        help="--data DIR holds CLASS/*.jpg only: hold out the fraction F of every class (drawn once from --seed) for evaluation",
+        help="--data DIR holds CLASS/*.jpg only: hold out the fraction F of every class (drawn once from --seed) "
+        "for evaluation",
     )
-    data.add_argument("--data-dir", default=None, help="directory of the four Fashion-MNIST IDX files (default: the Debian package's)")
-    data.add_argument("--train-subset", type=int, default=None, metavar="N", help="train on N samples drawn once from --seed")
-    data.add_argument("--test-subset", type=int, default=None, metavar="N", help="evaluate on N test samples drawn once from --seed")
+    data.add_argument(
+        "--data-dir", default=None,
+        help="directory of the four Fashion-MNIST IDX files (default: the Debian package's)",
+    )
+    data.add_argument(
+        "--train-subset", type=int, default=None, metavar="N", help="train on N samples drawn once from --seed",
+    )
+    data.add_argument(
+        "--test-subset", type=int, default=None, metavar="N", help="evaluate on N test samples drawn once from --seed",
+    )
     data.add_argument("-j", "--workers", type=int, default=4, help="data-loading processes (image folders only)")
-    data.add_argument("--crop-padding", type=int, default=2, help="Fashion-MNIST: random crop after padding by this many pixels")
+    data.add_argument(
+        "--crop-padding", type=int, default=2, help="Fashion-MNIST: random crop after padding by this many pixels",
+    )
     data.add_argument("--no-flip", dest="flip", action="store_false", help="Fashion-MNIST: no random horizontal flip")
-    data.add_argument("--random-erase", "--reprob", type=float, default=0.0, metavar="P", help="random erasing probability")
-    data.add_argument("--remode", choices=ERASE_MODES, default="const", help="image folders: what random erasing fills with")
+    data.add_argument(
+        "--random-erase", "--reprob", type=float, default=0.0, metavar="P", help="random erasing probability",
+    )
+    data.add_argument(
+        "--remode", choices=ERASE_MODES, default="const", help="image folders: what random erasing fills with",
+    )
     data.add_argument("--recount", type=int, default=1, metavar="N", help="image folders: rectangles erased per image")
     data.add_argument(
         "--aa", default=None, metavar="POLICY",
@@ -80,7 +94,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                       help="image folders: area range of the random resized crop")
     data.add_argument("--ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), metavar=("MIN", "MAX"),
                       help="image folders: aspect-ratio range of the random resized crop")
-    data.add_argument("--hflip", type=float, default=0.5, metavar="P", help="image folders: horizontal flip probability")
+    data.add_argument(
+        "--hflip", type=float, default=0.5, metavar="P", help="image folders: horizontal flip probability",
+    )
     data.add_argument(
         "--color-jitter", type=float, default=0.4, metavar="S",
         help="image folders: colour jitter strength (timm applies it only without --aa)",
@@ -88,7 +104,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     data.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="mixup alpha (0: off)")
     data.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA", help="cutmix alpha (0: off)")
     data.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixing a batch")
-    data.add_argument("--mixup-switch-prob", type=float, default=0.5, help="probability of cutmix over mixup when both are on")
+    data.add_argument(
+        "--mixup-switch-prob", type=float, default=0.5, help="probability of cutmix over mixup when both are on",
+    )
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=30, help="epochs of the cosine schedule")
@@ -144,7 +162,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     run.add_argument("--compile-backend", default="inductor", metavar="NAME", help="torch.compile's backend")
     run.add_argument(
         "--local-rank", "--local_rank", type=int, default=None, metavar="N",
-        help="this process's rank on its node, as torch.distributed.launch passes it (torchrun sets LOCAL_RANK instead)",
+        help="this process's rank on its node, as torch.distributed.launch passes it "
+        "(torchrun sets LOCAL_RANK instead)",
     )
     run.add_argument(
         "--threads", type=int, default=None,
@@ -208,7 +227,9 @@ def read_recipe(name: str) -> dict:
     actions = {a.dest: a for a in add_train_arguments(argparse.ArgumentParser(add_help=False))._actions}
     unknown = sorted(set(values) - set(actions) - {"help"})
     if unknown or "config" in values:
-        raise ValueError(f"--config {path}: unknown training option(s) {unknown or ['config']}; known: {sorted(actions)}")
+        raise ValueError(
+            f"--config {path}: unknown training option(s) {unknown or ['config']}; known: {sorted(actions)}"
+        )
     for key, value in values.items():
         choices = actions[key].choices
         if choices is not None and value not in choices:

@@ -72,8 +72,11 @@ class ResNetSpec:
         _choice("ResNetSpec", "block", self.block, BLOCK_KINDS)
         _choice("ResNetSpec", "stem", self.stem, STEM_KINDS)
         if len(self.layers) != 4 or len(self.channels) != 4:
-            raise ValueError(f"ResNetSpec: layers and channels need one entry per stage (4), got {self.layers}, {self.channels}")
-        _positive_ints("ResNetSpec", stem_width=self.stem_width, **{f"layers[{i}]": v for i, v in enumerate(self.layers)},
+            raise ValueError(
+                f"ResNetSpec: layers and channels need one entry per stage (4), got {self.layers}, {self.channels}"
+            )
+        _positive_ints("ResNetSpec", stem_width=self.stem_width,
+                       **{f"layers[{i}]": v for i, v in enumerate(self.layers)},
                        **{f"channels[{i}]": v for i, v in enumerate(self.channels)})
         if not 0.0 < self.batchnorm_momentum < 1.0:
             raise ValueError(f"ResNetSpec: batchnorm_momentum must lie in (0, 1), got {self.batchnorm_momentum}")

@@ -110,7 +110,8 @@ class WeightMetadata:
                 f"{source} is not a DVT canonical weight file; {CONVERT_HINT} "
                 f"(its metadata lacks {FORMAT_KEY}={FORMAT_VERSION!r})"
             )
-        missing = [k for k in (CONFIG_KEY, EXIT_FLOPS_KEY, THRESHOLDS_KEY, PROVENANCE_KEY, EXTRA_KEY) if k not in strings]
+        required = (CONFIG_KEY, EXIT_FLOPS_KEY, THRESHOLDS_KEY, PROVENANCE_KEY, EXTRA_KEY)
+        missing = [k for k in required if k not in strings]
         if missing:
             raise ValueError(f"{source} lacks the metadata key(s) {missing} of {FORMAT_VERSION}")
         values = {}
@@ -177,7 +178,9 @@ def _read_header(path: str) -> dict:
         if header_len > _MAX_HEADER_BYTES or prefix.startswith(b"PK\x03\x04"):
             # A torch.save zip archive, or the pickle stream of the legacy torch.save format.
             if prefix.startswith((b"PK\x03\x04", b"\x80")):
-                raise ValueError(f"{path} is not a safetensors weight file; it looks like a PyTorch checkpoint; {CONVERT_HINT}")
+                raise ValueError(
+                    f"{path} is not a safetensors weight file; it looks like a PyTorch checkpoint; {CONVERT_HINT}"
+                )
             raise ValueError(f"{path} is not a safetensors weight file")
         raw = handle.read(header_len)
     if len(raw) < header_len:
@@ -190,7 +193,9 @@ def _read_header(path: str) -> dict:
             (int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"), default=0
         )
     except (UnicodeDecodeError, ValueError, TypeError, KeyError, IndexError) as exc:
-        raise ValueError(f"{path} has a corrupt safetensors header ({exc}); the file is damaged or not a weight file") from exc
+        raise ValueError(
+            f"{path} has a corrupt safetensors header ({exc}); the file is damaged or not a weight file"
+        ) from exc
     if 8 + header_len + data_len > size:
         raise ValueError(
             f"{path} is truncated: its header describes {8 + header_len + data_len} bytes, the file has {size}"
@@ -233,7 +238,8 @@ def check_state_dict(
     """
     if not isinstance(tensors, Mapping):
         raise TypeError(
-            f"{source} must map tensor names to arrays (a dict, as load_canonical returns), got {type(tensors).__name__}"
+            f"{source} must map tensor names to arrays (a dict, as load_canonical returns), "
+            f"got {type(tensors).__name__}"
         )
     missing = [key for key in expected if key not in tensors]
     unexpected = [key for key in tensors if key not in expected]
@@ -294,8 +300,11 @@ def read_weight_tensors(path, own_format: str, read_own) -> dict[str, np.ndarray
     return read_own(path)
 
 
-def write_weight_tensors(path, tensors: Mapping[str, np.ndarray], config: ModelConfig, own_format: str, write_own) -> None:
-    """Write `tensors` as a canonical file (config and per-exit GFLOPs in its metadata) or in the backend's own format."""
+def write_weight_tensors(
+    path, tensors: Mapping[str, np.ndarray], config: ModelConfig, own_format: str, write_own,
+) -> None:
+    """Write `tensors` as a canonical file (config and per-exit GFLOPs in its metadata) or in the backend's own
+    format."""
     from .models import model_gflops
 
     kind = weight_format(path)

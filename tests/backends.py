@@ -25,6 +25,20 @@ def _to_numpy(value, convert):
     return None if value is None else convert(value)
 
 
+def _traced(adapter, named_modules, run, pattern) -> list[tuple[str, list]]:
+    """(name, outputs as NumPy arrays) of every module (cell) of `named_modules` matching `pattern`, in the
+    order they ran during `run()`; PyTorch modules and MindSpore cells both take forward hooks."""
+    records = []
+    handles = [module.register_forward_hook(lambda _m, _i, out, name=name: records.append((name, out)))
+               for name, module in named_modules if pattern.match(name)]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [(name, _to_numpy(out if isinstance(out, (tuple, list)) else [out], adapter.numpy)) for name, out in records]
+
+
 class TorchBackend:
     name = "torch"
     # Execution modes a model can run in; "eager" is the only one PyTorch has here.
@@ -127,15 +141,7 @@ class TorchBackend:
     def trace(self, model, fn, x: np.ndarray, pattern, device: str = "cpu") -> list[tuple[str, list]]:
         """(module name, its outputs as NumPy arrays) of every module whose name matches `pattern`, in the order
         they ran during `fn(model, x)`."""
-        records = []
-        handles = [module.register_forward_hook(lambda _m, _i, out, name=name: records.append((name, out)))
-                   for name, module in model.named_modules() if pattern.match(name)]
-        try:
-            self.apply(model, fn, x, device)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return [(name, _to_numpy(out if isinstance(out, (tuple, list)) else [out], self.numpy)) for name, out in records]
+        return _traced(self, model.named_modules(), lambda: self.apply(model, fn, x, device), pattern)
 
     def sgd_step(self, model, x: np.ndarray, labels: np.ndarray, learning_rate: float, loss: str, device: str = "cpu"):
         """One plain SGD step on `model` (in its current train/eval mode) with the multi-exit loss ("multi_exit")
@@ -273,15 +279,7 @@ class MindSporeBackend:
     def trace(self, model, fn, x: np.ndarray, pattern, device: str = "CPU") -> list[tuple[str, list]]:
         """(cell name, its outputs as NumPy arrays) of every cell matching `pattern`, in the order they ran
         (hooks run in PyNative mode only)."""
-        records = []
-        handles = [cell.register_forward_hook(lambda _c, _i, out, name=name: records.append((name, out)))
-                   for name, cell in model.cells_and_names() if pattern.match(name)]
-        try:
-            self.apply(model, fn, x, device)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return [(name, _to_numpy(out if isinstance(out, (tuple, list)) else [out], self.numpy)) for name, out in records]
+        return _traced(self, model.cells_and_names(), lambda: self.apply(model, fn, x, device), pattern)
 
     def sgd_step(self, model, x: np.ndarray, labels: np.ndarray, learning_rate: float, loss: str, device: str = "CPU"):
         loss_fn = self.package.multi_exit_loss if loss == "multi_exit" else self.ms.ops.cross_entropy

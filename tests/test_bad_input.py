@@ -48,7 +48,8 @@ def torch_model():
 
 @pytest.fixture(scope="module")
 def model(backend, torch_model):
-    """`torch_model`'s weights in `backend`; in MindSpore graph mode its engine's stages compile once for any batch size."""
+    """`torch_model`'s weights in `backend`; in MindSpore graph mode its engine's stages compile once
+    for any batch size."""
     twin = backend.twin(torch_model)
     backend.engine(twin, THRESHOLDS)
     return twin
@@ -188,8 +189,8 @@ def test_reuse_state_of_another_batch_is_named(backend, model):
         model.forward_stage(1, backend.tensor(images(2)), state)
 
 
-@pytest.mark.parametrize("key,value", [("mlp_ratio", float("nan")), ("mlp_ratio", -2.0), ("layernorm_eps", float("inf")),
-                                       ("drop_path_rate", 1.5), ("reuse_dim", 0)])
+@pytest.mark.parametrize("key,value", [("mlp_ratio", float("nan")), ("mlp_ratio", -2.0),
+                                       ("layernorm_eps", float("inf")), ("drop_path_rate", 1.5), ("reuse_dim", 0)])
 def test_config_numbers_out_of_range_are_named(backend, key, value):
     with pytest.raises(ValueError, match=f"{key} must be a "):
         backend.create_model("dvt_t2t_vit_fmnist", **{key: value})

@@ -27,7 +27,8 @@ def weights(tmp_path_factory):
             if p.dim() >= 2 and p.requires_grad:
                 p.normal_(0, 1.5 / np.sqrt(p[0].numel()))
     path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    save_canonical(path, to_canonical(model), WeightMetadata(config=model.config, exit_flops=list(exit_gflops(model.config))))
+    save_canonical(path, to_canonical(model),
+                   WeightMetadata(config=model.config, exit_flops=list(exit_gflops(model.config))))
     return path
 
 
@@ -106,7 +107,8 @@ def test_predict_agrees_across_backends(weights, images, capsys):
     outputs = {}
     thresholds = spread_thresholds(weights, images)
     for backend in ("torch", "mindspore", "onnx"):
-        assert main(["predict", "--weights", str(weights), "--backend", backend, "--thresholds", thresholds, *images]) == 0
+        assert main(["predict", "--weights", str(weights), "--backend", backend, "--thresholds", thresholds,
+                     *images]) == 0
         lines = capsys.readouterr().out.strip().splitlines()
         outputs[backend] = [line.split()[:3] for line in lines[1:-1]]  # image, class, exit
         assert len(outputs[backend]) == len(images)
@@ -135,7 +137,8 @@ def test_export_writes_one_graph_per_stage(weights, tmp_path, fmt, suffix, extra
 
 
 def test_export_mindir_per_gear(weights, tmp_path):
-    assert main(["export", "--weights", str(weights), "--format", "mindir", "--gears", "1,4", "--out", str(tmp_path)]) == 0
+    assert main(["export", "--weights", str(weights), "--format", "mindir", "--gears", "1,4",
+                 "--out", str(tmp_path)]) == 0
     manifest = json.loads((tmp_path / "dvt_mindir.json").read_text())
     assert manifest["gears"] == [1, 4]
     assert [[g["file"] for g in s["gears"]] for s in manifest["stages"]] == [

@@ -52,8 +52,8 @@ def test_convert_ckpt_to_safetensors_needs_no_torch(tmp_path):
 
     model = dvt_mindspore.create_model("dvt_t2t_vit_fmnist")
     dvt_mindspore.save_weights(model, tmp_path / "model.ckpt")
-    result = _run(tmp_path, "-m", "dvt_cli", "convert", str(tmp_path / "model.ckpt"), str(tmp_path / "model.safetensors"),
-                  "--model", "dvt_t2t_vit_fmnist")
+    result = _run(tmp_path, "-m", "dvt_cli", "convert", str(tmp_path / "model.ckpt"),
+                  str(tmp_path / "model.safetensors"), "--model", "dvt_t2t_vit_fmnist")
     assert result.returncode == 0, result.stderr
     tensors, metadata = load_canonical(tmp_path / "model.safetensors")
     expected = dvt_mindspore.to_canonical(model)

@@ -24,7 +24,8 @@ def test_release_geometry(name, dim, depth, heads, ratio, qkv_bias, eps):
 
 
 def test_reuse_modes_switch_mechanisms():
-    flags = {m: (get_config("dvt_t2t_vit_12", reuse=m).feature_reuse, get_config("dvt_t2t_vit_12", reuse=m).relation_reuse)
+    flags = {m: (get_config("dvt_t2t_vit_12", reuse=m).feature_reuse,
+                 get_config("dvt_t2t_vit_12", reuse=m).relation_reuse)
              for m in ("none", "feature", "relation", "both")}
     assert flags == {"none": (False, False), "feature": (True, False), "relation": (False, True), "both": (True, True)}
     assert get_config("dvt_t2t_vit_12").stage_reuses(0) == (False, False)

@@ -68,7 +68,8 @@ def test_truncated_payload_is_named(tmp_path, compress):
     data = encode_idx(_images(3))[:-100]
     path = tmp_path / "cut-idx3-ubyte"
     path.write_bytes(gzip.compress(data) if compress else data)
-    with pytest.raises(ValueError, match=r"cut-idx3-ubyte: truncated: dimensions \(3, 28, 28\) need 2352 payload bytes, the file holds 2252"):
+    with pytest.raises(ValueError, match=r"cut-idx3-ubyte: truncated: dimensions \(3, 28, 28\) need 2352 payload "
+                                         r"bytes, the file holds 2252"):
         read_idx(path)
 
 
@@ -92,7 +93,8 @@ def test_truncated_header(tmp_path):
 def test_trailing_bytes(tmp_path):
     path = tmp_path / "long"
     path.write_bytes(encode_idx(np.arange(4, dtype=np.uint8)) + b"\x00")
-    with pytest.raises(ValueError, match=r"long: has trailing bytes: dimensions \(4,\) need 4 payload bytes, the file holds 5"):
+    with pytest.raises(ValueError,
+                       match=r"long: has trailing bytes: dimensions \(4,\) need 4 payload bytes, the file holds 5"):
         read_idx(path)
 
 
@@ -113,7 +115,8 @@ def test_unsupported_dtype(tmp_path):
 def test_labels_where_images_expected(tmp_path):
     path = tmp_path / "labels"
     write_idx(path, np.arange(3, dtype=np.uint8))
-    with pytest.raises(ValueError, match=r"magic number 0x00000801 \(1 dimensions\), expected 0x00000803 \(3 dimensions\)"):
+    with pytest.raises(ValueError,
+                       match=r"magic number 0x00000801 \(1 dimensions\), expected 0x00000803 \(3 dimensions\)"):
         read_idx(path, expected_magic=IDX_IMAGES_MAGIC)
 
 

@@ -80,7 +80,8 @@ def test_batch_of_one_streams_the_same(case, backend):
     batched = streaming.predict(backend.tensor(images[:40].numpy()))
     single = [streaming.predict(backend.tensor(images[i:i + 1].numpy())) for i in range(40)]
     np.testing.assert_array_equal(batched.exit_index, [p.exit_index[0] for p in single])
-    assert_chosen_close(batched.logits, np.concatenate([p.logits for p in single]), batched.exit_index, model.config.depth)
+    assert_chosen_close(batched.logits, np.concatenate([p.logits for p in single]), batched.exit_index,
+                        model.config.depth)
 
 
 def test_work_really_stops():

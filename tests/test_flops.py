@@ -67,7 +67,8 @@ def test_separable_resampling_equals_the_model_s():
     tokens = torch.randn(2, 25, 6)
     relations = torch.randn(2, 3, 26, 26)
     torch.testing.assert_close(separable_tokens(tokens, resample_t), layers.resample_tokens(tokens, resample_t))
-    torch.testing.assert_close(separable_relations(relations, resample_t), layers.resample_relations(relations, resample_t))
+    torch.testing.assert_close(separable_relations(relations, resample_t),
+                               layers.resample_relations(relations, resample_t))
 
 
 def fvcore_stage_counts(config, monkeypatch):

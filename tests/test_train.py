@@ -131,10 +131,12 @@ def test_epoch_indices_shard_disjointly_and_reshuffle():
 def test_tiny_run_learns_and_writes_its_files(tmp_path, data_dir):
     out = tmp_path / "run"
     # Bars two rows apart: a shifting crop would blur the classes this tiny model can tell apart.
-    metrics = train(_args(out, data_dir, "--epochs", "4", "--lr", "1e-2", "--warmup-epochs", "0.5", "--crop-padding", "0"))
+    metrics = train(_args(out, data_dir, "--epochs", "4", "--lr", "1e-2", "--warmup-epochs", "0.5",
+                          "--crop-padding", "0"))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3, 4]
-    assert {"epoch", "step", "loss", "train_acc", "test_acc", "lr", "epoch_time_s", "elapsed_s", "train_images_per_s"} <= set(log[0])
+    assert {"epoch", "step", "loss", "train_acc", "test_acc", "lr", "epoch_time_s", "elapsed_s",
+            "train_images_per_s"} <= set(log[0])
     assert all(r["train_images_per_s"] > 0 for r in log)
     assert len(log[0]["train_acc"]) == len(log[0]["test_acc"]) == 3
     assert log[-1]["loss"] < log[0]["loss"] - 0.5
@@ -381,8 +383,8 @@ def _grey_folder(root, classes: int = 2, count: int = 32, splits=("train", "val"
     return root
 
 
-RELEASE_AUGMENTATION = ("--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--remode", "pixel", "--train-interpolation",
-                        "random", "--mixup", "0.8", "--cutmix", "1.0")
+RELEASE_AUGMENTATION = ("--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--remode", "pixel",
+                        "--train-interpolation", "random", "--mixup", "0.8", "--cutmix", "1.0")
 
 
 def test_one_folder_split_by_val_split_trains_with_the_release_augmentation(tmp_path, data_dir):
@@ -390,8 +392,8 @@ def test_one_folder_split_by_val_split_trains_with_the_release_augmentation(tmp_
     random erasing, random interpolation and mixup/cutmix run on grey images; best.safetensors is kept."""
     folder = _grey_folder(tmp_path / "flat", count=40, splits=())
     out = tmp_path / "run"
-    metrics = train(_args(out, data_dir, "--data", str(folder), "--val-split", "0.25", "--workers", "0", "--epochs", "1",
-                          *RELEASE_AUGMENTATION))
+    metrics = train(_args(out, data_dir, "--data", str(folder), "--val-split", "0.25", "--workers", "0",
+                          "--epochs", "1", *RELEASE_AUGMENTATION))
     assert metrics["completed"] and np.isfinite(metrics["train_loss"])
     run = _tiny_run(data_dir, tmp_path / "again", "--data", str(folder), "--val-split", "0.25", "--workers", "0")
     train_set, val_set = run.data.train_set, run.data.test_set
@@ -428,7 +430,8 @@ def test_cooldown_epochs_run_at_the_minimum_rate_and_the_best_weights_are_kept(t
                           "--min-lr", "1e-5", "--drop-path", "0.2"))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and log[1]["lr"] == pytest.approx(1e-5)
-    accuracy, source, epoch = metrics["best"]["test_acc_last_exit"], metrics["best"]["weights"], metrics["best"]["epoch"]
+    best = metrics["best"]
+    accuracy, source, epoch = best["test_acc_last_exit"], best["weights"], best["epoch"]
     record = log[epoch - 1]
     assert accuracy == record["test_acc" if source == "model" else "test_acc_ema"][-1]
     assert accuracy == max(max(r["test_acc"][-1], r["test_acc_ema"][-1]) for r in log)
@@ -470,7 +473,8 @@ def test_fine_tuning_loads_all_but_the_heads(tmp_path, data_dir, capsys):
                     "--freeze-stages", "1", "--head-lr-scale", "10")
     assert run.config.num_classes == 2
     report = run.init_report
-    heads = {f"{stage}.head.{p}" for stage in ("less_less_token", "less_token", "normal_token") for p in ("weight", "bias")}
+    heads = {f"{stage}.head.{p}" for stage in ("less_less_token", "less_token", "normal_token")
+             for p in ("weight", "bias")}
     assert set(report.reinitialised) == heads and not report.interpolated and not report.ignored
     stored = _weights(source)
     state = {k: v.clone() for k, v in run.model.state_dict().items()}
@@ -574,7 +578,8 @@ def test_two_nodes_through_c10d_rendezvous_train_as_one_process(tmp_path, data_d
     one, two = _weights(tmp_path / "single" / "final.safetensors"), _weights(out / "final.safetensors")
     _assert_same_weights(two, _weights(out / "final.rank1.safetensors"))
     config = get_config("dvt_t2t_vit_fmnist", num_classes=10, **json.loads(overrides))
-    losses = [json.loads((folder / "log.jsonl").read_text().splitlines()[-1])["loss"] for folder in (tmp_path / "single", out)]
+    losses = [json.loads((folder / "log.jsonl").read_text().splitlines()[-1])["loss"]
+              for folder in (tmp_path / "single", out)]
     loss_bound = FP32.bound(computation_blocks(config), losses[0]) + 1e-6  # + the log's 6-decimal rounding
     print(f"2 nodes against 1 process: loss {losses[1]} against {losses[0]} (bound {loss_bound:.1e})")
     assert abs(losses[1] - losses[0]) <= loss_bound
@@ -605,7 +610,8 @@ def _tiny_run(data_dir, tmp_path, *extra):
     return TrainingRun(args, Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
 
 
-@pytest.mark.skipif(not train_module.cpu_has_native_bf16(), reason="this CPU has no native bf16 (avx512_bf16 / amx_bf16)")
+@pytest.mark.skipif(not train_module.cpu_has_native_bf16(),
+                    reason="this CPU has no native bf16 (avx512_bf16 / amx_bf16)")
 def test_amp_bf16_on_a_cpu_with_native_bf16(tmp_path, data_dir):
     run = _tiny_run(data_dir, tmp_path, "--amp", "bf16", "--device", "cpu")
     images, labels = next(run.data.train_batches(0, 0, run.augment_generator))
@@ -668,8 +674,8 @@ def test_distillation_loss_is_the_mean_of_label_and_teacher_losses(tmp_path, dat
 def test_the_device_check_runs_on_a_cpu():
     """benchmarks/gpu_check.py, the script a GPU machine runs, kept working by its CPU dry run."""
     done = subprocess.run(
-        [sys.executable, os.path.join(REPO, "benchmarks", "gpu_check.py"), "--cpu-dry-run", "--no-parity", "--steps", "2",
-         "--precisions", "fp32", "fp16"],
+        [sys.executable, os.path.join(REPO, "benchmarks", "gpu_check.py"), "--cpu-dry-run", "--no-parity",
+         "--steps", "2", "--precisions", "fp32", "fp16"],
         capture_output=True, text=True, timeout=600, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr[-2000:]

@@ -39,7 +39,8 @@ def test_shipped_recipes_hold_the_release_values():
     for name, specific in RELEASE.items():
         args = parse_train_args(_parser(), ["--config", name])
         for key, value in {**RELEASE_COMMON, **specific}.items():
-            assert getattr(args, key) == pytest.approx(value) if isinstance(value, float) else getattr(args, key) == value, key
+            expected = pytest.approx(value) if isinstance(value, float) else value
+            assert getattr(args, key) == expected, key
         assert args.model in list_model_names()
 
 

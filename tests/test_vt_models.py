@@ -30,7 +30,8 @@ def softmax(x, axis):
 def weights(layer, backend, seed: int, scale: float = 0.3) -> dict[str, np.ndarray]:
     """Seeded weights of a visible scale, loaded into `layer`; returned by key."""
     rng = np.random.default_rng(seed)
-    tensors = {k: (rng.standard_normal(v.shape) * scale).astype(np.float32) for k, v in backend.convert.to_canonical(layer).items()}
+    tensors = {k: (rng.standard_normal(v.shape) * scale).astype(np.float32)
+               for k, v in backend.convert.to_canonical(layer).items()}
     backend.convert.from_canonical(layer, tensors)
     return tensors
 
@@ -180,7 +181,8 @@ def test_every_parameter_receives_a_gradient():
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
-                module.weight.fill_(1.0)  # timm zero-initialises each block's last scale, which blocks gradients behind it
+                # timm zero-initialises each block's last scale, which blocks gradients behind it
+                module.weight.fill_(1.0)
     torch.nn.functional.cross_entropy(model(torch.randn(4, 1, 28, 28)), torch.tensor([0, 1, 2, 3])).backward()
     dead = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert dead == []
@@ -338,7 +340,8 @@ def test_evaluate_compares_a_vt_model_with_its_baseline(trained, data_dir, tmp_p
     from dvt_torch import build_model
 
     root, metrics = trained
-    report, _ = evaluate(str(root / "vt_resnet_fmnist" / "final.safetensors"), str(root / "resnet_fmnist" / "final.safetensors"),
+    report, _ = evaluate(str(root / "vt_resnet_fmnist" / "final.safetensors"),
+                         str(root / "resnet_fmnist" / "final.safetensors"),
                          fashion_mnist(data_dir), tmp_path, mindspore=True)
     vt, resnet = report["classifiers"]
     assert (vt["model"], resnet["model"]) == ("vt_resnet_fmnist", "resnet_fmnist")
@@ -362,7 +365,8 @@ def test_convert_command_round_trips_vt_weights(tmp_path):
     tensors = to_canonical(create_model("vt_resnet_fmnist"))
     save_canonical(tmp_path / "vt.safetensors", tensors, WeightMetadata(config=config))
     assert main(["convert", str(tmp_path / "vt.safetensors"), str(tmp_path / "vt.ckpt")]) == 0
-    assert main(["convert", str(tmp_path / "vt.ckpt"), str(tmp_path / "back.safetensors"), "--model", "vt_resnet_fmnist"]) == 0
+    assert main(["convert", str(tmp_path / "vt.ckpt"), str(tmp_path / "back.safetensors"),
+                 "--model", "vt_resnet_fmnist"]) == 0
     back, metadata = load_canonical(tmp_path / "back.safetensors")
     assert metadata.config == config and all(np.array_equal(back[k], tensors[k]) for k in tensors)
 

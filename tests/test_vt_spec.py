@@ -30,7 +30,8 @@ def test_registered_names_and_paper_geometry():
     c = get_vt_config("vt_resnet18")
     assert (c.vt_modules, c.vt.tokens, c.feature_channels, c.vt.token_dim, c.feature_size) == (2, 16, 256, 1024, 14)
     fpn = get_vt_config("vt_fpn_r50")
-    assert (fpn.vt.tokens, fpn.vt.token_dim, fpn.fpn_channels, fpn.trunk.stage_channels) == (8, 1024, 256, (256, 512, 1024, 2048))
+    assert (fpn.vt.tokens, fpn.vt.token_dim, fpn.fpn_channels, fpn.trunk.stage_channels) == (
+        8, 1024, 256, (256, 512, 1024, 2048))
     assert fpn.level_sizes((800, 1216)) == ((200, 304), (100, 152), (50, 76), (25, 38))
     small = get_vt_config("vt_resnet_fmnist")
     assert (small.img_size, small.in_chans, small.num_classes, small.feature_size) == (28, 1, 10, 7)

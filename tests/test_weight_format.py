@@ -67,9 +67,22 @@ def test_metadata_is_stored_under_dvt_keys(tmp_path):
     header_len = int.from_bytes(path.read_bytes()[:8], "little")
     strings = json.loads(path.read_bytes()[8:8 + header_len])["__metadata__"]
     assert strings["format"] == FORMAT_VERSION
-    assert set(strings) == {"format", "dvt.config", "dvt.exit_flops", "dvt.thresholds", "dvt.provenance", "dvt.extra"}
+    assert set(strings) == {"format", "dvt.config", "dvt.exit_flops", "dvt.thresholds", "dvt.exit_policy",
+                            "dvt.provenance", "dvt.extra"}
     assert json.loads(strings["dvt.thresholds"]) is None
+    assert json.loads(strings["dvt.exit_policy"]) == "max-softmax"
     assert json.loads(strings["dvt.config"])["name"] == "dvt_t2t_vit_fmnist"
+
+
+def test_the_exit_policy_is_recorded_and_older_files_read_as_max_softmax():
+    config = get_config("dvt_t2t_vit_fmnist")
+    metadata = WeightMetadata(config=config, thresholds=[0.5, 0.5, -1e8], exit_policy="entropy")
+    strings = metadata.to_strings()
+    assert WeightMetadata.from_strings(strings).exit_policy == "entropy"
+    older = {key: value for key, value in strings.items() if key != "dvt.exit_policy"}
+    assert WeightMetadata.from_strings(older).exit_policy == "max-softmax"
+    with pytest.raises(ValueError, match="unknown exit policy 'halting'"):
+        WeightMetadata(config=get_config("dvt_t2t_vit_fmnist"), exit_policy="halting")
 
 
 def test_metadata_validation():
