@@ -13,6 +13,7 @@ from types import ModuleType
 @dataclass(frozen=True)
 class Backend:
     package: str
+    label: str  # its name in reports
     weights: str | None = None  # its own weight file format (dvt_shared.weight_format.WEIGHT_FORMATS)
     exports: str | None = None  # the graph format its `export` writes
     graphs_from: str | None = None  # it runs the graphs that backend exports, not a model
@@ -24,11 +25,11 @@ class Backend:
 BACKENDS = {
     # bf16 and fp16 by autocast (the performer's random features kept in float32); MindSpore's fp16 as
     # Ascend's Cube unit computes
-    "torch": Backend("dvt_torch", weights="pth", exports="onnx", precisions=("fp32", "bf16", "fp16"),
+    "torch": Backend("dvt_torch", "PyTorch", weights="pth", exports="onnx", precisions=("fp32", "bf16", "fp16"),
                      devices={"cpu": "cpu", "gpu": "cuda"}),
-    "mindspore": Backend("dvt_mindspore", weights="ckpt", exports="mindir", precisions=("fp32", "fp16"),
+    "mindspore": Backend("dvt_mindspore", "MindSpore", weights="ckpt", exports="mindir", precisions=("fp32", "fp16"),
                          devices={"cpu": "CPU", "gpu": "GPU", "ascend": "Ascend"}),
-    "onnx": Backend("dvt_onnx", graphs_from="torch"),
+    "onnx": Backend("dvt_onnx", "ONNX Runtime", graphs_from="torch"),
 }
 # The backend every other one is held to: it trains, and its float64 run is proven against the release's.
 REFERENCE = "torch"

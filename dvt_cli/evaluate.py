@@ -139,14 +139,19 @@ def matching_budget(curve: dict, baseline: dict) -> dict | None:
     return min(points, key=lambda p: p["gflops"]) if points else None
 
 
-def mindspore_agreement(dvt: Evaluated, images: np.ndarray, thresholds) -> dict:
-    """MindSpore's early-exit engine (graph mode) on the same images: per-exit predictions and exit
-    decisions vs the PyTorch model; samples within the fp32 decision margin of a threshold (derived in
+def candidate_backends() -> list[str]:
+    """The backends whose agreement with the reference the evaluation reports (the parity pairs' candidates)."""
+    return [candidate for _, candidate in backends.parity_pairs()]
+
+
+def backend_agreement(dvt: Evaluated, images: np.ndarray, thresholds, backend: str) -> dict:
+    """`backend`'s early-exit engine (graph mode where it has one) on the same images: per-exit predictions
+    and exit decisions vs the reference's; samples within the fp32 decision margin of a threshold (derived in
     dvt_shared.error_bounds from each exit's logits) are counted as borderline."""
     from dvt_shared.error_bounds import FP32, decision_agreement
     from dvt_shared.exit_policy import MAX_SOFTMAX, confidences, exit_indices
 
-    ms_probs = softmax(dvt.exit_logits(images, "mindspore"))
+    ms_probs = softmax(dvt.exit_logits(images, backend))
     torch_conf, ms_conf = confidences(dvt.test_probs), confidences(ms_probs)
     margins = MAX_SOFTMAX.margin(FP32.exit_bounds(dvt.config.depth, dvt.test_logits))
     agreement = decision_agreement(torch_conf, exit_indices(ms_conf, thresholds), thresholds, margins, ms_conf)
@@ -232,10 +237,9 @@ def markdown(report: dict) -> str:
                   f"({match['gflops'] / baseline['gflops']:.0%} of the "
                   f"baseline's), accuracy {match['accuracy']:.2f}%." if match else
                   "DVT does not reach the baseline's accuracy on this curve."]
-    agreement = report.get("mindspore")
-    if agreement:
-        lines += ["", f"MindSpore (graph mode) on the same {agreement['images']} images: same prediction per exit "
-                  f"{agreement['same_prediction_per_exit']}, same exit {agreement['same_exit']} "
+    for backend, agreement in report.get("agreement", {}).items():
+        lines += ["", f"{backends.BACKENDS[backend].label} on the same {agreement['images']} images: same "
+                  f"prediction per exit {agreement['same_prediction_per_exit']}, same exit {agreement['same_exit']} "
                   f"({agreement['borderline']} borderline within {agreement['margin']:.1e} of a threshold, "
                   f"{agreement['differ_not_borderline']} others differ), "
                   f"max |d prob| {agreement['max_abs_prob_delta']:.1e}."]
@@ -253,9 +257,9 @@ def precision_lines(agreements: list[dict]) -> list[str]:
     return lines
 
 
-def classifier_agreement(evaluated: Evaluated, images: np.ndarray) -> dict:
-    """MindSpore (graph mode) on the same images: predictions and probabilities vs PyTorch."""
-    ms_probs = softmax(all_exit_logits(evaluated.config, evaluated.tensors, images, backend="mindspore", batch=500)[-1])
+def classifier_agreement(evaluated: Evaluated, images: np.ndarray, backend: str) -> dict:
+    """`backend` on the same images: predictions and probabilities vs the reference's."""
+    ms_probs = softmax(all_exit_logits(evaluated.config, evaluated.tensors, images, backend=backend, batch=500)[-1])
     torch_probs = evaluated.test_probs[-1]
     return {
         "images": len(images),
@@ -288,16 +292,15 @@ def classifier_markdown(report: dict) -> str:
              "|---|---|---|---|---|"]
     lines += [f"| {p['model']} | {p['family']} | {p['accuracy']:.2f} | {p['gflops'] * 1e3:.2f} | "
               f"{p['params'] / 1e6:.3f} |" for p in report["classifiers"]]
-    agreement = report.get("mindspore")
-    if agreement:
-        lines += ["", f"MindSpore (graph mode) on the same {agreement['images']} images "
+    for backend, agreement in report.get("agreement", {}).items():
+        lines += ["", f"{backends.BACKENDS[backend].label} on the same {agreement['images']} images "
                       f"({report['classifiers'][0]['model']}): same prediction {agreement['same_prediction']}, "
                       f"max |d prob| {agreement['max_abs_prob_delta']:.1e}."]
     return "\n".join(lines) + "\n"
 
 
 def _cascade_report(
-    dvt: Evaluated, weights: str, baseline: str | None, data: dict, mindspore: bool,
+    dvt: Evaluated, weights: str, baseline: str | None, data: dict, agreement: bool,
     precisions: tuple[tuple[str, str], ...] = (), precision_images: int | None = None,
 ) -> dict:
     labels = data["test_labels"]
@@ -308,8 +311,11 @@ def _cascade_report(
         report["baseline"] = baseline_point(score(baseline, data, calibrate=False), labels)
         report["dvt_matching_baseline"] = matching_budget(report["dvt"], report["baseline"])
     thresholds = dvt.thresholds or report["dvt"]["budgets"][len(BUDGET_FRACTIONS) // 2]["thresholds"]
-    if mindspore:
-        report["mindspore"] = mindspore_agreement(dvt, data["test_images"], thresholds)
+    if agreement:
+        report["agreement"] = {
+            backend: backend_agreement(dvt, data["test_images"], thresholds, backend)
+            for backend in candidate_backends()
+        }
     count = precision_images or len(labels)
     report["precisions"] = [
         precision_agreement(dvt, data["test_images"][:count], labels[:count], thresholds, backend, precision)
@@ -318,14 +324,16 @@ def _cascade_report(
     return report
 
 
-def _classifier_report(model: Evaluated, baseline: str | None, data: dict, mindspore: bool) -> dict:
+def _classifier_report(model: Evaluated, baseline: str | None, data: dict, agreement: bool) -> dict:
     labels = data["test_labels"]
     points = [baseline_point(model, labels)]
     if baseline:
         points.append(baseline_point(score(baseline, data, calibrate=False), labels))
     report = {"classifiers": points}
-    if mindspore:
-        report["mindspore"] = classifier_agreement(model, data["test_images"])
+    if agreement:
+        report["agreement"] = {
+            backend: classifier_agreement(model, data["test_images"], backend) for backend in candidate_backends()
+        }
     return report
 
 
@@ -335,7 +343,7 @@ def render(report: dict) -> str:
 
 
 def evaluate(
-    weights: str, baseline: str | None, data: dict, out: Path, mindspore: bool,
+    weights: str, baseline: str | None, data: dict, out: Path, agreement: bool,
     precisions: tuple[tuple[str, str], ...] = (), precision_images: int | None = None,
 ) -> tuple[dict, Evaluated]:
     """The report on `data` (see `fashion_mnist`), written under `out`, and the scored model.
@@ -344,12 +352,12 @@ def evaluate(
     the first `precision_images` test images (all by default)."""
     evaluated = score(weights, data)
     if family_of(evaluated.config).cascade:
-        report = _cascade_report(evaluated, weights, baseline, data, mindspore, precisions, precision_images)
+        report = _cascade_report(evaluated, weights, baseline, data, agreement, precisions, precision_images)
     elif precisions:
         raise CommandError(f"--precision {precisions[0]} is checked on DVT cascades; "
                            f"{evaluated.config.name} is not one")
     else:
-        report = _classifier_report(evaluated, baseline, data, mindspore)
+        report = _classifier_report(evaluated, baseline, data, agreement)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "evaluation.json", json.dumps(report, indent=1).encode())
     atomic_write_bytes(out / "evaluation.md", render(report).encode())
@@ -370,7 +378,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     precisions = (() if args.precision == "fp32"
                   else ((args.precision_backend or _runs(args.precision), args.precision),))
     report, _ = evaluate(
-        args.weights, args.baseline, fashion_mnist(args.data_dir), Path(args.out), not args.no_mindspore, precisions
+        args.weights, args.baseline, fashion_mnist(args.data_dir), Path(args.out), not args.no_agreement, precisions
     )
     print(render(report))
     print(f"wrote {args.out}/evaluation.md, evaluation.json, accuracy_vs_gflops.png "
@@ -381,16 +389,17 @@ def add_evaluate(subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "evaluate", parents=[common], help="per-exit accuracy and the accuracy-compute curve on Fashion-MNIST",
         description="Per-exit accuracy, the release's p sweep and budget targets (thresholds from held-out "
-                    "training images, evaluated on the test set), the static baseline's point, and MindSpore's "
-                    "agreement with PyTorch; for a VT-ResNet or ResNet, its accuracy, GFLOPs and parameters beside "
-                    "the baseline's; written as Markdown, JSON and PNG under --out.",
+                    "training images, evaluated on the test set), the static baseline's point, and the other "
+                    "backends' agreement with PyTorch; for a VT-ResNet or ResNet, its accuracy, GFLOPs and "
+                    "parameters beside the baseline's; written as Markdown, JSON and PNG under --out.",
     )
     parser.add_argument("--weights", required=True, help="DVT, VT-ResNet or ResNet weights (.safetensors, .pth, .ckpt)")
     parser.add_argument("--baseline",
                         help="baseline weights (the DVT's static baseline, or any classifier), for comparison")
     parser.add_argument("--data-dir", help="folder with the four Fashion-MNIST IDX files")
     parser.add_argument("--out", default="out", help="report folder (default out/)")
-    parser.add_argument("--no-mindspore", action="store_true", help="skip the MindSpore agreement check")
+    parser.add_argument("--no-agreement", "--no-mindspore", dest="no_agreement", action="store_true",
+                        help="skip the other backends' agreement check")
     parser.add_argument("--precision", choices=backends.PRECISIONS, default="fp32",
                         help="also score at this precision and report accuracy and agreement with fp32 "
                              "(default fp32: nothing extra)")

@@ -1,4 +1,4 @@
-"""Each backend's `__init__` is its one facade, with the same public names in both."""
+"""Each backend's `__init__` is its one facade, with the same public names in every backend of the table."""
 from __future__ import annotations
 
 import importlib
@@ -6,16 +6,19 @@ import importlib
 import numpy as np
 import pytest
 
+from dvt_cli.backends import BACKENDS, model_backends
+
 FACADE = ("create_model", "build_model", "list_models", "load_weights", "save_weights", "to_canonical",
           "from_canonical", "AdaptiveDVT", "export", "inference_model", "all_exit_logits", "tensor",
           "count_parameters", "read_checkpoint", "write_checkpoint", "DVT", "ReuseState", "multi_exit_loss")
 TINY = dict(embed_dim=24, depth=1, num_heads=2, token_dim=8)
-OWN_FORMAT = {"torch": ".pth", "mindspore": ".ckpt"}
+# each backend's own weight-file extension (the table names the format; its extension is the format's name)
+OWN_FORMAT = {name: f".{BACKENDS[name].weights}" for name in model_backends()}
 
 
-@pytest.fixture(scope="module", params=["torch", "mindspore"])
+@pytest.fixture(scope="module", params=model_backends())
 def backend(request):
-    return request.param, importlib.import_module(f"dvt_{request.param}")
+    return request.param, importlib.import_module(BACKENDS[request.param].package)
 
 
 def test_both_facades_have_every_name(backend):
@@ -46,10 +49,10 @@ def test_checkpoint_path_loads_what_save_weights_wrote(backend, extension, tmp_p
 
 def test_the_other_backends_format_is_refused_by_name(backend, tmp_path):
     name, facade = backend
-    other = OWN_FORMAT["mindspore" if name == "torch" else "torch"]
-    (tmp_path / f"w{other}").write_bytes(b"not read")
-    with pytest.raises(ValueError, match="convert it with `dvt convert`"):
-        facade.load_weights(facade.create_model("dvt_t2t_vit_fmnist", **TINY), tmp_path / f"w{other}")
+    for other in (OWN_FORMAT[n] for n in OWN_FORMAT if n != name):
+        (tmp_path / f"w{other}").write_bytes(b"not read")
+        with pytest.raises(ValueError, match="convert it with `dvt convert`"):
+            facade.load_weights(facade.create_model("dvt_t2t_vit_fmnist", **TINY), tmp_path / f"w{other}")
 
 
 def test_timm_pretrained_error_names_a_function_that_exists():

@@ -1,9 +1,10 @@
-"""Both backends' state dicts equal the one framework-free layout `dvt_shared.models.state_layout`
+"""Every backend's state dicts equal the one framework-free layout `dvt_shared.models.state_layout`
 computes from a config: every key, every shape, for every family and reuse mode."""
 from __future__ import annotations
 
 import pytest
 
+from dvt_cli.backends import BACKENDS, model_backends
 from dvt_shared.models import FAMILIES, family_of, get_model_config, list_model_names, state_layout
 
 # Release-size cascades shrunk to one block; VT-FPN at a small input (the layout does not depend on it).
@@ -22,11 +23,11 @@ def _configs():
             yield pytest.param(config, id=name)
 
 
-@pytest.fixture(scope="module", params=["torch", "mindspore"])
+@pytest.fixture(scope="module", params=model_backends())
 def facade(request):
     import importlib
 
-    return importlib.import_module(f"dvt_{request.param}")
+    return importlib.import_module(BACKENDS[request.param].package)
 
 
 def test_every_family_is_laid_out():

@@ -342,7 +342,7 @@ def test_evaluate_compares_a_vt_model_with_its_baseline(trained, data_dir, tmp_p
     root, metrics = trained
     report, _ = evaluate(str(root / "vt_resnet_fmnist" / "final.safetensors"),
                          str(root / "resnet_fmnist" / "final.safetensors"),
-                         fashion_mnist(data_dir), tmp_path, mindspore=True)
+                         fashion_mnist(data_dir), tmp_path, agreement=True)
     vt, resnet = report["classifiers"]
     assert (vt["model"], resnet["model"]) == ("vt_resnet_fmnist", "resnet_fmnist")
     # the training loop's own test accuracy, up to a sample the other batching may tip
@@ -350,8 +350,9 @@ def test_evaluate_compares_a_vt_model_with_its_baseline(trained, data_dir, tmp_p
     tiny = build_model(get_vt_config("vt_resnet_fmnist", **json.loads(TINY_VT)))
     assert vt["params"] == sum(p.numel() for p in tiny.parameters())
     assert vt["gflops"] == pytest.approx(model_gflops(get_vt_config("vt_resnet_fmnist", **json.loads(TINY_VT)))[0])
-    assert report["mindspore"]["same_prediction"] == report["mindspore"]["images"] == 100
-    assert report["mindspore"]["max_abs_prob_delta"] < 1e-5
+    mindspore = report["agreement"]["mindspore"]
+    assert mindspore["same_prediction"] == mindspore["images"] == 100
+    assert mindspore["max_abs_prob_delta"] < 1e-5
     assert "| vt_resnet_fmnist | vt_resnet |" in render(report)
     assert {p.name for p in tmp_path.iterdir()} >= {"evaluation.md", "evaluation.json", "accuracy_vs_gflops.png"}
 
