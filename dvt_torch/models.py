@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dvt_shared.models import ModelConfig, build, get_model_config, list_model_names, register_builder
+from dvt_shared.models import ModelConfig, build, create, list_model_names, register_builder
 
 from .checkpoint import load_weights
 from .convert import from_canonical
@@ -29,15 +29,8 @@ def build_model(config: ModelConfig) -> nn.Module:
 def create_model(
     name: str, num_classes: int | None = None, checkpoint_path: str | os.PathLike | None = None, **overrides
 ) -> nn.Module:
-    """The registered model `name`; its config's class count stands unless `num_classes` (or any other
-    field) is overridden, and `num_classes=0` removes the heads (timm's convention). With
-    `checkpoint_path` (.safetensors, .pth, .pth.tar) its weights are loaded first."""
-    model = build_model(get_model_config(name, num_classes=num_classes or None, **overrides))
-    if checkpoint_path is not None:
-        load_weights(model, checkpoint_path)
-    if num_classes == 0:
-        model.reset_classifier(0)
-    return model
+    """The registered model `name` (`dvt_shared.models.create`); `checkpoint_path`: .safetensors, .pth, .pth.tar."""
+    return create("torch", name, num_classes, checkpoint_path, load_weights, **overrides)
 
 
 def list_models(pattern: str | None = None) -> list[str]:

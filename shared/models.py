@@ -90,6 +90,19 @@ def build(backend: str, config: ModelConfig):
     return _BUILDERS[backend, family](config)
 
 
+def create(backend: str, name: str, num_classes: int | None = None, checkpoint_path=None, load_weights=None,
+           **overrides):
+    """The registered model `name`, built by `backend` (timm's and mindcv's `create_model`): its config's class
+    count stands unless `num_classes` (or any other field) is overridden, and `num_classes=0` removes the heads.
+    With `checkpoint_path`, the backend's `load_weights(model, path)` loads its weights first."""
+    model = build(backend, get_model_config(name, num_classes=num_classes or None, **overrides))
+    if checkpoint_path is not None:
+        load_weights(model, checkpoint_path)
+    if num_classes == 0:
+        model.reset_classifier(0)
+    return model
+
+
 # Where registered names live: (list the names, get a config by name with overrides), one pair per registry.
 NAME_REGISTRIES = ((list_configs, get_config), (list_vt_configs, get_vt_config))
 
