@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_function, trunc_normal_
+from timm.models._features import feature_take_indices  # as timm's own models import it
 from torch import nn
 
 from dvt_shared.cascade import ReuseState, run_stage
@@ -16,12 +18,13 @@ from dvt_shared.image_checks import check_finite, check_image_dtype, check_image
 from dvt_shared.token_schedule import resample_matrix_1d, sinusoid_table
 
 from .layers import Block, PatchEmbed, PointwiseConv2d, T2TStem, init_weights, resample_relations
-from timm.layers import trunc_normal_
 
 
+# A leaf call when torch.fx traces a model (timm's feature extraction): it runs on the real batch then.
+@register_notrace_function
 def check_images(x: torch.Tensor, config: DVTConfig, dtype: torch.dtype | None = None, values: bool = True) -> None:
     """Reject anything but a floating (B, C, H, W) batch of the config's size (in `dtype`, if given), and
-    with `values`, one holding NaN or Inf.
+    with `values`, one holding NaN or Inf (a meta tensor holds no values to scan).
 
     Any memory layout is accepted (channels-last, strided views): every layer reads by index.
     """
@@ -29,7 +32,7 @@ def check_images(x: torch.Tensor, config: DVTConfig, dtype: torch.dtype | None =
         raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
     check_image_shape(x.shape, config)
     check_image_dtype(x.dtype, x.is_floating_point(), dtype)
-    if not values:
+    if not values or x.is_meta:
         return
     # One reduction in the common case; the per-image scan only to word the error.
     if not bool(torch.isfinite(x).all()):
@@ -66,7 +69,8 @@ class DVTStage(nn.Module):
         self.norm = nn.LayerNorm(config.embed_dim, eps=config.layernorm_eps)
 
         # (s, t) one-axis map from the previous grid, None where the stage reuses nothing
-        self.resample_grids = (config.grids[index - 1], self.grid) if self.feature_reuse or self.relation_reuse else None
+        reuses = self.feature_reuse or self.relation_reuse
+        self.resample_grids = (config.grids[index - 1], self.grid) if reuses else None
         self.register_buffer("resample_t", self.resample_matrix(torch.float32, None), persistent=False)
         if self.relation_reuse:
             channels = config.relation_channels
@@ -108,10 +112,14 @@ class DVTStage(nn.Module):
         return mixed.chunk(self.depth, dim=1)
 
     def forward_features(
-        self, x: torch.Tensor, features: torch.Tensor | None = None, relations: torch.Tensor | None = None
+        self, x: torch.Tensor, features: torch.Tensor | None = None, relations: torch.Tensor | None = None,
+        taps: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(normalised tokens (B, N, D) with the class token first, features, relations): the last two
-        are what the next stage reuses, None where it reuses nothing (and after the last stage)."""
+        are what the next stage reuses, None where it reuses nothing (and after the last stage).
+
+        `taps`, a list, receives every block's output tokens (before the norm): forward_intermediates' features.
+        """
         x = self.embed(x)
         biases = self.relation_biases(relations) if self.relation_reuse else (None,) * self.depth
         reused = features if self.feature_reuse else None
@@ -119,6 +127,8 @@ class DVTStage(nn.Module):
         for block, bias in zip(self.blocks, biases):
             x, block_logits = block(x, reused, self.resample_t if self.feature_reuse else None, bias)
             logits.append(block_logits)
+            if taps is not None:
+                taps.append(x)
         next_features = x if self.keep_features else None
         next_relations = torch.cat(logits, dim=1) if self.keep_relations else None
         return self.norm(x), next_features, next_relations
@@ -146,6 +156,9 @@ class DVT(nn.Module):
     eval mode it returns the last exit's logits alone, the prediction of the whole cascade
     that every timm user expects from one tensor. `forward_stage(k, x, state)` runs exit k
     alone given what exit k-1 returned; real early exit (`AdaptiveDVT`) is built on it.
+
+    timm's features (`features_only=True`, `forward_intermediates`) are the last stage's blocks,
+    one `feature_info` entry each: the finest token grid, seen after every earlier stage's reuse.
     """
 
     output_fmt = "NLC"
@@ -160,6 +173,11 @@ class DVT(nn.Module):
         self.num_features = self.head_hidden_size = config.embed_dim
         self.global_pool = "token"
         self.pretrained_cfg = pretrained_cfg(config)
+        self.feature_info = [
+            dict(num_chs=config.embed_dim, reduction=config.img_size // config.grids[-1],
+                 module=f"{self.stage_names[-1]}.blocks.{block}")
+            for block in range(config.depth)
+        ]
 
     @property
     def default_cfg(self) -> dict:
@@ -201,14 +219,64 @@ class DVT(nn.Module):
         return tuple(outputs)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last stage's normalised tokens (B, N, D), class token first; the earlier stages run for their reuse."""
+        """The last stage's normalised tokens (B, N, D), class token first; the earlier stages run for their
+        reuse."""
         check_images(x, self.config, self.dtype, values=not self.training)
+        return self._last_stage_tokens(x)
+
+    def _last_stage_tokens(self, x: torch.Tensor, taps: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """`forward_features` without input checks; `taps` receives the last stage's block outputs
+        (see `DVTStage.forward_features`)."""
         state = None
         for index in range(self.num_exits - 1):
             _, state = self.run_stage(index, x, state)
-        last = self.stage(self.num_exits - 1)
         state = state or ReuseState(None, None)
-        return last.forward_features(x, state.features, state.relations)[0]
+        return self.stage(self.num_exits - 1).forward_features(x, state.features, state.relations, taps)[0]
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False, stop_early: bool = False,
+        output_fmt: str = "NCHW", intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's feature-getter interface (`features_only=True`), as its ViTs have it: the tokens of the
+        last stage's blocks, class token dropped, as (B, D, g, g) maps ("NCHW") or (B, g*g, D) ("NLC") on
+        its g x g grid; and, unless `intermediates_only`, `forward_features`' output.
+
+        `indices`: every block (None), the last n (an int) or those listed; `norm` applies the last
+        stage's norm to each. Every block runs (`stop_early` changes nothing): to drop the blocks after the
+        last one taken, prune them (`prune_intermediate_layers`).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"{self.config.name}: output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        check_images(x, self.config, self.dtype, values=not self.training)
+        last = self.stage(self.num_exits - 1)
+        take, _ = feature_take_indices(len(last.blocks), indices)
+        taps = []
+        tokens = self._last_stage_tokens(x, taps)
+        intermediates = []
+        for block in take:
+            grid_tokens = (last.norm(taps[block]) if norm else taps[block])[:, 1:]
+            if output_fmt == "NCHW":
+                grid_tokens = grid_tokens.reshape(x.shape[0], last.grid, last.grid, -1).permute(0, 3, 1, 2)
+                grid_tokens = grid_tokens.contiguous()
+            intermediates.append(grid_tokens)
+        return intermediates if intermediates_only else (tokens, intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """timm's pruning to a feature backbone: the last stage's blocks after the last one in `indices` go,
+        its norm too with `prune_norm`. `prune_head` replaces every exit's head with an identity, and the
+        earlier stages' norms, which feed nothing but their heads. Returns the absolute indices to take."""
+        last = self.stage(self.num_exits - 1)
+        take, last_taken = feature_take_indices(len(last.blocks), indices)
+        last.blocks = last.blocks[: last_taken + 1]
+        if prune_norm:
+            last.norm = nn.Identity().train(self.training)
+        if prune_head:
+            self.reset_classifier(0)
+            for index in range(self.num_exits - 1):
+                self.stage(index).norm = nn.Identity().train(self.training)
+        return take
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """The last exit's logits of `forward_features`' tokens (its class token, `pre_logits`)."""
@@ -223,17 +291,23 @@ class DVT(nn.Module):
         return tuple(self.stage(index).head for index in range(self.num_exits))
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """New heads for `num_classes` on every exit (identities for 0: the model then returns class tokens)."""
+        """New heads for `num_classes` on every exit (identities for 0: the model then returns class tokens),
+        on the model's device and dtype, in its stage's training mode."""
         if global_pool not in (None, "token"):
-            raise ValueError(f"{self.config.name} reads its class token: global_pool must be 'token', got {global_pool!r}")
+            raise ValueError(
+                f"{self.config.name} reads its class token: global_pool must be 'token', got {global_pool!r}"
+            )
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
             raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
         for index in range(self.num_exits):
             stage = self.stage(index)
             device, dtype = stage.cls_token.device, stage.cls_token.dtype
-            head = nn.Linear(self.num_features, num_classes, device=device, dtype=dtype) if num_classes else nn.Identity()
-            head.apply(init_weights)
-            stage.head = head
+            if num_classes:
+                head = nn.Linear(self.num_features, num_classes, device=device, dtype=dtype)
+                head.apply(init_weights)
+            else:
+                head = nn.Identity()
+            stage.head = head.train(stage.training)
         self.num_classes = num_classes
         if num_classes:
             self.config = self.config.replace(num_classes=num_classes)

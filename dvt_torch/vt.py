@@ -11,7 +11,8 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.layers import SelectAdaptivePool2d, trunc_normal_
+from timm.layers import SelectAdaptivePool2d, register_notrace_function, trunc_normal_
+from timm.models._features import feature_take_indices  # as timm's own models import it
 from timm.models.resnet import BasicBlock, Bottleneck, make_blocks
 from torch import nn
 
@@ -123,7 +124,8 @@ class Projector(nn.Module):
 
 
 class VTModule(nn.Module):
-    """Tokenizer (filter-based first, recurrent after), transformer, and a projector unless its output would go unused."""
+    """Tokenizer (filter-based first, recurrent after), transformer, and a projector unless its output would go
+    unused."""
 
     def __init__(self, channels: int, vt: VTSpec, recurrent: bool, project: bool):
         super().__init__()
@@ -164,6 +166,8 @@ def resnet_trunk(trunk: ResNetSpec, in_chans: int, stages: int) -> list[tuple[st
     return modules
 
 
+# A leaf call when torch.fx traces a model (timm's feature extraction): it runs on the real batch then.
+@register_notrace_function
 def check_vt_images(x: torch.Tensor, config: VTResNetConfig | VTFPNConfig) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
@@ -204,6 +208,11 @@ class _Trunk(nn.Module):
         """timm's older name of `pretrained_cfg`."""
         return self.pretrained_cfg
 
+    def _like_trunk(self, module: nn.Module) -> nn.Module:
+        """`module`, a new head part, on the trunk's device and dtype and in the model's training mode."""
+        weight = self.conv1.weight
+        return module.to(device=weight.device, dtype=weight.dtype).train(self.training)
+
     def run_trunk(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every stage's output."""
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
@@ -212,6 +221,41 @@ class _Trunk(nn.Module):
             x = getattr(self, f"layer{index}")(x)
             outputs.append(x)
         return outputs
+
+    def forward_features(self, x: torch.Tensor):
+        """`features_of_stages` (the model's own) of every trunk stage, after the input checks."""
+        check_vt_images(x, self.config)
+        return self.features_of_stages(self.run_trunk(x))
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False, stop_early: bool = False,
+        output_fmt: str = "NCHW", intermediates_only: bool = False,
+    ):
+        """timm's feature-getter interface (`features_only=True, feature_cls="getter"`): the trunk's maps
+        named by `feature_info` (the stem's activation, then each stage), and `forward_features`' output.
+
+        `indices`: all maps (None), the last n (an int) or those listed. The trunk has no norm layer to
+        apply (`norm` changes nothing). With `intermediates_only` the stages after the last map taken
+        are skipped (`stop_early` or not); otherwise every stage runs, since `forward_features` needs them all.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"{self.config.name}: the trunk's maps are NCHW, got output_fmt={output_fmt!r}")
+        check_vt_images(x, self.config)
+        take, last = feature_take_indices(len(self.feature_info), indices)
+        x = self.act1(self.bn1(self.conv1(x)))
+        intermediates = [x] if 0 in take else []
+        x = self.maxpool(x)
+        stages = []
+        for index in range(1, self.trunk_stages + 1):
+            if intermediates_only and index > last:
+                break
+            x = getattr(self, f"layer{index}")(x)
+            stages.append(x)
+            if index in take:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return self.features_of_stages(stages), intermediates
 
     def forward_exits(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         """The model's one output as a 1-tuple, so that code written for DVT's exits takes it unchanged."""
@@ -239,10 +283,9 @@ class ResNet(_Trunk):
         self.global_pool = SelectAdaptivePool2d(pool_type="avg", flatten=True)
         self.fc = nn.Linear(self.num_features, config.num_classes)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """layer4's feature map (B, C, H, W)."""
-        check_vt_images(x, self.config)
-        return self.run_trunk(x)[-1]
+    def features_of_stages(self, stages: list[torch.Tensor]) -> torch.Tensor:
+        """layer4's feature map (B, C, H, W): `forward_features`' output."""
+        return stages[-1]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
@@ -255,8 +298,8 @@ class ResNet(_Trunk):
         """A new `fc` for `num_classes` (an identity for 0); global_pool "" keeps the feature map."""
         _check_num_classes(num_classes)
         if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+            self.global_pool = self._like_trunk(SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool)))
+        self.fc = self._like_trunk(nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity())
         self.num_classes = num_classes
 
 
@@ -290,15 +333,14 @@ class VTResNet(_Trunk):
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """The last module's tokens (B, L, C_T)."""
-        features, tokens = to_positions(self.run_trunk(x)[-1]), None
+        return self.features_of_stages(self.run_trunk(x))
+
+    def features_of_stages(self, stages: list[torch.Tensor]) -> torch.Tensor:
+        """The last module's tokens (B, L, C_T) of layer3's map: `forward_features`' output."""
+        features, tokens = to_positions(stages[-1]), None
         for module in self.vt:
             features, tokens = module(features, tokens)
         return tokens
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last module's tokens (B, L, C_T)."""
-        check_vt_images(x, self.config)
-        return self.forward_tokens(x)
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """The tokens' average (global_pool "avg"; "" keeps every token), then the linear head."""
@@ -312,7 +354,7 @@ class VTResNet(_Trunk):
         """A new head for `num_classes` (an identity for 0); global_pool "" keeps every token."""
         _check_num_classes(num_classes)
         self._choose_global_pool(global_pool)
-        self.head = self._new_head(num_classes)
+        self.head = self._like_trunk(self._new_head(num_classes))
         self.num_classes = num_classes
 
 
@@ -335,18 +377,21 @@ class VTFPN(_Trunk):
         self.num_features = self.head_hidden_size = channels
         self.classifier = nn.Conv2d(channels, config.num_classes, 1)
 
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The four FPN outputs (B, fpn_channels, h, w), finest first."""
-        check_vt_images(x, self.config)
-        maps = [lateral(f) for lateral, f in zip(self.lateral, self.run_trunk(x))]
+    def features_of_stages(self, stages: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The four FPN outputs (B, fpn_channels, h, w) of layer1..layer4's maps, finest first:
+        `forward_features`' output."""
+        maps = [lateral(f) for lateral, f in zip(self.lateral, stages)]
         positions = [to_positions(m) for m in maps]
         tokens = self.transformer(torch.cat([tok(p) for tok, p in zip(self.tokenizers, positions)], dim=1))
+        # Slices and sizes by index, not `tokens.split` or `*m.shape[-2:]`: torch.fx traces a fixed
+        # number of those, while iterating a traced value fails.
+        count = self.config.vt.tokens
         if self.config.projector_tokens == "own_level":
-            level_tokens = tokens.split(self.config.vt.tokens, dim=1)
+            level_tokens = [tokens[:, level * count:(level + 1) * count] for level in range(self.config.num_levels)]
         else:
-            level_tokens = (tokens,) * self.config.num_levels
+            level_tokens = [tokens] * self.config.num_levels
         return tuple(
-            to_map(projector(p, t), *m.shape[-2:])
+            to_map(projector(p, t), m.shape[-2], m.shape[-1])
             for projector, p, t, m in zip(self.projectors, positions, level_tokens, maps)
         )
 
@@ -366,7 +411,8 @@ class VTFPN(_Trunk):
         _check_num_classes(num_classes)
         if global_pool:
             raise ValueError(f"{self.config.name} predicts per pixel: it has no global pool, got {global_pool!r}")
-        self.classifier = nn.Conv2d(self.num_features, num_classes, 1) if num_classes else nn.Identity()
+        classifier = nn.Conv2d(self.num_features, num_classes, 1) if num_classes else nn.Identity()
+        self.classifier = self._like_trunk(classifier)
         self.num_classes = num_classes
 
 

@@ -196,7 +196,8 @@ def test_frozen_tensors_are_not_trainable(backend):
     frozen = set(backend.convert.to_canonical(model)) - backend.trainable_names(model)
     # The performer's random features and the sinusoid positions are fixed, as in the release.
     assert frozen and all(name.endswith(".w") or name.endswith(".pos_embed") for name in frozen)
-    assert {n for n in frozen if n.endswith(".w")} == {n for n in backend.convert.to_canonical(model) if n.endswith(".w")}
+    performer_features = {n for n in backend.convert.to_canonical(model) if n.endswith(".w")}
+    assert {n for n in frozen if n.endswith(".w")} == performer_features
     deit = backend.create_model("dvt_deit_small", depth=1, img_size=64, embed_dim=24, num_heads=2)
     assert "less_less_token.pos_embed" in backend.trainable_names(deit)
 
@@ -275,7 +276,6 @@ def test_mindspore_graph_mode_equals_pynative():
 @pytest.mark.parametrize("reuse", ["none", "feature", "relation", "both"])
 def test_mindspore_matches_pytorch_in_every_reuse_mode(reuse):
     import dvt_torch
-
     from tests.backends import MindSporeBackend
 
     torch.manual_seed(0)

@@ -3,19 +3,24 @@
 Written for this project, after the checks of huggingface/pytorch-image-models
 tests/test_models.py: pretrained_cfg/default_cfg, num_classes/num_features/head_hidden_size,
 one tensor from `model(x)` in eval mode, forward_features -> forward_head, get_classifier and
-reset_classifier (also through `create_model(num_classes=0)`), backward through every
-parameter, features_only, and the transform `timm.data` derives from the model.
+reset_classifier (also through `create_model(num_classes=0)`; new heads on the model's device,
+dtype and training mode), backward through every parameter, pool_size, device/dtype/global_pool
+at creation, features_only (FeatureListNet and the feature-getter path, forward_intermediates and
+prune_intermediate_layers), torch.fx tracing, and the transform `timm.data` derives from the model.
 Models are built small (config overrides) so that all of them run in seconds.
 """
+from functools import partial
+
 import numpy as np
 import pytest
 import timm
 import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
+from timm.models import FeatureListNet, get_notrace_functions
+from timm.models._features import FeatureGetterNet
 
 import dvt_torch  # noqa: F401  (registers every DVT and VT name with timm)
-
 from dvt_shared.configs import list_configs
 from dvt_shared.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, normalise_fashion_mnist
 from dvt_shared.vt import list_vt_configs
@@ -34,12 +39,14 @@ SMALL = {
     "vt_fpn_r50": dict(SMALL_TRUNK, vt={"tokens": 2, "token_dim": 16}, fpn_channels=8, img_size=(40, 56)),
 }
 ALL_NAMES = sorted(list_configs() + list_vt_configs())
+DVT_NAMES = list_configs()
 CLASSIFIERS = [name for name in ALL_NAMES if name != "vt_fpn_r50"]  # VT-FPN predicts per pixel
 TRUNK_MODELS = list_vt_configs()
 
 
 def create(name: str, **kwargs):
-    return timm.create_model(name, pretrained=False, **SMALL[name], **kwargs)
+    """The small version of `name`; `kwargs` may override its config (e.g. depth)."""
+    return timm.create_model(name, pretrained=False, **{**SMALL[name], **kwargs})
 
 
 def inputs(model, batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -124,6 +131,18 @@ def test_reset_classifier(name):
         assert headless(x).shape == (2, model.num_features)
 
 
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_reset_classifier_follows_the_model_device_dtype_and_mode(name):
+    """timm's check: the new head (and a trunk's new pool) on the model's device and dtype, in its training mode."""
+    model = create(name, device="meta", dtype=torch.float64).eval()
+    model.reset_classifier(2, "" if name in TRUNK_MODELS else None)
+    heads = model.get_classifier()
+    heads = heads if isinstance(heads, tuple) else (heads,)
+    parameters = [p for head in heads for p in head.parameters()]
+    assert parameters and all(p.device.type == "meta" and p.dtype == torch.float64 for p in parameters)
+    assert not [module_name for module_name, module in model.named_modules() if module.training]
+
+
 @pytest.mark.parametrize("name", TRUNK_MODELS)
 def test_reset_classifier_without_pooling_keeps_the_spatial_output(name):
     model = create(name).eval()
@@ -159,9 +178,50 @@ def test_backward_reaches_every_parameter(name):
     assert not missing, missing
 
 
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [({}, (4, 4)), ({"img_size": 30}, (4, 4)), ({"img_size": 64}, (8, 8)),
+     # the ImageNet stem (7x7/2 convolution, 3x3/2 pool): stride 32, sides rounded up at every step
+     ({"img_size": 64, "trunk": {"stem": "imagenet"}}, (2, 2)),
+     ({"img_size": 72, "trunk": {"stem": "imagenet"}}, (3, 3))],
+)
+def test_resnet_pool_size_is_its_feature_map_size(overrides, expected):
+    """timm's pool_size: what forward_features and the unpooled, headless model return, at the config's size."""
+    small = {**SMALL["resnet_fmnist"], "trunk": {**SMALL_TRUNK["trunk"], **overrides.pop("trunk", {})}, **overrides}
+    model = timm.create_model("resnet_fmnist", **small).eval()
+    assert model.pretrained_cfg["pool_size"] == expected
+    x = inputs(model, batch=1)
+    with torch.no_grad():
+        assert tuple(model.forward_features(x).shape[-2:]) == expected
+        model.reset_classifier(0, "")
+        assert tuple(model(x).shape[-2:]) == expected
+        unpooled = timm.create_model("resnet_fmnist", num_classes=0, global_pool="", **small).eval()
+        assert tuple(unpooled(x).shape[-2:]) == expected
+
+
+@pytest.mark.parametrize("name", [n for n in ALL_NAMES if n != "resnet_fmnist"])
+def test_token_and_multi_level_models_have_no_pool_size(name):
+    """DVT and VT-ResNet return tokens, VT-FPN four maps: no one map to pool, as timm's ViTs (None)."""
+    assert create(name).pretrained_cfg["pool_size"] is None
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_device_and_dtype_at_creation(name):
+    """timm's create_model(device=, dtype=): every parameter and buffer there, floating ones in dtype."""
+    model = create(name, device="meta", dtype=torch.float64)
+    tensors = dict(model.named_parameters(), **dict(model.named_buffers()))
+    assert tensors and all(t.device.type == "meta" for t in tensors.values())
+    assert all(t.dtype == torch.float64 for t in tensors.values() if t.is_floating_point())
+    assert model.in_chans == model.pretrained_cfg["input_size"][0]
+    # in eval mode a DVT scans its input for NaN and Inf, which a meta tensor does not hold
+    x = torch.empty((2, *model.pretrained_cfg["input_size"]), device="meta", dtype=torch.float64)
+    assert model.eval()(x).device.type == "meta"
+
+
 @pytest.mark.parametrize("name", TRUNK_MODELS)
 def test_features_only(name):
     model = create(name, features_only=True).eval()
+    assert isinstance(model, FeatureListNet)
     x = inputs(model, batch=1)
     with torch.no_grad():
         features = model(x)
@@ -171,12 +231,114 @@ def test_features_only(name):
     for feature, channel, reduction in zip(features, channels, reductions):
         assert feature.shape[1] == channel
         assert feature.shape[-2] == -(-height // reduction), (feature.shape, reduction)
+    # timm's build_model_with_cfg: a feature backbone's cfg, without classifier or class count, under both names
+    assert model.default_cfg is model.pretrained_cfg
     assert model.pretrained_cfg["input_size"] == tuple(x.shape[1:])
+    assert not {"classifier", "num_classes"} & set(model.pretrained_cfg)
+    assert model.in_chans == x.shape[1]
 
 
-def test_features_only_is_refused_for_a_cascade():
-    with pytest.raises(ValueError, match="features_only"):
-        create("dvt_t2t_vit_fmnist", features_only=True)
+@pytest.mark.parametrize("name", TRUNK_MODELS)
+def test_forward_intermediates_and_the_feature_getter(name):
+    """timm's feature-getter path: forward_intermediates gives the maps FeatureListNet taps, and forward_features."""
+    torch.manual_seed(5)
+    model = create(name).eval()
+    torch.manual_seed(5)
+    listed = create(name, features_only=True).eval()
+    torch.manual_seed(5)
+    getter = create(name, features_only=True, feature_cls="getter").eval()
+    assert isinstance(getter, FeatureGetterNet)
+    assert getter.feature_info.channels() == listed.feature_info.channels()
+    assert getter.feature_info.reduction() == listed.feature_info.reduction()
+    assert getter.default_cfg is getter.pretrained_cfg and "classifier" not in getter.pretrained_cfg
+    x = inputs(model)
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x)
+        expected = listed(x)
+        torch.testing.assert_close(final, model.forward_features(x), rtol=0, atol=0)
+        assert len(intermediates) == len(expected) == len(model.feature_info)
+        for got, want in zip(intermediates, expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        for got, want in zip(getter(x), expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        chosen = model.forward_intermediates(x, indices=[0, -1], intermediates_only=True)
+    assert [t.shape for t in last_two] == [t.shape for t in expected[-2:]]
+    assert [t.shape for t in chosen] == [expected[0].shape, expected[-1].shape]
+    with pytest.raises(ValueError, match="NCHW"):
+        model.forward_intermediates(x, output_fmt="NHWC")
+    with pytest.raises(ValueError, match="feature_cls"):
+        create(name, features_only=True, feature_cls="graph")
+
+
+@pytest.mark.parametrize("name", DVT_NAMES)
+def test_dvt_features_are_the_last_stage_blocks(name):
+    """A cascade's features_only: timm's FeatureGetterNet over forward_intermediates, one map per block of the
+    last stage (the modules feature_info names), class token dropped, on that stage's token grid."""
+    torch.manual_seed(5)
+    model = create(name, depth=3).eval()
+    torch.manual_seed(5)
+    getter = create(name, depth=3, features_only=True).eval()
+    assert isinstance(getter, FeatureGetterNet)
+    assert getter.default_cfg is getter.pretrained_cfg and "classifier" not in getter.pretrained_cfg
+    block_outputs = {}
+
+    def keep_tokens(index, module, args, output):  # a block returns (tokens, attention logits)
+        block_outputs.setdefault(index, output[0])
+
+    for index, info in enumerate(model.feature_info):
+        model.get_submodule(info["module"]).register_forward_hook(partial(keep_tokens, index))
+    x = inputs(model)
+    grid = model.config.grids[-1]
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x)
+        features = getter(x)
+        torch.testing.assert_close(final, model.forward_features(x), rtol=0, atol=0)
+        normed_last = model.forward_intermediates(x, indices=1, norm=True, output_fmt="NLC", intermediates_only=True)
+        chosen = model.forward_intermediates(x, indices=[0, -1], intermediates_only=True)
+    channels, reductions = getter.feature_info.channels(), getter.feature_info.reduction()
+    assert len(features) == len(intermediates) == len(block_outputs) == len(channels) == model.config.depth
+    for index, (got, from_getter) in enumerate(zip(intermediates, features)):
+        assert got.shape == (2, channels[index], grid, grid) and x.shape[-1] // reductions[index] == grid
+        # the block's tokens, grid positions row by row, as channels of a map
+        expected = block_outputs[index][:, 1:].transpose(1, 2).reshape(got.shape)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        torch.testing.assert_close(from_getter, got, rtol=0, atol=0)  # pruned to a backbone: the same features
+    # the last block's tokens under the last norm are forward_features' grid tokens
+    torch.testing.assert_close(normed_last[0], final[:, 1:], rtol=0, atol=0)
+    for got, expected in zip(chosen, (intermediates[0], intermediates[-1])):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="output_fmt"):
+        model.forward_intermediates(x, output_fmt="NHWC")
+
+
+@pytest.mark.parametrize("name", ["dvt_t2t_vit_fmnist", "dvt_deit_small"])
+def test_pruned_cascade_keeps_its_taps_and_trains_every_parameter(name):
+    """timm's pruning contract: the taps kept are unchanged, and every parameter left reaches them."""
+    model = create(name, depth=3).eval()
+    x = inputs(model)
+    with torch.no_grad():
+        taps = model.forward_intermediates(x, intermediates_only=True)
+    take = model.prune_intermediate_layers([1], prune_norm=True)
+    assert len(model.stage(model.num_exits - 1).blocks) == 2 and model.num_classes == 0
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_intermediates(x, indices=take, intermediates_only=True)[0], taps[1])
+    features = model.train().forward_intermediates(x, indices=take, intermediates_only=True)
+    sum(f.sum() for f in features).backward()
+    assert not [n for n, p in model.named_parameters() if p.grad is None]
+
+
+@pytest.mark.parametrize("name", TRUNK_MODELS)
+def test_trunk_models_trace_with_torch_fx(name):
+    """timm's FX feature extraction: the input check is a leaf call (timm's notrace functions), run on the batch."""
+    model = create(name).eval()
+    tracer = torch.fx.Tracer(autowrap_functions=tuple(get_notrace_functions()))
+    traced = torch.fx.GraphModule(model, tracer.trace(model))
+    x = inputs(model)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="expects images"):
+        traced(x[..., 1:])
 
 
 def test_other_channel_counts_get_no_statistics():
@@ -248,10 +410,14 @@ def test_create_model_and_list_models_as_mindcv_users_expect(backend, tmp_path):
     assert all(np.array_equal(loaded[key], tensors[key]) for key in tensors)
     if backend.name == "mindspore":  # and its own checkpoint format
         backend.package.save_weights(model, tmp_path / "vt.ckpt")
-        again = backend.package.create_model("vt_resnet_fmnist", checkpoint_path=tmp_path / "vt.ckpt", **SMALL["vt_resnet_fmnist"])
+        again = backend.package.create_model(
+            "vt_resnet_fmnist", checkpoint_path=tmp_path / "vt.ckpt", **SMALL["vt_resnet_fmnist"]
+        )
         assert all(np.array_equal(backend.convert.to_canonical(again)[key], tensors[key]) for key in tensors)
     with pytest.raises(ValueError, match=r"head\.weight: expected \(3, 16\) vs got \(10, 16\)"):
-        backend.package.create_model("vt_resnet_fmnist", num_classes=3, checkpoint_path=path, **SMALL["vt_resnet_fmnist"])
+        backend.package.create_model(
+            "vt_resnet_fmnist", num_classes=3, checkpoint_path=path, **SMALL["vt_resnet_fmnist"]
+        )
     with pytest.raises(ValueError, match="cannot tell the weight format of .*vt.onnx"):
         backend.package.create_model("vt_resnet_fmnist", checkpoint_path=tmp_path / "vt.onnx")
     assert backend.package.create_model("dvt_t2t_vit_fmnist", num_classes=0, depth=1).num_classes == 0
