@@ -15,6 +15,7 @@ from dvt_shared.cascade import ReuseState, run_stage
 from dvt_shared.configs import DVTConfig
 from dvt_shared.data_config import pretrained_cfg
 from dvt_shared.image_checks import check_finite, check_image_dtype, check_image_shape
+from dvt_shared.models import check_num_classes
 from dvt_shared.token_schedule import resample_matrix_1d, sinusoid_table
 
 from .layers import (
@@ -239,8 +240,7 @@ class DVT(nn.Cell):
             raise ValueError(
                 f"{self.config.name} reads its class token: global_pool must be 'token', got {global_pool!r}"
             )
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
-            raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
+        check_num_classes(num_classes)
         for index, name in enumerate(self.stage_names):
             self.stage(index).head = dense(self.num_features, num_classes) if num_classes else nn.Identity()
             # A Cell set on a stage that already belongs to the model is named from the stage down only.

@@ -14,6 +14,7 @@ from mindspore.common.initializer import HeNormal, TruncatedNormal
 
 from dvt_shared.data_config import pretrained_cfg
 from dvt_shared.image_checks import check_image_dtype, check_image_shape
+from dvt_shared.models import check_num_classes
 from dvt_shared.vt import (
     STEM_GEOMETRY,
     ResNetSpec,
@@ -277,11 +278,6 @@ class _Trunk(nn.Cell):
         return super().__call__(x)
 
 
-def _check_num_classes(num_classes) -> None:
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
-        raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
-
-
 class ResNet(_Trunk):
     """The plain ResNet of a trunk: timm's ResNet keys and computation (average pool, `fc`)."""
 
@@ -311,7 +307,7 @@ class ResNet(_Trunk):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new `fc` for `num_classes` (an identity for 0); global_pool "" keeps the feature map."""
-        _check_num_classes(num_classes)
+        check_num_classes(num_classes)
         self._choose_global_pool(global_pool)
         self.fc = nn.Dense(self.num_features, num_classes) if num_classes else nn.Identity()
         self.num_classes = num_classes
@@ -363,7 +359,7 @@ class VTResNet(_Trunk):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new head for `num_classes` (an identity for 0); global_pool "" keeps every token."""
-        _check_num_classes(num_classes)
+        check_num_classes(num_classes)
         self._choose_global_pool(global_pool)
         self.head = self._new_head(num_classes)
         self.num_classes = num_classes
@@ -426,7 +422,7 @@ class VTFPN(_Trunk):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new 1x1 classifier for `num_classes` (an identity for 0: the model then returns the merged map)."""
-        _check_num_classes(num_classes)
+        check_num_classes(num_classes)
         if global_pool:
             raise ValueError(f"{self.config.name} predicts per pixel: it has no global pool, got {global_pool!r}")
         self.classifier = _conv(self.num_features, num_classes, 1, bias=True) if num_classes else nn.Identity()

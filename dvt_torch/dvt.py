@@ -15,6 +15,7 @@ from dvt_shared.cascade import ReuseState, run_stage
 from dvt_shared.configs import DVTConfig
 from dvt_shared.data_config import pretrained_cfg
 from dvt_shared.image_checks import check_finite, check_image_dtype, check_image_shape
+from dvt_shared.models import check_num_classes
 from dvt_shared.token_schedule import resample_matrix_1d, sinusoid_table
 
 from .layers import Block, PatchEmbed, PointwiseConv2d, T2TStem, init_weights, resample_relations
@@ -297,8 +298,7 @@ class DVT(nn.Module):
             raise ValueError(
                 f"{self.config.name} reads its class token: global_pool must be 'token', got {global_pool!r}"
             )
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
-            raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
+        check_num_classes(num_classes)
         for index in range(self.num_exits):
             stage = self.stage(index)
             device, dtype = stage.cls_token.device, stage.cls_token.dtype

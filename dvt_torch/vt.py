@@ -18,6 +18,7 @@ from torch import nn
 
 from dvt_shared.data_config import pretrained_cfg
 from dvt_shared.image_checks import check_image_dtype, check_image_shape
+from dvt_shared.models import check_num_classes
 from dvt_shared.vt import (
     STEM_GEOMETRY,
     ResNetSpec,
@@ -265,11 +266,6 @@ class _Trunk(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _check_num_classes(num_classes) -> None:
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
-        raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
-
-
 class ResNet(_Trunk):
     """The plain ResNet of a trunk: timm's ResNet keys and computation (average pool, `fc`)."""
 
@@ -296,7 +292,7 @@ class ResNet(_Trunk):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new `fc` for `num_classes` (an identity for 0); global_pool "" keeps the feature map."""
-        _check_num_classes(num_classes)
+        check_num_classes(num_classes)
         if global_pool is not None:
             self.global_pool = self._like_trunk(SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool)))
         self.fc = self._like_trunk(nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity())
@@ -352,7 +348,7 @@ class VTResNet(_Trunk):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new head for `num_classes` (an identity for 0); global_pool "" keeps every token."""
-        _check_num_classes(num_classes)
+        check_num_classes(num_classes)
         self._choose_global_pool(global_pool)
         self.head = self._like_trunk(self._new_head(num_classes))
         self.num_classes = num_classes
@@ -408,7 +404,7 @@ class VTFPN(_Trunk):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new 1x1 classifier for `num_classes` (an identity for 0: the model then returns the merged map)."""
-        _check_num_classes(num_classes)
+        check_num_classes(num_classes)
         if global_pool:
             raise ValueError(f"{self.config.name} predicts per pixel: it has no global pool, got {global_pool!r}")
         classifier = nn.Conv2d(self.num_features, num_classes, 1) if num_classes else nn.Identity()

@@ -90,6 +90,12 @@ def build(backend: str, config: ModelConfig):
     return _BUILDERS[backend, family](config)
 
 
+def check_num_classes(num_classes) -> None:
+    """ValueError unless `num_classes` is a class count a head can be reset to (0: no head)."""
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+        raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
+
+
 def create(backend: str, name: str, num_classes: int | None = None, checkpoint_path=None, load_weights=None,
            **overrides):
     """The registered model `name`, built by `backend` (timm's and mindcv's `create_model`): its config's class
