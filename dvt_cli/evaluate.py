@@ -174,7 +174,6 @@ def precision_agreement(
     which `dvt.test_probs` scored first): per-exit accuracy, same predictions, same exits."""
     from dvt_shared.exit_policy import confidences, exit_indices
 
-    backends.check_precision(precision, backend)
     probs = softmax(dvt.exit_logits(images, backend, precision))
     reference = dvt.test_probs[:, :len(images)]
     runs_on = f"{backend} {precision}"

@@ -137,7 +137,6 @@ def _predict(args: argparse.Namespace) -> None:
             f"run `dvt calibrate --exit-policy {args.exit_policy}` or pass --thresholds"
         )
     policy = exit_policy(args.exit_policy or stored_policy)
-    backends.check_precision(args.precision, args.backend)
     images = load_images(args.images, config)
     engine = backends.engine(
         args.backend, config, tensors, thresholds, graphs_dir=args.onnx_dir, precision=args.precision,
