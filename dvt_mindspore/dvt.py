@@ -11,11 +11,9 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import TruncatedNormal, initializer
 
-from dvt_shared.cascade import ReuseState, run_stage
+from dvt_shared.cascade import CascadeModel, ReuseState
 from dvt_shared.configs import DVTConfig
-from dvt_shared.data_config import pretrained_cfg
 from dvt_shared.image_checks import check_finite, check_image_dtype, check_image_shape
-from dvt_shared.models import check_num_classes
 from dvt_shared.token_schedule import resample_matrix_1d, sinusoid_table
 
 from .layers import (
@@ -133,7 +131,7 @@ class DVTStage(nn.Cell):
         return out, next_features, next_relations
 
 
-class DVT(nn.Cell):
+class DVT(CascadeModel, nn.Cell):
     """The cascade, with the PyTorch twin's (timm's) model contract (input checks included: NaN and Inf
     are looked for in eval mode only).
 
@@ -143,46 +141,21 @@ class DVT(nn.Cell):
     returned; real early exit is built on it.
     """
 
-    output_fmt = "NLC"
-
     def __init__(self, config: DVTConfig):
         super().__init__()
-        self.config = config
-        self.stage_names = tuple(stage.name for stage in config.stages)
+        self._set_cascade(config)
         for index, name in enumerate(self.stage_names):
             setattr(self, name, DVTStage(config, index))
-        self.num_classes = config.num_classes
-        self.num_features = self.head_hidden_size = config.embed_dim
-        self.global_pool = "token"
-        self.pretrained_cfg = pretrained_cfg(config)
-
-    @property
-    def default_cfg(self) -> dict:
-        """timm's older name of `pretrained_cfg`."""
-        return self.pretrained_cfg
-
-    @property
-    def num_exits(self) -> int:
-        return len(self.stage_names)
 
     @property
     def dtype(self):
         """The dtype the model computes in, which its input must have."""
         return self.stage(0).cls_token.dtype
 
-    def stage(self, index: int) -> DVTStage:
-        if not 0 <= index < self.num_exits:
-            raise IndexError(f"{self.config.name} has exits 0..{self.num_exits - 1}, got {index}")
-        return getattr(self, self.stage_names[index])
-
     def forward_stage(self, index: int, x: Tensor, state: ReuseState | None = None) -> tuple[Tensor, ReuseState]:
         """Logits of exit `index` and the reuse state the next exit needs."""
         check_images(x, self.config, self.dtype, values=not self.training)
         return self.run_stage(index, x, state)
-
-    def run_stage(self, index: int, x: Tensor, state: ReuseState | None) -> tuple[Tensor, ReuseState]:
-        """`forward_stage` without input checks, for callers that validated the batch once."""
-        return run_stage(self.stage(index), x, state)
 
     def __call__(self, x):
         # Checked here, in Python, so that graph mode compiles only the model itself.
@@ -226,29 +199,15 @@ class DVT(nn.Cell):
         tokens, _ = last.tokens(x, state.features, state.relations)
         return last.norm(tokens)
 
-    def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
-        """The last exit's logits of `forward_features`' tokens (its class token, `pre_logits`)."""
-        return self.stage(self.num_exits - 1).forward_head(tokens, pre_logits)
-
-    def get_classifier(self) -> tuple[nn.Cell, ...]:
-        """Every exit's head, first exit first."""
-        return tuple(self.stage(index).head for index in range(self.num_exits))
-
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """New heads for `num_classes` on every exit (identities for 0: the model then returns class tokens)."""
-        if global_pool not in (None, "token"):
-            raise ValueError(
-                f"{self.config.name} reads its class token: global_pool must be 'token', got {global_pool!r}"
-            )
-        check_num_classes(num_classes)
+        self._check_classifier_reset(num_classes, global_pool)
         for index, name in enumerate(self.stage_names):
             self.stage(index).head = dense(self.num_features, num_classes) if num_classes else nn.Identity()
             # A Cell set on a stage that already belongs to the model is named from the stage down only.
             for param in self.stage(index).head.get_parameters():
                 param.name = f"{name}.{param.name}"
-        self.num_classes = num_classes
-        if num_classes:
-            self.config = self.config.replace(num_classes=num_classes)
+        self._record_num_classes(num_classes)
         forget_compiled_graphs(self)
 
 

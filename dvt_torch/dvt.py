@@ -11,11 +11,9 @@ from timm.layers import register_notrace_function, trunc_normal_
 from timm.models._features import feature_take_indices  # as timm's own models import it
 from torch import nn
 
-from dvt_shared.cascade import ReuseState, run_stage
+from dvt_shared.cascade import CascadeModel, ReuseState
 from dvt_shared.configs import DVTConfig
-from dvt_shared.data_config import pretrained_cfg
 from dvt_shared.image_checks import check_finite, check_image_dtype, check_image_shape
-from dvt_shared.models import check_num_classes
 from dvt_shared.token_schedule import resample_matrix_1d, sinusoid_table
 
 from .layers import Block, PatchEmbed, PointwiseConv2d, T2TStem, init_weights, resample_relations
@@ -146,7 +144,7 @@ class DVTStage(nn.Module):
         return self.forward_head(tokens), next_features, next_relations
 
 
-class DVT(nn.Module):
+class DVT(CascadeModel, nn.Module):
     """The cascade, with timm's model contract.
 
     Input checks: shape and dtype always; NaN and Inf in eval mode only. A training batch comes from
@@ -162,18 +160,11 @@ class DVT(nn.Module):
     one `feature_info` entry each: the finest token grid, seen after every earlier stage's reuse.
     """
 
-    output_fmt = "NLC"
-
     def __init__(self, config: DVTConfig):
         super().__init__()
-        self.config = config
-        self.stage_names = tuple(stage.name for stage in config.stages)
+        self._set_cascade(config)
         for index, name in enumerate(self.stage_names):
             self.add_module(name, DVTStage(config, index))
-        self.num_classes = config.num_classes
-        self.num_features = self.head_hidden_size = config.embed_dim
-        self.global_pool = "token"
-        self.pretrained_cfg = pretrained_cfg(config)
         self.feature_info = [
             dict(num_chs=config.embed_dim, reduction=config.img_size // config.grids[-1],
                  module=f"{self.stage_names[-1]}.blocks.{block}")
@@ -181,23 +172,9 @@ class DVT(nn.Module):
         ]
 
     @property
-    def default_cfg(self) -> dict:
-        """timm's older name of `pretrained_cfg`."""
-        return self.pretrained_cfg
-
-    @property
-    def num_exits(self) -> int:
-        return len(self.stage_names)
-
-    @property
     def dtype(self) -> torch.dtype:
         """The dtype the model computes in, which its input must have."""
         return self.stage(0).cls_token.dtype
-
-    def stage(self, index: int) -> DVTStage:
-        if not 0 <= index < self.num_exits:
-            raise IndexError(f"{self.config.name} has exits 0..{self.num_exits - 1}, got {index}")
-        return getattr(self, self.stage_names[index])
 
     def forward_stage(
         self, index: int, x: torch.Tensor, state: ReuseState | None = None
@@ -205,10 +182,6 @@ class DVT(nn.Module):
         """Logits of exit `index` and the reuse state the next exit needs."""
         check_images(x, self.config, self.dtype, values=not self.training)
         return self.run_stage(index, x, state)
-
-    def run_stage(self, index: int, x: torch.Tensor, state: ReuseState | None) -> tuple[torch.Tensor, ReuseState]:
-        """`forward_stage` without input checks, for callers that validated the batch once."""
-        return run_stage(self.stage(index), x, state)
 
     def forward_exits(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Every exit's logits, fewest tokens first, in any mode."""
@@ -279,26 +252,14 @@ class DVT(nn.Module):
                 self.stage(index).norm = nn.Identity().train(self.training)
         return take
 
-    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """The last exit's logits of `forward_features`' tokens (its class token, `pre_logits`)."""
-        return self.stage(self.num_exits - 1).forward_head(tokens, pre_logits)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         outputs = self.forward_exits(x)
         return outputs if self.training else outputs[-1]
 
-    def get_classifier(self) -> tuple[nn.Module, ...]:
-        """Every exit's head, first exit first (timm's distilled models also return a tuple)."""
-        return tuple(self.stage(index).head for index in range(self.num_exits))
-
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """New heads for `num_classes` on every exit (identities for 0: the model then returns class tokens),
         on the model's device and dtype, in its stage's training mode."""
-        if global_pool not in (None, "token"):
-            raise ValueError(
-                f"{self.config.name} reads its class token: global_pool must be 'token', got {global_pool!r}"
-            )
-        check_num_classes(num_classes)
+        self._check_classifier_reset(num_classes, global_pool)
         for index in range(self.num_exits):
             stage = self.stage(index)
             device, dtype = stage.cls_token.device, stage.cls_token.dtype
@@ -308,9 +269,7 @@ class DVT(nn.Module):
             else:
                 head = nn.Identity()
             stage.head = head.train(stage.training)
-        self.num_classes = num_classes
-        if num_classes:
-            self.config = self.config.replace(num_classes=num_classes)
+        self._record_num_classes(num_classes)
 
 
 def multi_exit_loss(

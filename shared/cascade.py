@@ -59,3 +59,69 @@ def run_stage(stage, images, state: ReuseState | None) -> tuple[Any, ReuseState]
             )
     logits, features, relations = stage(images, state.features, state.relations)
     return logits, ReuseState(features, relations)
+
+
+class CascadeModel:
+    """The framework-free part of a DVT model, written once: both backends' `DVT` inherit it beside their
+    framework's module class (`nn.Module`, `nn.Cell`) and add only what computes.
+
+    It holds the config, the stage names, timm's attributes (`pretrained_cfg`, `num_classes`,
+    `num_features`, `global_pool`), stage lookup and the stage contract, the heads, and the checks and
+    bookkeeping of `reset_classifier`. A backend's model has one attribute per stage name, each with
+    `head` and `forward_head`.
+    """
+
+    output_fmt = "NLC"
+
+    def _set_cascade(self, config) -> None:
+        """Record `config` and the attributes it sets; call right after the framework class's `__init__`."""
+        from .data_config import pretrained_cfg
+
+        self.config = config
+        self.stage_names = tuple(stage.name for stage in config.stages)
+        self.num_classes = config.num_classes
+        self.num_features = self.head_hidden_size = config.embed_dim
+        self.global_pool = "token"
+        self.pretrained_cfg = pretrained_cfg(config)
+
+    @property
+    def default_cfg(self) -> dict:
+        """timm's older name of `pretrained_cfg`."""
+        return self.pretrained_cfg
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.stage_names)
+
+    def stage(self, index: int):
+        if not 0 <= index < self.num_exits:
+            raise IndexError(f"{self.config.name} has exits 0..{self.num_exits - 1}, got {index}")
+        return getattr(self, self.stage_names[index])
+
+    def run_stage(self, index: int, x, state: ReuseState | None):
+        """`forward_stage` without input checks, for callers that validated the batch once."""
+        return run_stage(self.stage(index), x, state)
+
+    def forward_head(self, tokens, pre_logits: bool = False):
+        """The last exit's logits of `forward_features`' tokens (its class token, `pre_logits`)."""
+        return self.stage(self.num_exits - 1).forward_head(tokens, pre_logits)
+
+    def get_classifier(self) -> tuple:
+        """Every exit's head, first exit first (timm's distilled models also return a tuple)."""
+        return tuple(self.stage(index).head for index in range(self.num_exits))
+
+    def _check_classifier_reset(self, num_classes, global_pool) -> None:
+        """ValueError unless `reset_classifier(num_classes, global_pool)` can be done."""
+        from .models import check_num_classes
+
+        if global_pool not in (None, "token"):
+            raise ValueError(
+                f"{self.config.name} reads its class token: global_pool must be 'token', got {global_pool!r}"
+            )
+        check_num_classes(num_classes)
+
+    def _record_num_classes(self, num_classes: int) -> None:
+        """The class count after new heads (0 keeps the config's: the heads are gone, not resized)."""
+        self.num_classes = num_classes
+        if num_classes:
+            self.config = self.config.replace(num_classes=num_classes)
