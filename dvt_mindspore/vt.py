@@ -12,16 +12,9 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 from mindspore.common.initializer import HeNormal, TruncatedNormal
 
-from dvt_shared.data_config import pretrained_cfg
 from dvt_shared.image_checks import check_image_dtype, check_image_shape
-from dvt_shared.models import check_num_classes
-from dvt_shared.vt import (
-    STEM_GEOMETRY,
-    ResNetSpec,
-    VTFPNConfig,
-    VTResNetConfig,
-    VTSpec,
-)
+from dvt_shared.vt import STEM_GEOMETRY, ResNetSpec, VTFPNConfig, VTResNetConfig, VTSpec
+from dvt_shared.vt_model import ResNetModel, TrunkModel, VTFPNModel, VTResNetModel
 
 from .layers import UnfoldConv2d, batch_matmul, forget_compiled_graphs, matmul_last
 
@@ -221,37 +214,25 @@ def resnet_trunk(trunk: ResNetSpec, in_chans: int, stages: int) -> list[tuple[st
     return cells
 
 
-class _Trunk(nn.Cell):
-    """The ResNet trunk every VT model starts with, and the parts of timm's model contract they share."""
+class _Trunk(TrunkModel, nn.Cell):
+    """The ResNet trunk every VT model starts with, and what timm's model contract computes on it."""
 
-    def _choose_global_pool(self, global_pool: str | None) -> None:
-        """reset_classifier's global_pool: "avg", "" (no pooling), or None to keep the current one."""
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"{self.config.name}: global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-
-    def _add_trunk(self, config, stages: int) -> None:
-        for name, cell in resnet_trunk(config.trunk, config.in_chans, stages):
+    def __init__(self, config: VTResNetConfig | VTFPNConfig):
+        super().__init__()
+        self._set_trunk(config)
+        for name, cell in resnet_trunk(config.trunk, config.in_chans, self.trunk_stages):
             setattr(self, name, cell)
-        self.stage_names = tuple(f"layer{i}" for i in range(1, stages + 1))
-        self.num_classes = config.num_classes
-        self.pretrained_cfg = pretrained_cfg(config)
+        self.stage_names = tuple(f"layer{i}" for i in range(1, self.trunk_stages + 1))
 
-    @property
-    def default_cfg(self) -> dict:
-        """timm's older name of `pretrained_cfg`."""
-        return self.pretrained_cfg
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        super().reset_classifier(num_classes, global_pool)
+        forget_compiled_graphs(self)  # graph mode would run the old classifier otherwise
 
     def check_images(self, x) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"images must be a mindspore.Tensor, got {type(x).__name__}")
         check_image_shape(x.shape, self.config)
         check_image_dtype(x.dtype, x.dtype in _FLOAT_DTYPES)
-
-    def forward_exits(self, x: Tensor) -> tuple[Tensor]:
-        """The model's one output as a 1-tuple, so that code written for DVT's exits takes it unchanged."""
-        return (self(x),)
 
     def forward_features(self, x: Tensor):
         self.check_images(x)
@@ -278,18 +259,16 @@ class _Trunk(nn.Cell):
         return super().__call__(x)
 
 
-class ResNet(_Trunk):
+class ResNet(ResNetModel, _Trunk):
     """The plain ResNet of a trunk: timm's ResNet keys and computation (average pool, `fc`)."""
 
     def __init__(self, config: VTResNetConfig):
-        super().__init__()
-        if config.family != "resnet":
-            raise ValueError(f"{config.name} is a {config.family}; build it with VTResNet")
-        self.config = config
-        self._add_trunk(config, stages=4)
-        self.num_features = self.head_hidden_size = config.trunk.stage_channels[3]
+        super().__init__(config)
         self.global_pool = "avg"
-        self.fc = nn.Dense(self.num_features, config.num_classes)
+        self.fc = self._new_classifier(config.num_classes)
+
+    def _new_classifier(self, num_classes: int) -> nn.Cell:
+        return nn.Dense(self.num_features, num_classes) if num_classes else nn.Identity()
 
     def features(self, x):
         """layer4's feature map (B, C, H, W)."""
@@ -302,37 +281,20 @@ class ResNet(_Trunk):
             return x
         return self.fc(x)
 
-    def get_classifier(self) -> nn.Cell:
-        return self.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """A new `fc` for `num_classes` (an identity for 0); global_pool "" keeps the feature map."""
-        check_num_classes(num_classes)
-        self._choose_global_pool(global_pool)
-        self.fc = nn.Dense(self.num_features, num_classes) if num_classes else nn.Identity()
-        self.num_classes = num_classes
-        forget_compiled_graphs(self)
-
-
-class VTResNet(_Trunk):
+class VTResNet(VTResNetModel, _Trunk):
     """A ResNet's first three stages, VT modules at the third stage's resolution, and a
     head that averages the last module's tokens and applies a linear map."""
 
     def __init__(self, config: VTResNetConfig):
-        super().__init__()
-        if config.family != "vt_resnet":
-            raise ValueError(f"{config.name} is a {config.family}; build it with ResNet")
-        self.config = config
-        self._add_trunk(config, stages=3)
+        super().__init__(config)
         channels, count = config.feature_channels, config.vt_modules
         self.vt = nn.CellList(
             [VTModule(channels, config.vt, recurrent=i > 0, project=i < count - 1) for i in range(count)]
         )
-        self.num_features = self.head_hidden_size = config.vt.token_dim
-        self.global_pool = "avg"
-        self.head = self._new_head(config.num_classes)
+        self.head = self._new_classifier(config.num_classes)
 
-    def _new_head(self, num_classes: int) -> nn.Cell:
+    def _new_classifier(self, num_classes: int) -> nn.Cell:
         if not num_classes:
             return nn.Identity()
         return nn.Dense(self.num_features, num_classes, weight_init=TruncatedNormal(sigma=0.02), bias_init="zeros")
@@ -354,19 +316,8 @@ class VTResNet(_Trunk):
             return x
         return self.head(x)
 
-    def get_classifier(self) -> nn.Cell:
-        return self.head
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """A new head for `num_classes` (an identity for 0); global_pool "" keeps every token."""
-        check_num_classes(num_classes)
-        self._choose_global_pool(global_pool)
-        self.head = self._new_head(num_classes)
-        self.num_classes = num_classes
-        forget_compiled_graphs(self)
-
-
-class VTFPN(_Trunk):
+class VTFPN(VTFPNModel, _Trunk):
     """ResNet trunk, FPN lateral 1x1 convolutions, VT in place of the FPN's output convolutions.
 
     `model(x)` returns per-pixel logits at stride 4, `forward_features(x)` the four FPN
@@ -374,18 +325,18 @@ class VTFPN(_Trunk):
     """
 
     def __init__(self, config: VTFPNConfig):
-        super().__init__()
-        self.config = config
-        self._add_trunk(config, stages=4)
+        super().__init__(config)
         channels, vt = config.fpn_channels, config.vt
         self.lateral = nn.CellList([_conv(c, channels, 1, bias=True) for c in config.trunk.stage_channels])
         self.tokenizers = nn.CellList([FilterTokenizer(channels, vt) for _ in range(config.num_levels)])
         self.transformer = VTTransformer(vt)
         self.projectors = nn.CellList([Projector(channels, vt) for _ in range(config.num_levels)])
-        self.num_features = self.head_hidden_size = channels
-        self.classifier = _conv(channels, config.num_classes, 1, bias=True)
+        self.classifier = self._new_classifier(config.num_classes)
         self.own_level = config.projector_tokens == "own_level"
         self.level_tokens = vt.tokens
+
+    def _new_classifier(self, num_classes: int) -> nn.Cell:
+        return _conv(self.num_features, num_classes, 1, bias=True) if num_classes else nn.Identity()
 
     def features(self, x):
         """The four FPN outputs (B, fpn_channels, h, w), finest first."""
@@ -416,18 +367,6 @@ class VTFPN(_Trunk):
         if pre_logits:
             return merged
         return self.classifier(merged)
-
-    def get_classifier(self) -> nn.Cell:
-        return self.classifier
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """A new 1x1 classifier for `num_classes` (an identity for 0: the model then returns the merged map)."""
-        check_num_classes(num_classes)
-        if global_pool:
-            raise ValueError(f"{self.config.name} predicts per pixel: it has no global pool, got {global_pool!r}")
-        self.classifier = _conv(self.num_features, num_classes, 1, bias=True) if num_classes else nn.Identity()
-        self.num_classes = num_classes
-        forget_compiled_graphs(self)
 
 
 def exit_logits(outputs) -> tuple[Tensor, ...]:

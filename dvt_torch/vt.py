@@ -16,16 +16,9 @@ from timm.models._features import feature_take_indices  # as timm's own models i
 from timm.models.resnet import BasicBlock, Bottleneck, make_blocks
 from torch import nn
 
-from dvt_shared.data_config import pretrained_cfg
 from dvt_shared.image_checks import check_image_dtype, check_image_shape
-from dvt_shared.models import check_num_classes
-from dvt_shared.vt import (
-    STEM_GEOMETRY,
-    ResNetSpec,
-    VTFPNConfig,
-    VTResNetConfig,
-    VTSpec,
-)
+from dvt_shared.vt import STEM_GEOMETRY, ResNetSpec, VTFPNConfig, VTResNetConfig, VTSpec
+from dvt_shared.vt_model import ResNetModel, TrunkModel, VTFPNModel, VTResNetModel
 
 _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
@@ -176,38 +169,14 @@ def check_vt_images(x: torch.Tensor, config: VTResNetConfig | VTFPNConfig) -> No
     check_image_dtype(x.dtype, x.is_floating_point())
 
 
-def feature_info(trunk: ResNetSpec, stages: int) -> list[dict]:
-    """timm's feature_info of a trunk: the stem's activation and every stage, in module order (for features_only)."""
-    (_, conv_stride, _), pool = STEM_GEOMETRY[trunk.stem]
-    stem = conv_stride * (pool[1] if pool else 1)
-    return [dict(num_chs=trunk.stem_width, reduction=conv_stride, module="act1")] + [
-        dict(num_chs=channels, reduction=stem * 2 ** index, module=f"layer{index + 1}")
-        for index, channels in enumerate(trunk.stage_channels[:stages])
-    ]
+class _Trunk(TrunkModel, nn.Module):
+    """The ResNet trunk every VT model starts with, and what timm's model contract computes on it."""
 
-
-class _Trunk(nn.Module):
-    """The ResNet trunk every VT model starts with, and the parts of timm's model contract they share."""
-
-    def _choose_global_pool(self, global_pool: str | None) -> None:
-        """reset_classifier's global_pool: "avg", "" (no pooling), or None to keep the current one."""
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"{self.config.name}: global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-
-    def _add_trunk(self, config, stages: int) -> None:
-        for name, module in resnet_trunk(config.trunk, config.in_chans, stages):
+    def __init__(self, config: VTResNetConfig | VTFPNConfig):
+        super().__init__()
+        self._set_trunk(config)
+        for name, module in resnet_trunk(config.trunk, config.in_chans, self.trunk_stages):
             self.add_module(name, module)
-        self.trunk_stages = stages
-        self.num_classes = config.num_classes
-        self.pretrained_cfg = pretrained_cfg(config)
-        self.feature_info = feature_info(config.trunk, stages)
-
-    @property
-    def default_cfg(self) -> dict:
-        """timm's older name of `pretrained_cfg`."""
-        return self.pretrained_cfg
 
     def _like_trunk(self, module: nn.Module) -> nn.Module:
         """`module`, a new head part, on the trunk's device and dtype and in the model's training mode."""
@@ -258,26 +227,26 @@ class _Trunk(nn.Module):
             return intermediates
         return self.features_of_stages(stages), intermediates
 
-    def forward_exits(self, x: torch.Tensor) -> tuple[torch.Tensor]:
-        """The model's one output as a 1-tuple, so that code written for DVT's exits takes it unchanged."""
-        return (self(x),)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
 
-class ResNet(_Trunk):
+class ResNet(ResNetModel, _Trunk):
     """The plain ResNet of a trunk: timm's ResNet keys and computation (average pool, `fc`)."""
 
     def __init__(self, config: VTResNetConfig):
-        super().__init__()
-        if config.family != "resnet":
-            raise ValueError(f"{config.name} is a {config.family}; build it with VTResNet")
-        self.config = config
-        self._add_trunk(config, stages=4)
-        self.num_features = self.head_hidden_size = config.trunk.stage_channels[3]
+        super().__init__(config)
         self.global_pool = SelectAdaptivePool2d(pool_type="avg", flatten=True)
-        self.fc = nn.Linear(self.num_features, config.num_classes)
+        self.fc = self._new_classifier(config.num_classes)
+
+    def _choose_global_pool(self, global_pool: str | None) -> None:
+        """Any pool type of timm's `SelectAdaptivePool2d` ("avg", "max", ...) as timm's ResNet takes; ""
+        keeps the feature map."""
+        if global_pool is not None:
+            self.global_pool = self._like_trunk(SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool)))
+
+    def _new_classifier(self, num_classes: int) -> nn.Module:
+        return self._like_trunk(nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity())
 
     def features_of_stages(self, stages: list[torch.Tensor]) -> torch.Tensor:
         """layer4's feature map (B, C, H, W): `forward_features`' output."""
@@ -287,45 +256,26 @@ class ResNet(_Trunk):
         x = self.global_pool(x)
         return x if pre_logits else self.fc(x)
 
-    def get_classifier(self) -> nn.Module:
-        return self.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """A new `fc` for `num_classes` (an identity for 0); global_pool "" keeps the feature map."""
-        check_num_classes(num_classes)
-        if global_pool is not None:
-            self.global_pool = self._like_trunk(SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool)))
-        self.fc = self._like_trunk(nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity())
-        self.num_classes = num_classes
-
-
-class VTResNet(_Trunk):
+class VTResNet(VTResNetModel, _Trunk):
     """A ResNet's first three stages, VT modules at the third stage's resolution, and a
     head that averages the last module's tokens and applies a linear map."""
 
-    output_fmt = "NLC"
-
     def __init__(self, config: VTResNetConfig):
-        super().__init__()
-        if config.family != "vt_resnet":
-            raise ValueError(f"{config.name} is a {config.family}; build it with ResNet")
-        self.config = config
-        self._add_trunk(config, stages=3)
+        super().__init__(config)
         channels, count = config.feature_channels, config.vt_modules
         self.vt = nn.ModuleList(
             VTModule(channels, config.vt, recurrent=i > 0, project=i < count - 1) for i in range(count)
         )
-        self.num_features = self.head_hidden_size = config.vt.token_dim
-        self.global_pool = "avg"
-        self.head = self._new_head(config.num_classes)
+        self.head = self._new_classifier(config.num_classes)
 
-    def _new_head(self, num_classes: int) -> nn.Module:
-        if not num_classes:
-            return nn.Identity()
-        head = nn.Linear(self.num_features, num_classes)
-        trunc_normal_(head.weight, std=0.02)
-        nn.init.zeros_(head.bias)
-        return head
+    def _new_classifier(self, num_classes: int) -> nn.Module:
+        head = nn.Identity()
+        if num_classes:
+            head = nn.Linear(self.num_features, num_classes)
+            trunc_normal_(head.weight, std=0.02)
+            nn.init.zeros_(head.bias)
+        return self._like_trunk(head)
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """The last module's tokens (B, L, C_T)."""
@@ -343,18 +293,8 @@ class VTResNet(_Trunk):
         x = tokens.mean(dim=1) if self.global_pool == "avg" else tokens
         return x if pre_logits else self.head(x)
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """A new head for `num_classes` (an identity for 0); global_pool "" keeps every token."""
-        check_num_classes(num_classes)
-        self._choose_global_pool(global_pool)
-        self.head = self._like_trunk(self._new_head(num_classes))
-        self.num_classes = num_classes
-
-
-class VTFPN(_Trunk):
+class VTFPN(VTFPNModel, _Trunk):
     """ResNet trunk, FPN lateral 1x1 convolutions, VT in place of the FPN's output convolutions.
 
     `model(x)` returns per-pixel logits at stride 4; `forward_features(x)` returns the four
@@ -362,16 +302,16 @@ class VTFPN(_Trunk):
     """
 
     def __init__(self, config: VTFPNConfig):
-        super().__init__()
-        self.config = config
-        self._add_trunk(config, stages=4)
+        super().__init__(config)
         channels, vt = config.fpn_channels, config.vt
         self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in config.trunk.stage_channels)
         self.tokenizers = nn.ModuleList(FilterTokenizer(channels, vt) for _ in range(config.num_levels))
         self.transformer = VTTransformer(vt)
         self.projectors = nn.ModuleList(Projector(channels, vt) for _ in range(config.num_levels))
-        self.num_features = self.head_hidden_size = channels
-        self.classifier = nn.Conv2d(channels, config.num_classes, 1)
+        self.classifier = self._new_classifier(config.num_classes)
+
+    def _new_classifier(self, num_classes: int) -> nn.Module:
+        return self._like_trunk(nn.Conv2d(self.num_features, num_classes, 1) if num_classes else nn.Identity())
 
     def features_of_stages(self, stages: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """The four FPN outputs (B, fpn_channels, h, w) of layer1..layer4's maps, finest first:
@@ -398,18 +338,6 @@ class VTFPN(_Trunk):
         for level in levels[1:]:
             merged = merged + F.interpolate(level, size=finest, mode="nearest")
         return merged if pre_logits else self.classifier(merged)
-
-    def get_classifier(self) -> nn.Module:
-        return self.classifier
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """A new 1x1 classifier for `num_classes` (an identity for 0: the model then returns the merged map)."""
-        check_num_classes(num_classes)
-        if global_pool:
-            raise ValueError(f"{self.config.name} predicts per pixel: it has no global pool, got {global_pool!r}")
-        classifier = nn.Conv2d(self.num_features, num_classes, 1) if num_classes else nn.Identity()
-        self.classifier = self._like_trunk(classifier)
-        self.num_classes = num_classes
 
 
 def exit_logits(outputs) -> tuple[torch.Tensor, ...]:

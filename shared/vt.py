@@ -289,6 +289,11 @@ class VTFPNConfig:
     def num_levels(self) -> int:
         return 4
 
+    @property
+    def head_features(self) -> int:
+        """Channels of the merged map the classifier reads."""
+        return self.fpn_channels
+
     def level_sizes(self, img_size: tuple[int, int] | None = None) -> tuple[tuple[int, int], ...]:
         """(height, width) of layer1..layer4's outputs: the FPN levels at strides 4, 8, 16, 32."""
         height, width = img_size or self.img_size
