@@ -13,7 +13,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and alone: pip takes these exact wheels from the local disk.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 numpy==1.26.4
-	$(PY) -m pip install -q -e '.[torch,mindspore,onnx,dev]'
+	$(PY) -m pip install -q -e '.[torch,mindspore,onnx,serve,dev]'
 	@$(MAKE) --no-print-directory data
 	touch $@
 

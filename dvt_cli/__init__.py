@@ -76,8 +76,9 @@ def _subcommands() -> tuple[Callable, ...]:
     from .demo import add_demo
     from .evaluate import add_evaluate
     from .inference import add_calibrate, add_export, add_predict
+    from .serve import add_serve
 
-    return (_add_convert, _add_train, add_calibrate, add_predict, add_export, add_evaluate, add_demo)
+    return (_add_convert, _add_train, add_calibrate, add_predict, add_export, add_serve, add_evaluate, add_demo)
 
 
 def build_parser(train_recipe: dict | None = None) -> argparse.ArgumentParser:

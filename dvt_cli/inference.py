@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 from pathlib import Path
 
 import numpy as np
 
 from dvt_shared.configs import DVTConfig
+from dvt_shared.datasets import class_names
 from dvt_shared.exit_policy import EXIT_POLICIES, MAX_SOFTMAX
 
 from . import CommandError, backends, positive_float, positive_int, read_weights
@@ -16,32 +18,46 @@ from . import CommandError, backends, positive_float, positive_int, read_weights
 SCORING_BACKEND = "torch"
 
 
-def load_images(paths: list[str], config: DVTConfig) -> np.ndarray:
-    """Image files as the model's float32 input batch (see `dvt_shared.transforms.eval_array`)."""
-    from PIL import Image
+def decode_image(data: bytes, config: DVTConfig, name: str) -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG, ... anything PIL reads) as the model's float32 (C, H, W) input
+    (see `dvt_shared.transforms.eval_array`); `name` names the image in the error. The one decoder of
+    `dvt predict`, single-process (`load_images`) and on Ray Data (`dvt_cli.ray_predict`)."""
+    from PIL import Image, UnidentifiedImageError
 
     from dvt_shared.transforms import eval_array
 
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return eval_array(image, config.in_chans, config.img_size)
+    except UnidentifiedImageError:
+        raise CommandError(f"{name}: cannot read it as an image (not a format PIL reads)") from None
+    except OSError as exc:
+        raise CommandError(f"{name}: cannot read it as an image ({exc})") from exc
+
+
+def load_images(paths: list[str], config: DVTConfig) -> np.ndarray:
+    """Image files as the model's float32 input batch (each as `decode_image` decodes it)."""
     batch = []
     for path in paths:
         if not os.path.isfile(path):
             raise CommandError(f"{path} is not an image file")
         try:
-            with Image.open(path) as image:
-                batch.append(eval_array(image, config.in_chans, config.img_size))
+            with open(path, "rb") as handle:
+                data = handle.read()
         except OSError as exc:
             raise CommandError(f"{path}: cannot read it as an image ({exc})") from exc
+        batch.append(decode_image(data, config, path))
     return np.stack(batch)
 
 
-def _parse_thresholds(text: str) -> list[float]:
+def parse_thresholds(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",")]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"thresholds must be comma-separated numbers, got {text!r}") from exc
 
 
-def _calibration_images(args, config: DVTConfig) -> tuple[np.ndarray, np.ndarray]:
+def calibration_images(args, config: DVTConfig) -> tuple[np.ndarray, np.ndarray]:
     if args.data != "fmnist":
         raise CommandError(f"--data {args.data!r}: only 'fmnist' (the embedded default data set) is supported here")
     if config.in_chans != 1 or config.img_size != 28:
@@ -65,6 +81,19 @@ def all_exit_logits(
     return facade.all_exit_logits(facade.inference_model(config, tensors), images, batch, precision)
 
 
+def search_thresholds(config, tensors, policy, images: np.ndarray, labels: np.ndarray, **target):
+    """(thresholds, their `DynamicResult`) that `policy` finds for `target` (p=, budget= or accuracy=) on the
+    labelled `images`, scored by every exit of the model."""
+    from dvt_shared import exit_policy
+    from dvt_shared.flops import exit_gflops
+
+    gflops = np.asarray(exit_gflops(config))
+    probs = exit_policy.softmax(all_exit_logits(config, tensors, images))
+    exit_policy.check_calibration_data(probs, labels)
+    thresholds = policy.search(probs, labels, gflops, **target)
+    return thresholds, exit_policy.dynamic_evaluate(probs, labels, gflops, thresholds, policy)
+
+
 def _calibrate(args: argparse.Namespace) -> None:
     from dvt_shared import exit_policy
     from dvt_shared.flops import exit_gflops
@@ -81,13 +110,10 @@ def _calibrate(args: argparse.Namespace) -> None:
             "the least any policy spends per image"
         )
     policy = exit_policy.exit_policy(args.exit_policy)
-    images, labels = _calibration_images(args, config)
-    probs = exit_policy.softmax(all_exit_logits(config, tensors, images))
-    exit_policy.check_calibration_data(probs, labels)
+    images, labels = calibration_images(args, config)
     target = {"budget": args.budget} if args.budget is not None else (
         {"accuracy": args.accuracy} if args.accuracy is not None else {"p": args.p})
-    thresholds = policy.search(probs, labels, gflops, **target)
-    result = exit_policy.dynamic_evaluate(probs, labels, gflops, thresholds, policy)
+    thresholds, result = search_thresholds(config, tensors, policy, images, labels, **target)
     metadata.thresholds = [float(t) for t in thresholds]
     metadata.exit_policy = policy.name
     save_canonical(args.out or args.weights, tensors, metadata)
@@ -122,10 +148,24 @@ def add_calibrate(subparsers, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_calibrate)
 
 
+def _check_predict_options(args: argparse.Namespace) -> None:
+    ray_only = [option for option, value in (("--ray-address", args.ray_address), ("--actors", args.actors),
+                                             ("--batch-size", args.batch_size)) if value is not None]
+    if ray_only and not args.ray:
+        raise CommandError(f"{', '.join(ray_only)} {'applies' if len(ray_only) == 1 else 'apply'} only with --ray")
+    if args.ray and not args.out:
+        raise CommandError("--ray writes its rows to a parquet file: pass --out FILE.parquet")
+    if args.out:  # before anything runs, as `dvt` checks every output (dvt_cli._outputs)
+        from dvt_shared.io_utils import check_writable_file
+
+        check_writable_file(args.out)
+
+
 def _predict(args: argparse.Namespace) -> None:
     from dvt_shared.exit_policy import exit_policy
     from dvt_shared.flops import exit_gflops
 
+    _check_predict_options(args)
     config, tensors, metadata, _ = read_weights(args.weights, args.model, args.num_classes)
     thresholds = args.thresholds or (metadata.thresholds if metadata is not None else None)
     if not thresholds:
@@ -137,13 +177,19 @@ def _predict(args: argparse.Namespace) -> None:
             f"run `dvt calibrate --exit-policy {args.exit_policy}` or pass --thresholds"
         )
     policy = exit_policy(args.exit_policy or stored_policy)
+    if args.ray:
+        from .ray_predict import predict_on_ray
+
+        backends.check_precision(args.precision, args.backend)  # here, not first in every actor
+        predict_on_ray(args, config, tensors, thresholds, policy)
+        return
     images = load_images(args.images, config)
     engine = backends.engine(
         args.backend, config, tensors, thresholds, graphs_dir=args.onnx_dir, precision=args.precision,
         exit_policy=policy,
     )
     prediction = engine.predict(images)
-    names = _class_names(config)
+    names = class_names(config)
     print(f"{'image':<40} {'class':<14} {'exit':>4} {'confidence':>10} {'GFLOPs':>8}")
     for path, cls, exit_index, conf, gflops in zip(
         args.images, prediction.classes, prediction.exit_index, prediction.confidence, prediction.gflops
@@ -152,27 +198,31 @@ def _predict(args: argparse.Namespace) -> None:
         print(f"{path:<40} {label:<14} {exit_index:>4} {conf:>10.4f} {gflops:>8.4f}")
     print(f"average {prediction.gflops.mean():.4f} GFLOPs per image (every exit: {exit_gflops(config)[-1]:.4f}), "
           f"{policy.name} confidence")
+    if args.out:
+        from .ray_predict import result_columns, write_results
 
-
-def _class_names(config: DVTConfig) -> tuple[str, ...] | None:
-    from dvt_shared.datasets import FASHION_MNIST_CLASSES
-
-    return FASHION_MNIST_CLASSES if config.in_chans == 1 and config.num_classes == len(FASHION_MNIST_CLASSES) else None
+        write_results(args.out, result_columns(args.images, prediction, names))
 
 
 def add_predict(subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "predict", parents=[common], help="classify image files with real early exit",
         description="Classify image files; each image runs only the stages it needs. Prints class, exit, "
-                    "confidence and GFLOPs spent per image.",
+                    "confidence and GFLOPs spent per image; --out also writes them to a parquet file. With --ray, "
+                    "Ray Data reads, decodes and classifies the inputs in a pool of actors (one engine each) and "
+                    "streams one row per image (path, class_index, label, exit, confidence, macs), in input order, "
+                    "into ONE parquet file at --out, which replaces it only when the run completes.",
     )
-    parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    parser.add_argument("images", nargs="+", metavar="INPUT",
+                        help="image files (PNG, JPEG, ...); with --ray also folders of images (recursive, by "
+                             "extension) and parquet files of encoded images (binary column 'image' or 'bytes', "
+                             "optional string column 'path'; rows without one are named FILE#ROW)")
     parser.add_argument("--weights", required=True, help="weights (.safetensors, .pth, .ckpt)")
     parser.add_argument("--backend", choices=tuple(backends.BACKENDS), default="torch")
     parser.add_argument("--precision", choices=backends.PRECISIONS, default="fp32",
                         help="fp32 (default); bf16 or fp16: PyTorch autocast (the performer in float32), or for "
                         "--backend mindspore fp16 as Ascend's Cube unit computes")
-    parser.add_argument("--thresholds", type=_parse_thresholds, help="comma-separated, one per exit "
+    parser.add_argument("--thresholds", type=parse_thresholds, help="comma-separated, one per exit "
                         "(default: the calibrated ones stored with the weights)")
     parser.add_argument("--exit-policy", choices=tuple(EXIT_POLICIES), default=None,
                         help="the confidence an image stops on (default: the policy the stored thresholds were "
@@ -180,6 +230,15 @@ def add_predict(subparsers, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--onnx-dir", help="graphs from `dvt export --format onnx` (default: export to a temp dir)")
     parser.add_argument("--model", help="registered config, for weights that record none")
     parser.add_argument("--num-classes", type=positive_int)
+    parser.add_argument("--out", help="parquet file of the rows (one file; required with --ray)")
+    scale = parser.add_argument_group("prediction at scale (Ray Data)")
+    scale.add_argument("--ray", action="store_true",
+                       help="run on Ray Data: a local Ray instance of this machine's CPUs, or --ray-address")
+    scale.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (e.g. HOST:6379) instead; "
+                       "its nodes need dvt installed and must see the inputs at the same paths")
+    scale.add_argument("--actors", type=positive_int,
+                       help="at most this many actors, one engine each (default: the cluster's CPUs - 1, at least 1)")
+    scale.add_argument("--batch-size", type=positive_int, help="images per actor call (default 256)")
     parser.set_defaults(handler=_predict)
 
 

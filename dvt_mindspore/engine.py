@@ -181,6 +181,15 @@ class MindSporeEngine(AdaptiveEngine):
     def _take_state(self, state: SelectedRows, rows: np.ndarray) -> SelectedRows:
         return state.take(rows)
 
+    def _concat_states(self, states: list[SelectedRows]) -> SelectedRows:
+        if len(states) == 1:
+            return states[0]
+        # gathered once per state, then joined: one batch of rows from several requests
+        held = [s.gathered(np.arange(s.index.size)) for s in states]
+        names = [name for name, t in zip(ReuseState._fields, states[0].tensors) if t is not None]
+        joined = ReuseState.from_positional([ops.cat(parts, axis=0) for parts in zip(*held)], names)
+        return SelectedRows(joined, np.arange(sum(s.index.size for s in states)))
+
     def _run_stage(self, index: int, images, state: SelectedRows | None):
         if not isinstance(images, SelectedRows):  # a whole chunk, checked by `predict`
             images = SelectedRows((images,), np.arange(images.shape[0]))

@@ -55,3 +55,6 @@ class OnnxAdaptiveDVT(AdaptiveEngine):
 
     def _take_state(self, state: ReuseState, rows: np.ndarray) -> ReuseState:
         return state.map(lambda t: t[rows])
+
+    def _concat_states(self, states: list[ReuseState]) -> ReuseState:
+        return ReuseState(*(None if parts[0] is None else np.concatenate(parts) for parts in zip(*states)))

@@ -66,3 +66,6 @@ class AdaptiveDVT(AdaptiveEngine):
     def _take_state(self, state: ReuseState, rows: np.ndarray) -> ReuseState:
         index = torch.from_numpy(rows).to(self.device)
         return state.map(lambda t: t.index_select(0, index))
+
+    def _concat_states(self, states: list[ReuseState]) -> ReuseState:
+        return ReuseState(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*states)))

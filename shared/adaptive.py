@@ -166,6 +166,11 @@ class AdaptiveEngine(ABC):
     def _take_state(self, state: Any, rows: np.ndarray) -> Any:
         """Rows `rows` of a reuse state."""
 
+    @abstractmethod
+    def _concat_states(self, states: list) -> Any:
+        """One reuse state holding the rows of `states` in order: the stage-level batcher
+        (dvt_shared.stage_batching) joins different requests' survivors into one batch."""
+
     def _from_numpy(self, images: np.ndarray) -> Any:
         """The backend's tensor of a NumPy batch (the batch itself where the backend runs on NumPy)."""
         return images
@@ -204,6 +209,17 @@ class AdaptiveEngine(ABC):
             parts.append(np.stack(logits))
         return np.concatenate(parts, axis=1)
 
+    def decide(self, index: int, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per image, from exit `index`'s logits alone: whether it stops there, the exit it is reported at
+        (`index`, or -1 where its confidence is NaN), and its confidence under the engine's exit policy.
+
+        At the last exit every image stops; one that met no threshold there is undecided (-1).
+        """
+        conf = self.exit_policy.scores_from_logits(logits)
+        meets = stops_at_exit(conf, self.thresholds[index])
+        stops = meets if index < self.config.num_exits - 1 else np.ones_like(meets)
+        return stops, np.where(meets & ~np.isnan(conf), index, -1), conf
+
     def _predict_chunk(self, images, n: int) -> Prediction:
         last = self.config.num_exits - 1
         logits_out = np.empty((n, self.config.num_classes), dtype=np.float32)
@@ -213,14 +229,10 @@ class AdaptiveEngine(ABC):
         active, state = np.arange(n), None
         for k in range(last + 1):
             logits, state = self._run_stage(k, images, state)
-            conf = self.exit_policy.scores_from_logits(logits)
-            meets = stops_at_exit(conf, self.thresholds[k])
-            decided = meets & ~np.isnan(conf)
-            # at the last exit everyone stops; whoever met no threshold there is undecided
-            stops = meets if k < last else np.ones_like(meets)
+            stops, exits, conf = self.decide(k, logits)
             rows = active[stops]
             logits_out[rows] = logits[stops]
-            exit_index[rows] = np.where(decided[stops], k, -1)
+            exit_index[rows] = exits[stops]
             confidence[rows] = conf[stops]
             macs[rows] = self.exit_macs[k]
             going_on = np.flatnonzero(~stops)

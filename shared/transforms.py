@@ -58,6 +58,16 @@ def eval_array(image, in_chans: int, img_size: int, mean=IMAGENET_MEAN, std=IMAG
         grey = image.convert("L").resize((img_size, img_size), Image.BILINEAR)
         return normalise_fashion_mnist(np.asarray(grey)[None])[0]
     rgb = resize_and_centre_crop(image.convert("RGB"), img_size)
-    array = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
-    array = (array - np.reshape(mean, (3, 1, 1)).astype(np.float32)) / np.reshape(std, (3, 1, 1)).astype(np.float32)
+    return normalise_pixels(np.asarray(rgb).transpose(2, 0, 1)[None], mean, std)[0]
+
+
+def normalise_pixels(pixels: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """8-bit images (N, C, H, W) already at the model's size -> its float32 input, as `eval_array` ends:
+    one channel by Fashion-MNIST's statistics, three by `mean` and `std` after scaling to [0, 1]."""
+    pixels = np.asarray(pixels)
+    if pixels.shape[1] == 1:
+        return normalise_fashion_mnist(pixels[:, 0])
+    array = pixels.astype(np.float32) / 255.0
+    array = (array - np.reshape(mean, (1, 3, 1, 1)).astype(np.float32)) / np.reshape(std, (1, 3, 1, 1)).astype(
+        np.float32)
     return array.astype(np.float32)

@@ -7,3 +7,15 @@ from tests.backends import BACKENDS
 @pytest.fixture(params=BACKENDS, ids=lambda adapter: adapter.name, scope="session")
 def backend(request):
     return request.param()
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """One local Ray instance for the test session (2 CPUs; replicas and actors take fractions of them),
+    shut down at its end. Yields its GCS address, which `dvt serve --ray-address` joins."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
