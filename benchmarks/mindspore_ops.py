@@ -34,9 +34,9 @@ MODEL_FILES = ("dvt_mindspore/layers.py", "dvt_mindspore/dvt.py")
 
 def stage_inputs_for(config_name: str, batch: int):
     """The config, canonical weights (shipped for fmnist, else seeded) and a batch of images."""
-    from dvt_shared import get_config
+    from dvt_shared import get_model_config
 
-    config = get_config(config_name)
+    config = get_model_config(config_name)
     rng = np.random.default_rng(0)
     if config_name == SHIPPED.stem and SHIPPED.is_file():
         from dvt_shared.datasets import load_fashion_mnist, normalise_fashion_mnist
@@ -148,9 +148,9 @@ def main() -> None:
 
     from tqdm import tqdm
 
-    from dvt_shared import get_config
+    from dvt_shared import get_model_config
 
-    stages = range(get_config(args.config).num_exits)
+    stages = range(get_model_config(args.config).num_exits)
     columns: dict[str, list[dict]] = {"now": [], **({f"at {args.before}": []} if args.before else {})}
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"now": None}

@@ -8,7 +8,7 @@ import numpy as np
 from mindspore import Tensor, nn
 from tqdm import tqdm
 
-from dvt_shared.models import ModelConfig, build, create, family_of, list_model_names, register_builder
+from dvt_shared.models import ModelConfig, build, create, family_of, list_model_names
 
 from .checkpoint import load_weights
 from .convert import from_canonical
@@ -17,20 +17,18 @@ from .engine import AllExitLogits
 from .vt import VTFPN, ResNet, VTResNet
 
 BUILDERS = {"t2t_vit": DVT, "deit": DVT, "vt_resnet": VTResNet, "resnet": ResNet, "vt_fpn": VTFPN}
-for _family, _builder in BUILDERS.items():
-    register_builder("mindspore", _family, _builder)
 
 
 def build_model(config: ModelConfig) -> nn.Cell:
     """The MindSpore model `config` describes (DVT, VT-ResNet, ResNet or VT-FPN), freshly initialised."""
-    return build("mindspore", config)
+    return build(BUILDERS, config)
 
 
 def create_model(
     name: str, num_classes: int | None = None, checkpoint_path: str | os.PathLike | None = None, **overrides
 ) -> nn.Cell:
     """The registered model `name` (`dvt_shared.models.create`); `checkpoint_path`: .safetensors, .ckpt."""
-    return create("mindspore", name, num_classes, checkpoint_path, load_weights, **overrides)
+    return create(build_model, name, num_classes, checkpoint_path, load_weights, **overrides)
 
 
 def list_models(pattern: str | None = None) -> list[str]:

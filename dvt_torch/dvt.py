@@ -108,7 +108,9 @@ class DVTStage(nn.Module):
     def relation_biases(self, relations: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Previous logits -> 1x1 convs -> both token axes resampled -> one (B, heads, N, N) bias per block."""
         mixed = resample_relations(self.relation_reuse_conv(relations), self.resample_t)
-        return mixed.chunk(self.depth, dim=1)
+        # Sliced by index, not `chunk`: torch.fx traces a fixed number of slices, not an unknown-length split.
+        heads = self.num_heads
+        return tuple(mixed[:, block * heads:(block + 1) * heads] for block in range(self.depth))
 
     def forward_features(
         self, x: torch.Tensor, features: torch.Tensor | None = None, relations: torch.Tensor | None = None,

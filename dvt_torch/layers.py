@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_function, trunc_normal_
 from torch import nn
 
 from dvt_shared.configs import DVTConfig
@@ -32,29 +32,38 @@ class TokenPerformer(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(emb, emb), nn.GELU(), nn.Linear(emb, emb), nn.Dropout(drop))
         self.register_buffer("w", nn.init.orthogonal_(torch.empty(self.m, emb)) * math.sqrt(self.m))
 
-    def prm_exp(self, x: torch.Tensor) -> torch.Tensor:
-        # exp(w.x - |x|^2 / 2) / sqrt(m): positive random features of the softmax kernel
-        xd = (x * x).sum(dim=-1, keepdim=True) / 2
-        return torch.exp(x @ self.w.t().to(x.dtype) - xd) / math.sqrt(self.m)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm1(x)
         k, q, v = torch.split(self.kqv(x), self.emb, dim=-1)
-        # The random features exp(w.x - |x|^2 / 2) and their sums exceed fp16's 65504 on real images (the
-        # shipped model's stem gave inf, then NaN, on every test image): under fp16 autocast the linear
-        # attention runs in float32, as MindSpore's fp16 engine runs it. bf16 has float32's range.
-        half = k.dtype == torch.float16
-        dtype = torch.float32 if half else k.dtype
-        with torch.autocast(x.device.type, enabled=False) if half else contextlib.nullcontext():
-            k, q, wide_v = k.to(dtype), q.to(dtype), v.to(dtype)
-            kp, qp = self.prm_exp(k), self.prm_exp(q)
-            normaliser = qp @ kp.sum(dim=1).unsqueeze(-1)
-            kptv = wide_v.transpose(1, 2) @ kp
-            y = ((qp @ kptv.transpose(1, 2)) / (normaliser + self.eps)).to(v.dtype)
-        x = v + self.dp(self.proj(y))
+        x = v + self.dp(self.proj(linear_attention(k, q, v, self.w, self.eps)))
         return x + self.mlp(self.norm2(x))
 
 
+def prm_exp(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """exp(w.x - |x|^2 / 2) / sqrt(m): positive random features of the softmax kernel (m = rows of w)."""
+    xd = (x * x).sum(dim=-1, keepdim=True) / 2
+    return torch.exp(x @ w.t().to(x.dtype) - xd) / math.sqrt(w.shape[0])
+
+
+# Leaf calls when torch.fx traces a model (timm's feature extraction): the attention picks its precision by
+# its input's dtype, and autograd functions do not trace.
+@register_notrace_function
+def linear_attention(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """The performer's attention of queries `q` over keys `k` and values `v` through the random features `w`."""
+    # The random features and their sums exceed fp16's 65504 on real images (the shipped model's stem gave
+    # inf, then NaN, on every test image): under fp16 autocast the linear attention runs in float32, as
+    # MindSpore's fp16 engine runs it. bf16 has float32's range.
+    half = k.dtype == torch.float16
+    dtype = torch.float32 if half else k.dtype
+    with torch.autocast(k.device.type, enabled=False) if half else contextlib.nullcontext():
+        k, q, wide_v = k.to(dtype), q.to(dtype), v.to(dtype)
+        kp, qp = prm_exp(k, w), prm_exp(q, w)
+        normaliser = qp @ kp.sum(dim=1).unsqueeze(-1)
+        kptv = wide_v.transpose(1, 2) @ kp
+        return ((qp @ kptv.transpose(1, 2)) / (normaliser + eps)).to(v.dtype)
+
+
+@register_notrace_function
 def soft_split_tokens(grid: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
     """(B, H, W, C) grid -> (B, L, C*kernel*kernel) tokens: nn.Unfold's patches, bit for bit, token-major.
 

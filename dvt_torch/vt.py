@@ -177,6 +177,7 @@ class _Trunk(TrunkModel, nn.Module):
         self._set_trunk(config)
         for name, module in resnet_trunk(config.trunk, config.in_chans, self.trunk_stages):
             self.add_module(name, module)
+        self.kept_stages = self.trunk_stages  # fewer after prune_intermediate_layers
 
     def _like_trunk(self, module: nn.Module) -> nn.Module:
         """`module`, a new head part, on the trunk's device and dtype and in the model's training mode."""
@@ -184,18 +185,49 @@ class _Trunk(TrunkModel, nn.Module):
         return module.to(device=weight.device, dtype=weight.dtype).train(self.training)
 
     def run_trunk(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every stage's output."""
+        """Every kept stage's output (the stem's alone, pruned to the stem)."""
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
-        outputs = []
-        for index in range(1, self.trunk_stages + 1):
+        outputs = [] if self.kept_stages else [x]
+        for index in range(1, self.kept_stages + 1):
             x = getattr(self, f"layer{index}")(x)
             outputs.append(x)
         return outputs
 
+    def features(self, stages: list[torch.Tensor]):
+        """`features_of_stages` (the model's own); a trunk pruned short of its last stage has lost what the
+        VT modules or the FPN read, and its features are the last kept map."""
+        return self.features_of_stages(stages) if self.kept_stages == self.trunk_stages else stages[-1]
+
     def forward_features(self, x: torch.Tensor):
-        """`features_of_stages` (the model's own) of every trunk stage, after the input checks."""
+        """The model's features of every kept trunk stage, after the input checks."""
         check_vt_images(x, self.config)
-        return self.features_of_stages(self.run_trunk(x))
+        return self.features(self.run_trunk(x))
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """timm's pruning to a feature backbone: the trunk stages after the last map in `indices` go (to the
+        stem: its max pool too), and with them whatever reads them (VT modules, the FPN). `prune_head`
+        replaces the classifier with an identity (and the pool with none); it is required once stages go,
+        since the head reads what was cut. The trunk has no norm (`prune_norm` changes nothing). Returns
+        the absolute indices to take."""
+        take, last = feature_take_indices(len(self.feature_info), indices)
+        if last < self.kept_stages:
+            if not prune_head:
+                raise ValueError(
+                    f"{self.config.name}: pruning to feature {last} cuts layer{last + 1}.. and the head that reads "
+                    "them; pass prune_head=True"
+                )
+            for index in range(last + 1, self.kept_stages + 1):
+                delattr(self, f"layer{index}")
+            if last == 0:
+                self.maxpool = nn.Identity()
+            self.kept_stages = last
+            self.feature_info = self.feature_info[: last + 1]
+            self._drop_neck()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
 
     def forward_intermediates(
         self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False, stop_early: bool = False,
@@ -215,8 +247,8 @@ class _Trunk(TrunkModel, nn.Module):
         x = self.act1(self.bn1(self.conv1(x)))
         intermediates = [x] if 0 in take else []
         x = self.maxpool(x)
-        stages = []
-        for index in range(1, self.trunk_stages + 1):
+        stages = [] if self.kept_stages else [x]
+        for index in range(1, self.kept_stages + 1):
             if intermediates_only and index > last:
                 break
             x = getattr(self, f"layer{index}")(x)
@@ -225,10 +257,14 @@ class _Trunk(TrunkModel, nn.Module):
                 intermediates.append(x)
         if intermediates_only:
             return intermediates
-        return self.features_of_stages(stages), intermediates
+        return self.features(stages), intermediates
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        features = self.forward_features(x)
+        return self.forward_head(features) if self.kept_stages == self.trunk_stages else features
+
+    def _drop_neck(self) -> None:
+        """Remove the layers between the trunk and the classifier, which read the trunk's last stages."""
 
 
 class ResNet(ResNetModel, _Trunk):
@@ -277,6 +313,9 @@ class VTResNet(VTResNetModel, _Trunk):
             nn.init.zeros_(head.bias)
         return self._like_trunk(head)
 
+    def _drop_neck(self) -> None:
+        self.vt = nn.ModuleList()
+
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """The last module's tokens (B, L, C_T)."""
         return self.features_of_stages(self.run_trunk(x))
@@ -312,6 +351,10 @@ class VTFPN(VTFPNModel, _Trunk):
 
     def _new_classifier(self, num_classes: int) -> nn.Module:
         return self._like_trunk(nn.Conv2d(self.num_features, num_classes, 1) if num_classes else nn.Identity())
+
+    def _drop_neck(self) -> None:
+        self.lateral, self.tokenizers, self.projectors = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        self.transformer = nn.Identity()
 
     def features_of_stages(self, stages: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """The four FPN outputs (B, fpn_channels, h, w) of layer1..layer4's maps, finest first:

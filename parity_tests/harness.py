@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from dvt_cli.backends import BACKENDS, REFERENCE, parity_pairs
-from dvt_shared.configs import DVTConfig, get_config, list_configs
+from dvt_shared.configs import DVTConfig
+from dvt_shared.models import get_model_config, list_model_names
 from dvt_torch import DVT as TorchDVT
 from dvt_torch.convert import from_canonical as torch_from_canonical
 from tests.backends import adapter
@@ -103,11 +104,11 @@ class Case:
     def config(self, **overrides) -> DVTConfig:
         if self.fixture:
             return cascade_config(self.name).replace(**overrides)
-        return get_config(self.name, **overrides)
+        return get_model_config(self.name, **overrides)
 
 
 def cases() -> list[Case]:
-    return [Case(name) for name in list_configs()] + [Case(name, fixture=True) for name in CASCADES]
+    return [Case(name) for name in list_model_names(cascade=True)] + [Case(name, fixture=True) for name in CASCADES]
 
 
 def fixture_io(name: str) -> dict[str, np.ndarray]:

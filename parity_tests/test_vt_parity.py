@@ -15,7 +15,8 @@ import torch
 
 import dvt_torch
 from dvt_shared.error_bounds import computation_blocks
-from dvt_shared.vt import VTFPNConfig, get_vt_config, list_vt_configs
+from dvt_shared.models import get_model_config, list_model_names
+from dvt_shared.vt import VTFPNConfig
 from parity_tests import harness
 from parity_tests.report import record
 from parity_tests.targets import CPU, TARGET_PARAMS
@@ -31,7 +32,7 @@ TRACED = re.compile(
 
 
 def config_of(name: str):
-    return get_vt_config(name, **SMALL_INPUTS.get(name, {}))
+    return get_model_config(name, **SMALL_INPUTS.get(name, {}))
 
 
 def randomise(model: torch.nn.Module, seed: int, noise: float = 0.02) -> None:
@@ -81,7 +82,7 @@ def output_labels(config) -> list[str]:
 # The ResNet-34 and ResNet-50 trunks take MindSpore seconds to build and run: in the slow set.
 OUTPUT_CASES = [
     pytest.param(name, marks=pytest.mark.slow) if name in ("vt_resnet34", "vt_fpn_r50") else name
-    for name in list_vt_configs()
+    for name in list_model_names(cascade=False)
 ]
 
 

@@ -5,8 +5,6 @@ from .configs import (
     StageSpec,
     StemSpec,
     config_from_release_json,
-    get_config,
-    list_configs,
 )
 from .exit_policy import (
     DynamicResult,
@@ -26,6 +24,7 @@ from .exit_policy import (
     thresholds_for_budget,
 )
 from .io_utils import atomic_write_bytes, atomic_writer, sha256_file
+from .models import get_model_config, list_model_names
 from .token_schedule import (
     relation_resample_matrix,
     resample_matrix,
@@ -46,8 +45,8 @@ __all__ = [
     "StageSpec",
     "StemSpec",
     "config_from_release_json",
-    "get_config",
-    "list_configs",
+    "get_model_config",
+    "list_model_names",
     "relation_resample_matrix",
     "resample_matrix",
     "resample_matrix_1d",

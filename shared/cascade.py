@@ -51,14 +51,21 @@ def run_stage(stage, images, state: ReuseState | None) -> tuple[Any, ReuseState]
     if (stage.feature_reuse or stage.relation_reuse) and state is None:
         raise ValueError("this stage reuses the previous stage's work: pass the ReuseState it returned")
     state = state or ReuseState(None, None)
+    check_state_batch(state, images)
+    logits, features, relations = stage(images, state.features, state.relations)
+    return logits, ReuseState(features, relations)
+
+
+def check_state_batch(state: ReuseState, images) -> None:
+    """ValueError unless every tensor `state` holds is of as many images as `images`. Sizes that are not
+    numbers (torch.fx's proxies while it traces a model) are not compared."""
     for name, held in zip(ReuseState._fields, state):
-        if held is not None and held.shape[0] != images.shape[0]:
+        sizes = held.shape[0] if held is not None else None, images.shape[0]
+        if all(isinstance(size, int) for size in sizes) and sizes[0] != sizes[1]:
             raise ValueError(
                 f"the ReuseState's {name} are of {held.shape[0]} images, the batch has {images.shape[0]}: "
                 "pass the state the previous stage returned for these same images"
             )
-    logits, features, relations = stage(images, state.features, state.relations)
-    return logits, ReuseState(features, relations)
 
 
 class CascadeModel:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
+
+from .registry import register_model_config
 
 REUSE_MODES = ("none", "feature", "relation", "both")
 STEM_KINDS = ("t2t", "patch")
@@ -237,15 +238,7 @@ def _patch_stages(*patch_sizes: int) -> tuple[StageSpec, ...]:
 
 _RELEASE_T2T = _t2t_stages("performer_less_less_token", "performer_less_token", "performer")
 
-_REGISTRY: dict[str, Callable[[], DVTConfig]] = {}
-
-
-def register_config(fn: Callable[[], DVTConfig]) -> Callable[[], DVTConfig]:
-    _REGISTRY[fn.__name__] = fn
-    return fn
-
-
-@register_config
+@register_model_config
 def dvt_t2t_vit_12() -> DVTConfig:
     return DVTConfig(
         name="dvt_t2t_vit_12", family="t2t_vit", stages=_RELEASE_T2T, embed_dim=256, depth=12, num_heads=4,
@@ -254,7 +247,7 @@ def dvt_t2t_vit_12() -> DVTConfig:
     )
 
 
-@register_config
+@register_model_config
 def dvt_t2t_vit_14() -> DVTConfig:
     return DVTConfig(
         name="dvt_t2t_vit_14", family="t2t_vit", stages=_RELEASE_T2T, embed_dim=384, depth=14, num_heads=6,
@@ -263,7 +256,7 @@ def dvt_t2t_vit_14() -> DVTConfig:
     )
 
 
-@register_config
+@register_model_config
 def dvt_deit_small() -> DVTConfig:
     return DVTConfig(
         name="dvt_deit_small", family="deit", stages=_patch_stages(32, 23, 16), embed_dim=384, depth=12,
@@ -272,7 +265,7 @@ def dvt_deit_small() -> DVTConfig:
     )
 
 
-@register_config
+@register_model_config
 def dvt_t2t_vit_fmnist() -> DVTConfig:
     # 28x28 grey images: T2T soft splits to 3x3, 5x5 and 7x7 tokens, small enough for 2 CPU cores.
     # Every first split is strided: stride-1 ones made performers run over 400 and 784 tokens, and
@@ -299,23 +292,9 @@ def static_baseline(config: DVTConfig) -> DVTConfig:
     )
 
 
-@register_config
+@register_model_config
 def dvt_t2t_vit_fmnist_static() -> DVTConfig:
     return static_baseline(dvt_t2t_vit_fmnist())
-
-
-def list_configs() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def get_config(name: str, num_classes: int | None = None, **overrides) -> DVTConfig:
-    """The registered config `name`, with `num_classes` and any other field overridden."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model name {name!r}; registered names: {', '.join(list_configs())}")
-    config = _REGISTRY[name]()
-    if num_classes is not None:
-        overrides["num_classes"] = num_classes
-    return config.replace(**overrides) if overrides else config
 
 
 def config_from_release_json(data: dict, name: str = "release_fixture") -> DVTConfig:

@@ -4,18 +4,21 @@ A config's `family` says which kind it is ("t2t_vit" and "deit" are DVT cascades
 "vt_resnet", "resnet" and "vt_fpn" are VT models), so a stored config dict needs no other
 tag. `FAMILIES` maps each family to what the framework-free code needs of it: its config
 class (which serialises itself with `to_dict`/`from_dict`), its per-exit GFLOPs and its
-canonical weight layout. Backends register, per family, the function that builds its model
-(`register_builder`), so no caller ever asks which kind of config it holds.
+canonical weight layout. Model names live in one registry (`dvt_shared.registry`), read here
+by `list_model_names` and `get_model_config`. Each backend keeps one table, family -> model
+class, and builds through `build(table, config)`, so no caller ever asks which kind of config
+it holds.
 
 A new family adds its config class, FLOP formula and layout, one `register_family` here,
-and one `register_builder` per backend.
+and one entry in each backend's `BUILDERS`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
-from .configs import DVTConfig, get_config, list_configs
+from . import registry
+from .configs import DVTConfig
 from .flops import exit_gflops
 from .layout import (
     LayerNames,
@@ -27,7 +30,7 @@ from .layout import (
     vt_resnet_layer_names,
     vt_resnet_layout,
 )
-from .vt import VTFPNConfig, VTResNetConfig, get_vt_config, list_vt_configs, vt_gflops
+from .vt import VTFPNConfig, VTResNetConfig, vt_gflops
 
 ModelConfig = DVTConfig | VTResNetConfig | VTFPNConfig
 
@@ -46,7 +49,6 @@ class ModelFamily:
 
 
 FAMILIES: dict[str, ModelFamily] = {}
-_BUILDERS: dict[tuple[str, str], Callable[[Any], Any]] = {}
 
 
 def register_family(family: ModelFamily) -> ModelFamily:
@@ -75,19 +77,12 @@ def family_of(config: ModelConfig) -> ModelFamily:
     return family
 
 
-def register_builder(backend: str, family: str, builder: Callable[[Any], Any]) -> None:
-    """Make `builder(config)` the way `backend` builds models of `family`."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; registered families: {', '.join(FAMILIES)}")
-    _BUILDERS[backend, family] = builder
-
-
-def build(backend: str, config: ModelConfig):
-    """The `backend` model `config` describes, from the builder that backend registered for its family."""
+def build(builders: Mapping[str, Callable[[Any], Any]], config: ModelConfig):
+    """The model `config` describes, from `builders` (a backend's family -> model class table)."""
     family = family_of(config).name
-    if (backend, family) not in _BUILDERS:
-        raise ValueError(f"the {backend} backend builds no {family} models")
-    return _BUILDERS[backend, family](config)
+    if family not in builders:
+        raise ValueError(f"this backend builds no {family} models; it builds {', '.join(builders)}")
+    return builders[family](config)
 
 
 def check_num_classes(num_classes) -> None:
@@ -96,12 +91,13 @@ def check_num_classes(num_classes) -> None:
         raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
 
 
-def create(backend: str, name: str, num_classes: int | None = None, checkpoint_path=None, load_weights=None,
-           **overrides):
-    """The registered model `name`, built by `backend` (timm's and mindcv's `create_model`): its config's class
-    count stands unless `num_classes` (or any other field) is overridden, and `num_classes=0` removes the heads.
-    With `checkpoint_path`, the backend's `load_weights(model, path)` loads its weights first."""
-    model = build(backend, get_model_config(name, num_classes=num_classes or None, **overrides))
+def create(build_model: Callable[[ModelConfig], Any], name: str, num_classes: int | None = None,
+           checkpoint_path=None, load_weights=None, **overrides):
+    """The registered model `name`, built by a backend's `build_model` (timm's and mindcv's `create_model`):
+    its config's class count stands unless `num_classes` (or any other field) is overridden, and
+    `num_classes=0` removes the heads. With `checkpoint_path`, the backend's `load_weights(model, path)`
+    loads its weights first."""
+    model = build_model(get_model_config(name, num_classes=num_classes or None, **overrides))
     if checkpoint_path is not None:
         load_weights(model, checkpoint_path)
     if num_classes == 0:
@@ -109,24 +105,27 @@ def create(backend: str, name: str, num_classes: int | None = None, checkpoint_p
     return model
 
 
-# Where registered names live: (list the names, get a config by name with overrides), one pair per registry.
-NAME_REGISTRIES = ((list_configs, get_config), (list_vt_configs, get_vt_config))
-
-
-def list_model_names(pattern: str | None = None) -> list[str]:
-    """Every registered model name, or those matching the shell-style `pattern` (e.g. "dvt_*")."""
+def list_model_names(pattern: str | None = None, cascade: bool | None = None) -> list[str]:
+    """Every registered model name, or those matching the shell-style `pattern` (e.g. "dvt_*"); with
+    `cascade`, only DVT cascades (True) or only single-exit VT models and baselines' trunks (False)."""
     from fnmatch import fnmatch
 
-    names = sorted(name for names, _ in NAME_REGISTRIES for name in names())
-    return [name for name in names if pattern is None or fnmatch(name, pattern)]
+    return [
+        name for name in sorted(registry.CONFIGS)
+        if (pattern is None or fnmatch(name, pattern))
+        and (cascade is None or family_of(registry.CONFIGS[name]()).cascade == cascade)
+    ]
 
 
 def get_model_config(name: str, num_classes: int | None = None, **overrides) -> ModelConfig:
-    """The registered config `name`, of any family, with any field overridden."""
-    for names, get in NAME_REGISTRIES:
-        if name in names():
-            return get(name, num_classes=num_classes, **overrides)
-    raise ValueError(f"unknown model name {name!r}; registered names: {', '.join(list_model_names())}")
+    """The registered config `name`, of any family, with `num_classes` and any other field overridden
+    (nested specs and stages take `to_dict`'s form)."""
+    if name not in registry.CONFIGS:
+        raise ValueError(f"unknown model name {name!r}; registered names: {', '.join(list_model_names())}")
+    config = registry.CONFIGS[name]()
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    return config.replace(**overrides) if overrides else config
 
 
 def config_from_dict(data: dict) -> ModelConfig:

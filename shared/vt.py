@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+
+from .registry import register_model_config
 
 BLOCK_KINDS = ("basic", "bottleneck")
 # imagenet: timm's 7x7/2 convolution and 3x3/2 max pool; small: one 3x3/1 convolution, no pool.
@@ -326,15 +327,7 @@ PAPER_VT_RESNET = VTSpec(tokens=16, token_dim=1024)
 # The paper's VT-FPN: 8 tokens of width 1024 per level.
 PAPER_VT_FPN = VTSpec(tokens=8, token_dim=1024)
 
-_REGISTRY: dict[str, Callable[[], VTResNetConfig | VTFPNConfig]] = {}
-
-
-def register_vt_config(fn):
-    _REGISTRY[fn.__name__] = fn
-    return fn
-
-
-@register_vt_config
+@register_model_config
 def vt_resnet18() -> VTResNetConfig:
     return VTResNetConfig(
         name="vt_resnet18", family="vt_resnet", trunk=RESNET18, vt=PAPER_VT_RESNET, vt_modules=2,
@@ -342,7 +335,7 @@ def vt_resnet18() -> VTResNetConfig:
     )
 
 
-@register_vt_config
+@register_model_config
 def vt_resnet34() -> VTResNetConfig:
     # As for ResNet-18, one VT module per block of the replaced stage (ResNet-34's last stage has 3).
     return VTResNetConfig(
@@ -351,7 +344,7 @@ def vt_resnet34() -> VTResNetConfig:
     )
 
 
-@register_vt_config
+@register_model_config
 def vt_fpn_r50() -> VTFPNConfig:
     return VTFPNConfig(
         name="vt_fpn_r50", trunk=RESNET50, vt=PAPER_VT_FPN,
@@ -364,7 +357,7 @@ def vt_fpn_r50() -> VTFPNConfig:
 FMNIST_TRUNK = ResNetSpec("basic", (2, 2, 2, 2), channels=(16, 32, 64, 128), stem="small", stem_width=16)
 
 
-@register_vt_config
+@register_model_config
 def vt_resnet_fmnist() -> VTResNetConfig:
     # The paper's proportions at a quarter width: C_T = 4 C, 2 modules replacing a 2-block stage.
     return VTResNetConfig(
@@ -382,23 +375,9 @@ def plain_resnet(config: VTResNetConfig, name: str | None = None) -> VTResNetCon
     )
 
 
-@register_vt_config
+@register_model_config
 def resnet_fmnist() -> VTResNetConfig:
     return plain_resnet(vt_resnet_fmnist())
-
-
-def list_vt_configs() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def get_vt_config(name: str, num_classes: int | None = None, **overrides) -> VTResNetConfig | VTFPNConfig:
-    """The registered VT config `name` with any field overridden (nested specs take dicts)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown VT model name {name!r}; registered VT names: {', '.join(list_vt_configs())}")
-    config = _REGISTRY[name]()
-    if num_classes is not None:
-        overrides["num_classes"] = num_classes
-    return config.replace(**overrides) if overrides else config
 
 
 # ---------------------------------------------------------------- FLOPs

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import torch
 
-from dvt_shared.configs import get_config
+from dvt_shared.models import get_model_config
 from dvt_shared.weight_format import WeightMetadata, save_canonical
 from dvt_torch.checkpoint import write_release_checkpoint
 from dvt_torch.train_state import CHECKPOINT_FORMAT, save_checkpoint
@@ -34,7 +34,7 @@ TENSORS = [
     }
     for rng in (np.random.default_rng(version) for version in range(VERSIONS))
 ]
-METADATA = WeightMetadata(config=get_config("dvt_t2t_vit_fmnist"), provenance="crash-safety test")
+METADATA = WeightMetadata(config=get_model_config("dvt_t2t_vit_fmnist"), provenance="crash-safety test")
 
 
 def write_canonical(path: str, version: int) -> None:

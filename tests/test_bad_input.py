@@ -26,7 +26,7 @@ from dvt_cli import CommandError, main
 from dvt_mindspore import checkpoint as ms_checkpoint
 from dvt_mindspore.export import MindIRAdaptiveDVT
 from dvt_onnx import OnnxAdaptiveDVT
-from dvt_shared import StageSpec, StemSpec, get_config, softmax
+from dvt_shared import StageSpec, StemSpec, get_model_config, softmax
 from dvt_shared.datasets import FASHION_MNIST_FILES, write_idx
 from dvt_shared.exit_policy import check_calibration_data, thresholds_for_accuracy, thresholds_for_budget
 from dvt_shared.flops import exit_gflops
@@ -36,7 +36,7 @@ from dvt_torch import convert as torch_convert
 from dvt_torch.export import export_onnx
 from tests.bounds import assert_chosen_close, assert_exits_close
 
-CONFIG = get_config("dvt_t2t_vit_fmnist", embed_dim=24, depth=1, num_heads=2, token_dim=8)
+CONFIG = get_model_config("dvt_t2t_vit_fmnist", embed_dim=24, depth=1, num_heads=2, token_dim=8)
 THRESHOLDS = [0.3, 0.3, -1e8]
 
 

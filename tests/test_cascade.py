@@ -3,14 +3,14 @@ engines pass on and the tensors an exported stage graph takes and gives, positio
 import numpy as np
 import pytest
 
-from dvt_shared import get_config
+from dvt_shared import get_model_config
 from dvt_shared.adaptive import reuse_tensor_names
 from dvt_shared.cascade import ReuseState
 
 
 @pytest.mark.parametrize("reuse", ["both", "feature", "relation"])
 def test_positional_and_named_forms_round_trip(reuse):
-    config = get_config("dvt_t2t_vit_fmnist", reuse=reuse)
+    config = get_model_config("dvt_t2t_vit_fmnist", reuse=reuse)
     feature_reuse, relation_reuse = config.feature_reuse, config.relation_reuse
     names = reuse_tensor_names(config, 0)
     features, relations = np.ones((2, 3)), np.zeros((2, 4, 5, 5))

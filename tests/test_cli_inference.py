@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from dvt_cli import backends, main
-from dvt_shared import get_config
+from dvt_shared import get_model_config
 from dvt_shared.datasets import DEFAULT_FASHION_MNIST_DIR
 from dvt_shared.flops import cumulative_flops, exit_gflops
 from dvt_shared.weight_format import WeightMetadata, load_canonical, save_canonical
@@ -21,7 +21,7 @@ TINY = dict(embed_dim=24, depth=1, num_heads=2, token_dim=8, num_classes=10)
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     torch.manual_seed(0)
-    model = DVT(get_config("dvt_t2t_vit_fmnist", **TINY))
+    model = DVT(get_model_config("dvt_t2t_vit_fmnist", **TINY))
     with torch.no_grad():  # spread the confidences so that every exit gets images
         for p in model.parameters():
             if p.dim() >= 2 and p.requires_grad:

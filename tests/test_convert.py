@@ -10,11 +10,11 @@ import dvt_mindspore
 import dvt_torch
 from dvt_mindspore import checkpoint as ms_checkpoint
 from dvt_mindspore import convert as ms_convert
-from dvt_shared import get_config
+from dvt_shared import get_model_config
 from dvt_torch import convert as torch_convert
 from tests.release_fixtures import load_cascade
 
-CONFIG = get_config("dvt_t2t_vit_fmnist", depth=1, embed_dim=24, num_heads=2, token_dim=8, num_classes=5)
+CONFIG = get_model_config("dvt_t2t_vit_fmnist", depth=1, embed_dim=24, num_heads=2, token_dim=8, num_classes=5)
 
 
 def torch_model(seed: int = 0) -> dvt_torch.DVT:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dvt_shared import get_config, list_configs
+from dvt_shared import get_model_config, list_model_names
 from tests.bounds import assert_close, assert_exits_close
 from tests.release_fixtures import load_cascade, release_json
 
@@ -17,7 +17,7 @@ RELATION_CONV_OUT = ("less_token.relation_reuse_conv.2", "normal_token.relation_
 
 
 def tiny_config(**overrides):
-    return get_config("dvt_t2t_vit_fmnist", **{**TINY, **overrides})
+    return get_model_config("dvt_t2t_vit_fmnist", **{**TINY, **overrides})
 
 
 def tiny(backend, **overrides):
@@ -99,9 +99,9 @@ def test_canonical_layout_equals_release(backend, name, keys_file):
 
 
 def test_every_registered_name_builds_and_keeps_its_class_count(backend):
-    for name in list_configs():
+    for name in list_model_names(cascade=True):
         model = backend.create_model(name, depth=1)
-        assert model.config == get_config(name, depth=1)
+        assert model.config == get_model_config(name, depth=1)
         assert backend.create_model(name, depth=1, num_classes=7).config.num_classes == 7
     assert backend.create_model("dvt_t2t_vit_fmnist").config.num_classes == 10
     assert backend.create_model("dvt_t2t_vit_12", depth=1).config.num_classes == 1000

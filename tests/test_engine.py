@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dvt_shared import find_thresholds, get_config
+from dvt_shared import find_thresholds, get_model_config
 from dvt_shared.error_bounds import FP32, decision_agreement
 from dvt_shared.exit_policy import ENTROPY, MAX_SOFTMAX, exit_indices, last_exit_only, softmax
 from dvt_shared.flops import cumulative_flops
@@ -19,7 +19,7 @@ from tests.bounds import assert_chosen_close, assert_exits_close
 def sharp_tiny_model(seed=0):
     """A tiny fmnist DVT with weights large enough that confidences depend on the image."""
     torch.manual_seed(seed)
-    model = DVT(get_config("dvt_t2t_vit_fmnist", embed_dim=24, depth=2, num_heads=2, token_dim=8)).eval()
+    model = DVT(get_model_config("dvt_t2t_vit_fmnist", embed_dim=24, depth=2, num_heads=2, token_dim=8)).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2 and p.requires_grad:

@@ -6,7 +6,7 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 
-from dvt_shared import get_config
+from dvt_shared import get_model_config
 from dvt_shared.flops import cumulative_flops, exit_gflops, stage_flops
 from dvt_shared.token_schedule import resample_matrix_1d
 from dvt_torch import DVT, layers
@@ -93,7 +93,7 @@ def fvcore_stage_counts(config, monkeypatch):
 
 @pytest.mark.parametrize("name", ["dvt_t2t_vit_12", "dvt_t2t_vit_14", "dvt_deit_small", "dvt_t2t_vit_fmnist"])
 def test_formula_matches_fvcore(name, monkeypatch):
-    config = get_config(name)
+    config = get_model_config(name)
     for index, (counted, formula) in enumerate(zip(fvcore_stage_counts(config, monkeypatch), stage_flops(config))):
         deviation = abs(formula - counted) / counted
         print(f"{name} stage {index}: fvcore {counted / 1e9:.4f} G, formula {formula / 1e9:.4f} G ({deviation:.3%})")
@@ -102,27 +102,27 @@ def test_formula_matches_fvcore(name, monkeypatch):
 
 @pytest.mark.parametrize("reuse", ["none", "feature", "relation"])
 def test_formula_matches_fvcore_for_ablations(reuse, monkeypatch):
-    config = get_config("dvt_t2t_vit_fmnist", reuse=reuse)
+    config = get_model_config("dvt_t2t_vit_fmnist", reuse=reuse)
     for counted, formula in zip(fvcore_stage_counts(config, monkeypatch), stage_flops(config)):
         assert abs(formula - counted) <= 0.01 * counted
 
 
 def test_paper_figures_for_dvt_t2t_vit_12():
-    for got, paper in zip(exit_gflops(get_config("dvt_t2t_vit_12")), PAPER_DVT_T2T_VIT_12):
+    for got, paper in zip(exit_gflops(get_model_config("dvt_t2t_vit_12")), PAPER_DVT_T2T_VIT_12):
         assert abs(got - paper) / paper <= 0.03, (got, paper)
 
 
 def test_static_backbone_costs_match_published():
     # T2T-ViT-12 1.78 G (DVT paper), T2T-ViT-14 4.8 G (T2T paper), DeiT-S 4.6 G (DeiT paper)
     for name, published in (("dvt_t2t_vit_12", 1.78), ("dvt_t2t_vit_14", 4.8), ("dvt_deit_small", 4.6)):
-        last_stage = stage_flops(get_config(name, reuse="none"))[-1] / 1e9
+        last_stage = stage_flops(get_model_config(name, reuse="none"))[-1] / 1e9
         assert abs(last_stage - published) / published <= 0.03, (name, last_stage)
 
 
 def test_cumulative_is_running_sum_and_reuse_costs_extra():
-    config = get_config("dvt_t2t_vit_12")
+    config = get_model_config("dvt_t2t_vit_12")
     stages, cumulative = stage_flops(config), cumulative_flops(config)
     assert cumulative == (stages[0], stages[0] + stages[1], sum(stages))
-    without_reuse = cumulative_flops(get_config("dvt_t2t_vit_12", reuse="none"))
+    without_reuse = cumulative_flops(get_model_config("dvt_t2t_vit_12", reuse="none"))
     assert without_reuse[0] == cumulative[0]
     assert all(a < b for a, b in zip(without_reuse[1:], cumulative[1:]))

@@ -12,11 +12,11 @@ import pytest
 import dvt_mindspore
 from dvt_mindspore.engine import AdaptiveDVT
 from dvt_mindspore.export import MindIRAdaptiveDVT, export_mindir
-from dvt_shared import get_config
+from dvt_shared import get_model_config
 from dvt_shared.adaptive import check_gears, even_chunks, gear_for, gear_pieces, power_of_two_gears
 from tests.bounds import assert_chosen_close
 
-TINY = get_config("dvt_t2t_vit_fmnist", embed_dim=24, depth=1, num_heads=2, token_dim=8)
+TINY = get_model_config("dvt_t2t_vit_fmnist", embed_dim=24, depth=1, num_heads=2, token_dim=8)
 EVERY_EXIT = [1e8, 1e8, -1e8]  # nobody stops early: every stage sees the whole batch
 
 

@@ -16,13 +16,13 @@ from dvt_cli.kserve import (
     model_metadata,
     parse_infer_request,
 )
-from dvt_shared import get_config
+from dvt_shared import get_model_config
 from dvt_shared.adaptive import Prediction
 from dvt_shared.transforms import eval_array, normalise_pixels
 
 http = pytest.importorskip("tritonclient.http")
 
-CONFIG = get_config("dvt_t2t_vit_fmnist")
+CONFIG = get_model_config("dvt_t2t_vit_fmnist")
 
 
 def triton_body(array, datatype, binary=True, outputs=None, name="images", request_id=""):

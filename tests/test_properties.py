@@ -23,7 +23,7 @@ from dvt_shared import (
     dynamic_evaluate,
     exit_shares,
     find_thresholds,
-    get_config,
+    get_model_config,
     relation_resample_matrix,
     resample_matrix,
     softmax,
@@ -137,7 +137,7 @@ def test_a_larger_budget_never_buys_less(n, classes, costs, fractions, seed):
 
 # --- weight conversion ----------------------------------------------------------------------
 
-FMNIST_STAGES = get_config("dvt_t2t_vit_fmnist").stages
+FMNIST_STAGES = get_model_config("dvt_t2t_vit_fmnist").stages
 PATCH_STAGES = tuple(
     StageSpec(name, StemSpec("patch", ((patch, patch, 0),)))
     for name, patch in zip(("less_less_token", "less_token", "normal_token"), (14, 7, 4))

@@ -178,9 +178,9 @@ def test_ray_options_are_checked_first(weights, tmp_path, capsys, argv, message)
 def test_decode_is_shared(folder):
     """Both paths decode with `decode_image`: the bytes of a file give what `load_images` gives."""
     from dvt_cli.inference import decode_image, load_images
-    from dvt_shared import get_config
+    from dvt_shared import get_model_config
 
-    config = get_config("dvt_t2t_vit_fmnist")
+    config = get_model_config("dvt_t2t_vit_fmnist")
     path = walked(folder)[0]
     with open(path, "rb") as handle:
         data = handle.read()

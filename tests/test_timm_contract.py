@@ -9,6 +9,7 @@ at creation, features_only (FeatureListNet and the feature-getter path, forward_
 prune_intermediate_layers), torch.fx tracing, and the transform `timm.data` derives from the model.
 Models are built small (config overrides) so that all of them run in seconds.
 """
+import copy
 from functools import partial
 
 import numpy as np
@@ -21,15 +22,14 @@ from timm.models import FeatureListNet, get_notrace_functions
 from timm.models._features import FeatureGetterNet
 
 import dvt_torch  # noqa: F401  (registers every DVT and VT name with timm)
-from dvt_shared.configs import list_configs
 from dvt_shared.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, normalise_fashion_mnist
-from dvt_shared.vt import list_vt_configs
+from dvt_shared.models import list_model_names
 
 SMALL_DVT = dict(depth=1, embed_dim=24, num_heads=2, token_dim=8)
 SMALL_TRUNK = {"trunk": {"layers": [1, 1, 1, 1], "channels": [4, 4, 8, 8], "stem_width": 8}}
 # Small versions of every registered model: the same family, stems and heads, fewer and narrower layers.
 SMALL = {
-    **{name: dict(SMALL_DVT) for name in list_configs()},
+    **{name: dict(SMALL_DVT) for name in list_model_names(cascade=True)},
     "dvt_t2t_vit_12": dict(SMALL_DVT, img_size=64), "dvt_t2t_vit_14": dict(SMALL_DVT, img_size=64),
     "dvt_deit_small": dict(SMALL_DVT, img_size=64),
     "vt_resnet18": dict(SMALL_TRUNK, vt={"tokens": 4, "token_dim": 16}, img_size=64),
@@ -38,10 +38,10 @@ SMALL = {
     "resnet_fmnist": dict(SMALL_TRUNK),
     "vt_fpn_r50": dict(SMALL_TRUNK, vt={"tokens": 2, "token_dim": 16}, fpn_channels=8, img_size=(40, 56)),
 }
-ALL_NAMES = sorted(list_configs() + list_vt_configs())
-DVT_NAMES = list_configs()
+ALL_NAMES = sorted(list_model_names(cascade=True) + list_model_names(cascade=False))
+DVT_NAMES = list_model_names(cascade=True)
 CLASSIFIERS = [name for name in ALL_NAMES if name != "vt_fpn_r50"]  # VT-FPN predicts per pixel
-TRUNK_MODELS = list_vt_configs()
+TRUNK_MODELS = list_model_names(cascade=False)
 
 
 def create(name: str, **kwargs):
@@ -329,8 +329,36 @@ def test_pruned_cascade_keeps_its_taps_and_trains_every_parameter(name):
 
 
 @pytest.mark.parametrize("name", TRUNK_MODELS)
-def test_trunk_models_trace_with_torch_fx(name):
-    """timm's FX feature extraction: the input check is a leaf call (timm's notrace functions), run on the batch."""
+def test_pruned_trunk_keeps_its_taps_and_trains_every_parameter(name):
+    """timm's pruning contract on a ResNet trunk: cut after a tap, the trunk ends at that tap's map (the VT
+    modules or FPN that read the cut stages go with them), and every parameter left reaches the features."""
+    model = create(name).eval()
+    x = inputs(model)
+    with torch.no_grad():
+        taps = model.forward_intermediates(x, intermediates_only=True)
+        whole = model(x)
+        kept = copy.deepcopy(model)
+        kept.prune_intermediate_layers([len(taps) - 1], prune_head=False)
+        torch.testing.assert_close(kept(x), whole, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="prune_head=True"):
+        copy.deepcopy(model).prune_intermediate_layers([1], prune_head=False)
+    for index in range(len(taps) - 1):
+        pruned = copy.deepcopy(model)
+        take = pruned.prune_intermediate_layers([index])
+        assert take == [index] and pruned.num_classes == 0 and len(pruned.feature_info) == index + 1
+        with torch.no_grad():
+            torch.testing.assert_close(pruned.forward_features(x), taps[index], rtol=0, atol=0)
+            torch.testing.assert_close(pruned(x), taps[index], rtol=0, atol=0)
+        features = pruned.train().forward_intermediates(x, indices=take, intermediates_only=True)
+        (features[0].sum() + pruned.forward_features(x).sum()).backward()
+        assert not [n for n, p in pruned.named_parameters() if p.grad is None]
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_every_model_traces_with_torch_fx(name):
+    """timm's FX feature extraction: the input checks, DVT's T2T soft split and its performer attention are
+    leaf calls (timm's notrace functions), run on the batch; the traced model computes what the model does,
+    and in training mode (every exit of a DVT) its backward reaches every parameter."""
     model = create(name).eval()
     tracer = torch.fx.Tracer(autowrap_functions=tuple(get_notrace_functions()))
     traced = torch.fx.GraphModule(model, tracer.trace(model))
@@ -339,6 +367,11 @@ def test_trunk_models_trace_with_torch_fx(name):
         torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match="expects images"):
         traced(x[..., 1:])
+    model.train()
+    traced = torch.fx.GraphModule(model, tracer.trace(model))
+    outputs = traced(x)
+    sum(o.float().mean() for o in (outputs if isinstance(outputs, tuple) else (outputs,))).backward()
+    assert not [n for n, p in model.named_parameters() if p.grad is None]
 
 
 def test_other_channel_counts_get_no_statistics():
@@ -366,7 +399,7 @@ def test_fashion_mnist_models_get_its_transform(name):
 def test_imagenet_models_get_the_release_eval_transform(name):
     from dvt_shared.transforms import eval_array
 
-    model = timm.create_model(name, **({"depth": 1} if name in list_configs() else {}))
+    model = timm.create_model(name, **({"depth": 1} if name in list_model_names(cascade=True) else {}))
     config = resolve_data_config(model=model)
     assert config["input_size"] == (3, 224, 224)
     rgb = Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8))

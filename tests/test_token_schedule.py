@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from dvt_shared import (
-    get_config,
-    list_configs,
+    get_model_config,
+    list_model_names,
     relation_resample_matrix,
     resample_matrix,
     resample_matrix_1d,
@@ -49,12 +49,12 @@ def test_relation_matrix_keeps_class_token():
 
 def test_release_schedule_7_10_14():
     for name in ("dvt_t2t_vit_12", "dvt_t2t_vit_14", "dvt_deit_small"):
-        assert token_grids(get_config(name)) == (7, 10, 14)
+        assert token_grids(get_model_config(name)) == (7, 10, 14)
 
 
 def test_grids_follow_image_size():
-    assert get_config("dvt_t2t_vit_12", img_size=160).grids == (5, 7, 10)
-    assert get_config("dvt_t2t_vit_fmnist").grids == (3, 5, 7)
+    assert get_model_config("dvt_t2t_vit_12", img_size=160).grids == (5, 7, 10)
+    assert get_model_config("dvt_t2t_vit_fmnist").grids == (3, 5, 7)
 
 
 def test_matrices_are_read_only():
@@ -69,8 +69,8 @@ def test_bad_sizes_rejected(bad):
 
 
 def test_every_registered_config_builds_a_schedule():
-    for name in list_configs():
-        config = get_config(name)
+    for name in list_model_names(cascade=True):
+        config = get_model_config(name)
         grids = token_grids(config)
         assert len(grids) == config.num_exits and list(grids) == sorted(grids)
 

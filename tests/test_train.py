@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from dvt_shared.configs import get_config, static_baseline
+from dvt_shared.configs import static_baseline
 from dvt_shared.datasets import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_FILES, write_idx
 from dvt_shared.flops import exit_gflops
+from dvt_shared.models import get_model_config
 from dvt_shared.weight_format import load_canonical
 from dvt_torch import train as train_module
 from dvt_torch.data import (
@@ -144,7 +145,7 @@ def test_tiny_run_learns_and_writes_its_files(tmp_path, data_dir):
     assert metrics["completed"] and metrics["steps"] == 4 * 16 and metrics["test_acc"] == log[-1]["test_acc"]
 
     tensors, metadata = load_canonical(out / "final.safetensors")
-    config = get_config("dvt_t2t_vit_fmnist", num_classes=10, **json.loads(TINY))
+    config = get_model_config("dvt_t2t_vit_fmnist", num_classes=10, **json.loads(TINY))
     assert metadata.config == config
     assert metadata.exit_flops == pytest.approx(list(exit_gflops(config)))
     assert json.loads(metadata.extra["test_acc"]) == log[-1]["test_acc"]
@@ -312,8 +313,8 @@ def test_bad_options_are_refused(tmp_path, data_dir, monkeypatch):
 
 
 def test_static_baseline_config_and_training(tmp_path, data_dir):
-    base = get_config("dvt_t2t_vit_fmnist")
-    static = get_config("dvt_t2t_vit_fmnist_static")
+    base = get_model_config("dvt_t2t_vit_fmnist")
+    static = get_model_config("dvt_t2t_vit_fmnist_static")
     assert static == static_baseline(base)
     assert static.name == "dvt_t2t_vit_fmnist_static" and static.num_exits == 1 and static.reuse == "none"
     assert static.stages == (base.stages[-1],) and static.grids == (base.grids[-1],)
@@ -491,7 +492,7 @@ def test_fine_tuning_interpolates_learned_positions_and_reads_release_files(tmp_
     from dvt_torch.convert import to_canonical
     from dvt_torch.finetune import load_init_weights, read_init_weights
 
-    small = get_config("dvt_deit_small", img_size=64, embed_dim=24, depth=1, num_heads=2, num_classes=7)
+    small = get_model_config("dvt_deit_small", img_size=64, embed_dim=24, depth=1, num_heads=2, num_classes=7)
     torch.manual_seed(0)
     path = tmp_path / "deit.pth"
     write_release_checkpoint(path, to_canonical(DVT(small)))
@@ -545,7 +546,7 @@ def test_torchrun_two_ranks_agree(tmp_path, data_dir):
     assert [r["step"] for r in log] == [4, 8]  # 128 samples / 2 ranks / 16 per batch
     rank0, rank1 = _weights(out / "final.safetensors"), _weights(out / "final.rank1.safetensors")
     _assert_same_weights(rank0, rank1)
-    initial = DVT(get_config("dvt_t2t_vit_fmnist", num_classes=10, **json.loads(TINY))).state_dict()
+    initial = DVT(get_model_config("dvt_t2t_vit_fmnist", num_classes=10, **json.loads(TINY))).state_dict()
     assert any(not np.array_equal(rank0[k], initial[k].numpy()) for k in rank0)
     assert len(load_checkpoint(str(out / "last.pt"))["ranks"]) == 2
 
@@ -577,7 +578,7 @@ def test_two_nodes_through_c10d_rendezvous_train_as_one_process(tmp_path, data_d
     assert single["steps"] == 4 and json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"] == 4
     one, two = _weights(tmp_path / "single" / "final.safetensors"), _weights(out / "final.safetensors")
     _assert_same_weights(two, _weights(out / "final.rank1.safetensors"))
-    config = get_config("dvt_t2t_vit_fmnist", num_classes=10, **json.loads(overrides))
+    config = get_model_config("dvt_t2t_vit_fmnist", num_classes=10, **json.loads(overrides))
     losses = [json.loads((folder / "log.jsonl").read_text().splitlines()[-1])["loss"]
               for folder in (tmp_path / "single", out)]
     loss_bound = FP32.bound(computation_blocks(config), losses[0]) + 1e-6  # + the log's 6-decimal rounding
@@ -668,7 +669,8 @@ def test_distillation_loss_is_the_mean_of_label_and_teacher_losses(tmp_path, dat
     metrics = train(_args(tmp_path / "run", data_dir, "--teacher", SHIPPED_TEACHER, "--max-steps", "3"))
     assert metrics["steps"] == 3
     with pytest.raises(ValueError, match="--teacher .* 5 classes"):
-        train_module.load_teacher(SHIPPED_TEACHER, get_config("dvt_t2t_vit_fmnist", num_classes=5), torch.device("cpu"))
+        five_classes = get_model_config("dvt_t2t_vit_fmnist", num_classes=5)
+        train_module.load_teacher(SHIPPED_TEACHER, five_classes, torch.device("cpu"))
 
 
 def test_the_device_check_runs_on_a_cpu():

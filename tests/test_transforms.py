@@ -38,10 +38,10 @@ def test_grey_evaluation_is_fashion_mnist_normalisation():
 
 def test_training_evaluation_transform_is_the_shared_one():
     """An image folder is evaluated during training with the release's evaluation transform."""
-    from dvt_shared import get_config
+    from dvt_shared import get_model_config
     from dvt_torch.data import folder_transforms
 
     pixels = np.random.default_rng(1).integers(0, 256, (70, 90, 3), dtype=np.uint8)
     image = Image.fromarray(pixels, mode="RGB")
-    _, evaluation = folder_transforms(get_config("dvt_deit_small", img_size=48))
+    _, evaluation = folder_transforms(get_model_config("dvt_deit_small", img_size=48))
     np.testing.assert_array_equal(evaluation(image).numpy(), eval_array(image, 3, 48))

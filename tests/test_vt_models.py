@@ -9,8 +9,8 @@ import torch
 
 from dvt_shared.datasets import FASHION_MNIST_FILES, write_idx
 from dvt_shared.error_bounds import computation_blocks
-from dvt_shared.models import model_gflops
-from dvt_shared.vt import VTSpec, get_vt_config, list_vt_configs
+from dvt_shared.models import get_model_config, list_model_names, model_gflops
+from dvt_shared.vt import VTSpec
 from dvt_shared.weight_format import WeightMetadata, load_canonical, save_canonical
 from tests.bounds import assert_close
 
@@ -165,7 +165,7 @@ def test_trunks_are_timms_resnets():
         assert {k.split(".")[0] for k in reference} - {k.split(".")[0] for k in trunk} <= {"layer4", "fc"}
     # the plain ResNet-18 is timm's, key for key and output for output
     timm_model = timm.create_model("resnet18", pretrained=False).eval()
-    ours = ResNet(plain_resnet(get_vt_config("vt_resnet18", img_size=64))).eval()
+    ours = ResNet(plain_resnet(get_model_config("vt_resnet18", img_size=64))).eval()
     ours.load_state_dict(timm_model.state_dict())
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -198,7 +198,7 @@ def test_mindspore_names_are_the_pytorch_keys(name, overrides):
     from dvt_mindspore.convert import mindspore_names
     from dvt_mindspore.convert import to_canonical as ms_canonical
 
-    config = get_vt_config(name, **overrides)
+    config = get_model_config(name, **overrides)
     ms_model = dvt_mindspore.build_model(config)
     ours = {k: v.shape for k, v in ms_canonical(ms_model).items()}
     names = mindspore_names(ours)
@@ -212,7 +212,7 @@ def test_mindspore_graph_mode_equals_pynative(name, overrides):
 
     import dvt_mindspore
 
-    config = get_vt_config(name, **overrides)
+    config = get_model_config(name, **overrides)
     model = dvt_mindspore.build_model(config)
     model.set_train(False)
     size = config.img_size if isinstance(config.img_size, tuple) else (config.img_size,) * 2
@@ -271,7 +271,7 @@ def test_canonical_file_records_a_vt_config(tmp_path):
     from dvt_torch import build_model
     from dvt_torch.convert import from_canonical, to_canonical
 
-    config = get_vt_config("vt_resnet_fmnist")
+    config = get_model_config("vt_resnet_fmnist")
     metadata = WeightMetadata(config=config, exit_flops=list(model_gflops(config)))
     save_canonical(tmp_path / "vt.safetensors", to_canonical(build_model(config)), metadata)
     tensors, loaded = load_canonical(tmp_path / "vt.safetensors")
@@ -325,7 +325,7 @@ def test_training_learns_and_writes_a_vt_file(trained):
     # Which row holds the bar is all there is to learn, and tokens carry no position: slow, but above chance (10%).
     assert log[-1]["loss"] < log[0]["loss"] - 0.3 and metrics["vt_resnet_fmnist"]["test_acc"][0] > 15.0
     tensors, metadata = load_canonical(root / "vt_resnet_fmnist" / "final.safetensors")
-    config = get_vt_config("vt_resnet_fmnist", num_classes=10, **json.loads(TINY_VT))
+    config = get_model_config("vt_resnet_fmnist", num_classes=10, **json.loads(TINY_VT))
     assert metadata.config == config and metadata.exit_flops == pytest.approx(list(model_gflops(config)))
     assert not any(key.endswith("num_batches_tracked") for key in tensors)
 
@@ -347,9 +347,9 @@ def test_evaluate_compares_a_vt_model_with_its_baseline(trained, data_dir, tmp_p
     assert (vt["model"], resnet["model"]) == ("vt_resnet_fmnist", "resnet_fmnist")
     # the training loop's own test accuracy, up to a sample the other batching may tip
     assert abs(vt["accuracy"] - metrics["vt_resnet_fmnist"]["test_acc"][0]) <= 1.0 and resnet["accuracy"] > 30.0
-    tiny = build_model(get_vt_config("vt_resnet_fmnist", **json.loads(TINY_VT)))
+    tiny = build_model(get_model_config("vt_resnet_fmnist", **json.loads(TINY_VT)))
     assert vt["params"] == sum(p.numel() for p in tiny.parameters())
-    assert vt["gflops"] == pytest.approx(model_gflops(get_vt_config("vt_resnet_fmnist", **json.loads(TINY_VT)))[0])
+    assert vt["gflops"] == pytest.approx(model_gflops(get_model_config("vt_resnet_fmnist", **json.loads(TINY_VT)))[0])
     mindspore = report["agreement"]["mindspore"]
     assert mindspore["same_prediction"] == mindspore["images"] == 100
     assert mindspore["max_abs_prob_delta"] < 1e-5
@@ -362,7 +362,7 @@ def test_convert_command_round_trips_vt_weights(tmp_path):
     from dvt_torch import create_model
     from dvt_torch.convert import to_canonical
 
-    config = get_vt_config("vt_resnet_fmnist")
+    config = get_model_config("vt_resnet_fmnist")
     tensors = to_canonical(create_model("vt_resnet_fmnist"))
     save_canonical(tmp_path / "vt.safetensors", tensors, WeightMetadata(config=config))
     assert main(["convert", str(tmp_path / "vt.safetensors"), str(tmp_path / "vt.ckpt")]) == 0
@@ -375,7 +375,7 @@ def test_convert_command_round_trips_vt_weights(tmp_path):
 def test_every_vt_name_is_a_timm_model():
     import timm
 
-    for name in list_vt_configs():
+    for name in list_model_names(cascade=False):
         assert timm.is_model(name)
     with pytest.raises(ValueError, match="never downloaded"):
         timm.create_model("vt_resnet_fmnist", pretrained=True)

@@ -13,7 +13,7 @@ from dvt_shared import (
     atomic_write_bytes,
     atomic_writer,
     check_state_dict,
-    get_config,
+    get_model_config,
     load_canonical,
     read_canonical_metadata,
     save_canonical,
@@ -34,7 +34,7 @@ def _tensors(seed: int = 0) -> dict[str, np.ndarray]:
 
 def _metadata() -> WeightMetadata:
     return WeightMetadata(
-        config=get_config("dvt_t2t_vit_fmnist"),
+        config=get_model_config("dvt_t2t_vit_fmnist"),
         exit_flops=[0.0123, 0.0456, 0.0789],
         thresholds=[0.83, 0.61, float("-inf")],
         provenance="trained by tests/test_weight_format.py",
@@ -56,14 +56,14 @@ def test_round_trip_is_bit_exact(tmp_path):
         assert loaded[name].dtype == array.dtype and loaded[name].shape == array.shape
         assert loaded[name].tobytes() == np.ascontiguousarray(array).tobytes()
     assert loaded_meta == metadata
-    assert loaded_meta.config == get_config("dvt_t2t_vit_fmnist")
+    assert loaded_meta.config == get_model_config("dvt_t2t_vit_fmnist")
     assert loaded_meta.config_name == "dvt_t2t_vit_fmnist" and loaded_meta.num_classes == 10
     assert read_canonical_metadata(path) == metadata
 
 
 def test_metadata_is_stored_under_dvt_keys(tmp_path):
     path = tmp_path / "w.safetensors"
-    save_canonical(path, _tensors(), WeightMetadata(config=get_config("dvt_t2t_vit_fmnist")))
+    save_canonical(path, _tensors(), WeightMetadata(config=get_model_config("dvt_t2t_vit_fmnist")))
     header_len = int.from_bytes(path.read_bytes()[:8], "little")
     strings = json.loads(path.read_bytes()[8:8 + header_len])["__metadata__"]
     assert strings["format"] == FORMAT_VERSION
@@ -75,21 +75,21 @@ def test_metadata_is_stored_under_dvt_keys(tmp_path):
 
 
 def test_the_exit_policy_is_recorded_and_older_files_read_as_max_softmax():
-    config = get_config("dvt_t2t_vit_fmnist")
+    config = get_model_config("dvt_t2t_vit_fmnist")
     metadata = WeightMetadata(config=config, thresholds=[0.5, 0.5, -1e8], exit_policy="entropy")
     strings = metadata.to_strings()
     assert WeightMetadata.from_strings(strings).exit_policy == "entropy"
     older = {key: value for key, value in strings.items() if key != "dvt.exit_policy"}
     assert WeightMetadata.from_strings(older).exit_policy == "max-softmax"
     with pytest.raises(ValueError, match="unknown exit policy 'halting'"):
-        WeightMetadata(config=get_config("dvt_t2t_vit_fmnist"), exit_policy="halting")
+        WeightMetadata(config=get_model_config("dvt_t2t_vit_fmnist"), exit_policy="halting")
 
 
 def test_metadata_validation():
     with pytest.raises(ValueError, match="3 exits"):
-        WeightMetadata(config=get_config("dvt_t2t_vit_fmnist"), exit_flops=[1.0, 2.0])
+        WeightMetadata(config=get_model_config("dvt_t2t_vit_fmnist"), exit_flops=[1.0, 2.0])
     with pytest.raises(TypeError, match="extra"):
-        WeightMetadata(config=get_config("dvt_t2t_vit_fmnist"), extra={"n": 3})
+        WeightMetadata(config=get_model_config("dvt_t2t_vit_fmnist"), extra={"n": 3})
 
 
 def test_save_rejects_non_numpy_and_unstorable(tmp_path):
