@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp-install
 
-.PHONY: setup data demo lint test test-fast test-explore parity bench clean
+.PHONY: setup data demo lint test test-slow test-explore parity bench clean
 
 setup: $(STAMP)
 
@@ -32,22 +32,22 @@ demo: setup
 # busy through MindSpore's graph compiles, which one process runs on one core. Tests go out file by
 # file, so a module's fixtures (models, exported graphs, compiled stages) are built once.
 PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
-# The numeric tests run once more under a second kernel family (AVX2 ATen, MKL and oneDNN kernels:
-# other blockings, other summation orders), so that a bound read off one CPU fails on this one first.
+# The parity bounds are checked once more under a second kernel family (AVX2 ATen, MKL and oneDNN
+# kernels: other blockings, other summation orders), so that a bound read off one CPU fails on this one first.
 SECOND_KERNELS := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
-NUMERIC_TESTS := tests/test_engine.py tests/test_dvt_model.py tests/test_backend_ops.py parity_tests/test_logits.py \
-	parity_tests/test_exit_decisions.py parity_tests/test_exported_engines.py parity_tests/test_train_step.py
+KERNEL_TESTS := tests/test_backend_ops.py parity_tests/test_logits.py parity_tests/test_train_step.py
 
+# Tests marked slow (release-size configs) stay out of make test to keep it within 15 minutes on 2 cores.
 test: setup lint
-	$(PYTEST) tests parity_tests
-	$(SECOND_KERNELS) $(PYTEST) -m "not slow" $(NUMERIC_TESTS)
+	$(PYTEST) -m "not slow" tests parity_tests
+	$(SECOND_KERNELS) $(PYTEST) -m "not slow" $(KERNEL_TESTS)
+
+test-slow: setup
+	$(PYTEST) -m slow tests parity_tests
 
 # Style and static checks (pyflakes, pycodestyle, import order, bugbear; pyproject.toml's [tool.ruff]).
 lint: setup
 	$(VENV)/bin/ruff check .
-
-test-fast: setup
-	$(PYTEST) -m "not slow" tests parity_tests
 
 # Property tests with fresh random examples (make test replays a fixed set).
 test-explore: setup
