@@ -170,6 +170,7 @@ def test_precision_that_does_not_exist_is_refused(weights, images, capsys, preci
     assert f"--precision {precision} does not exist for --backend {backend}" in err
 
 
+@pytest.mark.slow
 def test_demo_times_the_evaluations_engines(weights):
     """The demo's speedup runs every exit, then real early exit, through the engines the evaluation
     kept; its exits and MACs are the engine's own, and the thresholds it was given stay set."""
@@ -218,7 +219,10 @@ def test_mindspore_logs_are_silenced_unless_verbose(monkeypatch):
     assert os.environ["GLOG_v"] == "3"
 
 
-@pytest.mark.parametrize("backend, precision", [("torch", "bf16"), ("torch", "fp16"), ("mindspore", "fp16")])
+@pytest.mark.parametrize(
+    "backend, precision",
+    [("torch", "bf16"), ("torch", "fp16"), pytest.param("mindspore", "fp16", marks=pytest.mark.slow)],
+)
 def test_evaluate_precision_agreement(weights, backend, precision):
     """`dvt evaluate --precision` scores the same images at the reduced precision and compares with fp32."""
     from dvt_cli.evaluate import Evaluated, precision_agreement

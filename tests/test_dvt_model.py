@@ -253,6 +253,7 @@ def test_release_fixture_logits_on_cuda(family):
 
 
 # MindSpore alone: graph compilation of the whole cascade and of its stages.
+@pytest.mark.slow
 def test_mindspore_graph_mode_equals_pynative():
     import mindspore as ms
 

@@ -118,6 +118,7 @@ def test_split_batches_agree_with_one_gear(model, graph_mode):
     assert_chosen_close(got.logits, expected.logits, got.exit_index, TINY.depth)
 
 
+@pytest.mark.slow
 def test_each_gear_compiles_once(model, graph_mode):
     engine = AdaptiveDVT(model, EVERY_EXIT, max_batch=4, gears="powers-of-two")
     for count in (3, 1, 4):  # gears 4, 1, 4

@@ -95,6 +95,7 @@ def test_rows_equal_single_process_predict(weights, folder, ray_address, tmp_pat
     assert capsys.readouterr().out.startswith(f"wrote {N_IMAGES} rows to {tmp_path / 'ray.parquet'}: exits [")
 
 
+@pytest.mark.slow
 def test_parquet_inputs(weights, folder, ray_address, tmp_path):
     """Encoded images in a binary column 'image' named by a 'path' column, or in 'bytes' without one:
     then rows are named FILE#ROW. Consecutive files of one layout are one read; rows stay in input order."""

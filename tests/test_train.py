@@ -673,6 +673,7 @@ def test_distillation_loss_is_the_mean_of_label_and_teacher_losses(tmp_path, dat
         train_module.load_teacher(SHIPPED_TEACHER, five_classes, torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_the_device_check_runs_on_a_cpu():
     """benchmarks/gpu_check.py, the script a GPU machine runs, kept working by its CPU dry run."""
     done = subprocess.run(
