@@ -1,4 +1,5 @@
 """Fixtures for tests/ and parity_tests/ alike."""
+import gc
 import os
 import sys
 
@@ -21,3 +22,12 @@ def _mindspore_mode_restored():
 
         if ms.get_context("mode") != ms.PYNATIVE_MODE:
             ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def pytest_collection_finish(session):
+    """Everything imported so far (the frameworks, the test modules) lives as long as the process: frozen out
+    of the garbage collector, it is not walked again by the full collection MindSpore runs before every graph
+    compile: tests/test_engine.py's six MindSpore stage compiles took 58 s unfrozen, 40 s frozen, after
+    collecting every test."""
+    gc.collect()
+    gc.freeze()

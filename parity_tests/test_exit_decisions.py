@@ -46,23 +46,22 @@ def exit_logits(run, x: np.ndarray) -> np.ndarray:
     return np.concatenate(chunks, axis=1).astype(np.float32)
 
 
-@pytest.mark.parametrize("policy", EXIT_POLICIES.values(), ids=EXIT_POLICIES)
-@pytest.mark.parametrize("pair", harness.PAIR_PARAMS)
-@pytest.mark.parametrize("target", TARGET_PARAMS)
-def test_same_exit_for_every_sample(target, pair, policy):
+_scored: dict = {}
+
+
+def scored(target, pair):
+    """The pair's models and exit logits (reference on the calibration set; both on the test set), which
+    every policy decides on: computed once per process."""
+    key = (target.name, pair.id)
+    if key in _scored:
+        return _scored[key]
     ref, cand = pair.on(target)
     # Strong noise makes the random model's confidences depend on the image and spread out; with
     # the narrow spread of a freshly initialised model, many would crowd each threshold.
     ref_model = harness.reference_model(CASE, seed=5, noise=0.1)
     cand_model = cand.twin(ref_model)
     size = ref_model.config.img_size
-
-    calibration = structured_noise(CALIBRATION, size, seed=11)
-    thresholds = find_thresholds(
-        softmax(exit_logits(lambda x: ref.exits(ref_model, x), calibration)),
-        exit_shares(P, ref_model.num_exits), policy,
-    )
-
+    calibration = exit_logits(lambda x: ref.exits(ref_model, x), structured_noise(CALIBRATION, size, seed=11))
     test = structured_noise(TEST, size, seed=12)
     ref_logits = exit_logits(lambda x: ref.exits(ref_model, x), test)
     modes = cand.adapter.modes
@@ -71,6 +70,17 @@ def test_same_exit_for_every_sample(target, pair, policy):
         cand_logits = exit_logits(lambda x: cand.exits(cand_model, x), test)
     finally:
         cand.adapter.mode(modes[0])  # hooks (first_divergence) run in the first mode
+    _scored[key] = ref_model, cand_model, calibration, test, ref_logits, cand_logits
+    return _scored[key]
+
+
+@pytest.mark.parametrize("policy", EXIT_POLICIES.values(), ids=EXIT_POLICIES)
+@pytest.mark.parametrize("pair", harness.PAIR_PARAMS)
+@pytest.mark.parametrize("target", TARGET_PARAMS)
+def test_same_exit_for_every_sample(target, pair, policy):
+    ref, cand = pair.on(target)
+    ref_model, cand_model, calibration, test, ref_logits, cand_logits = scored(target, pair)
+    thresholds = find_thresholds(softmax(calibration), exit_shares(P, ref_model.num_exits), policy)
     ref_conf, cand_conf = policy.scores(softmax(ref_logits)), policy.scores(softmax(cand_logits))
     ref_exit, cand_exit = exit_indices(ref_conf, thresholds), exit_indices(cand_conf, thresholds)
 

@@ -1,12 +1,14 @@
 """The `backend` fixture: every backend-parametrised test runs once per entry of tests.backends.BACKENDS."""
 import pytest
 
-from tests.backends import BACKENDS
+from tests.backends import BACKENDS, adapter
 
 
-@pytest.fixture(params=BACKENDS, ids=lambda adapter: adapter.name, scope="session")
+@pytest.fixture(params=BACKENDS, ids=lambda cls: cls.name, scope="session")
 def backend(request):
-    return request.param()
+    """The process's one adapter of the backend (as `tests.backends.adapter` gives it): its compiled engines
+    are shared by every test."""
+    return adapter(request.param.name)
 
 
 @pytest.fixture(scope="session")

@@ -48,8 +48,8 @@ def torch_model():
 
 @pytest.fixture(scope="module")
 def model(backend, torch_model):
-    """`torch_model`'s weights in `backend`; in MindSpore graph mode its engine's stages compile once
-    for any batch size."""
+    """`torch_model`'s weights in `backend`, and the module's engine over them (MindSpore: its stages
+    compile once for any batch size, and the tests' engines with its options share them)."""
     twin = backend.twin(torch_model)
     backend.engine(twin, THRESHOLDS)
     return twin
@@ -119,13 +119,16 @@ def test_onnx_engine_images_must_be_a_numpy_array(onnx_dir):
 
 
 def test_other_memory_layouts_give_the_same_logits(backend, model):
-    backend.mode(backend.modes[-1])  # MindSpore: graph mode
+    """The model's exits run eagerly (MindSpore: PyNative), the engine in its graph mode."""
     x = images(4, seed=1)
+    layouts = backend.layouts(x)
+    backend.mode(backend.modes[0])
     expected = backend.exits(model, backend.tensor(x))
-    engine = backend.engine(model, THRESHOLDS)  # one engine: its stages compile once
-    reference = engine.predict(backend.tensor(x))
-    for layout, other in backend.layouts(x).items():
+    for layout, other in layouts.items():
         assert_exits_close(backend.exits(model, other), expected, CONFIG.depth, label=f"{layout}, exit")
+    engine = backend.engine(model, THRESHOLDS)  # the module's engine: its stages compile once
+    reference = engine.predict(backend.tensor(x))
+    for layout, other in layouts.items():
         prediction = engine.predict(other)
         np.testing.assert_array_equal(prediction.exit_index, reference.exit_index, err_msg=layout)
         assert_chosen_close(prediction.logits, reference.logits, reference.exit_index, CONFIG.depth, label=layout)
@@ -145,7 +148,7 @@ def test_a_batch_larger_than_max_batch_goes_through_in_chunks(backend, model):
     engine._run_stage = counting
     chunked = engine.predict(x)
     assert seen and max(seen) <= 8
-    whole = backend.engine(model, [0.5, 0.5, -1e8], max_batch=64).predict(x)
+    whole = backend.engine(model, [0.5, 0.5, -1e8]).predict(x)  # the module's engine, whose max_batch is 256
     np.testing.assert_array_equal(chunked.exit_index, whole.exit_index)
     assert_chosen_close(chunked.logits, whole.logits, whole.exit_index, CONFIG.depth)
 

@@ -27,9 +27,16 @@ def sharp_tiny_model(seed=0):
     return model
 
 
+_twins: dict = {}
+
+
 def engine(backend, model, thresholds, **kwargs):
-    """`backend`'s engine over a twin of the PyTorch `model` (MindSpore: graph mode)."""
-    return backend.engine(backend.twin(model), thresholds, **kwargs)
+    """`backend`'s engine over a twin of the PyTorch `model` (MindSpore: graph mode). One twin per model and
+    backend in a process, so that MindSpore's engines over it share their compiled stages (tests/backends.py)."""
+    key = (backend.name, id(model))
+    if key not in _twins:
+        _twins[key] = (model, backend.twin(model))  # the model is held, so that its id names it
+    return backend.engine(_twins[key][1], thresholds, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +83,7 @@ def test_all_exit_logits_equal_the_models(case, backend):
 
 def test_batch_of_one_streams_the_same(case, backend):
     model, images, _, _, thresholds = case
-    streaming = engine(backend, model, thresholds)
+    streaming = engine(backend, model, thresholds, max_batch=128)
     batched = streaming.predict(backend.tensor(images[:40].numpy()))
     single = [streaming.predict(backend.tensor(images[i:i + 1].numpy())) for i in range(40)]
     np.testing.assert_array_equal(batched.exit_index, [p.exit_index[0] for p in single])
@@ -111,14 +118,14 @@ def test_set_thresholds_decides_as_a_new_engine_and_refuses_bad_ones(case):
     np.testing.assert_array_equal(run.thresholds, thresholds)
 
 
-def test_nan_logits_are_reported_not_assigned(backend):
+def test_nan_logits_are_reported_not_assigned(case, backend):
     """An image the model overflows on (finite, but far out of range) gets NaN logits: it is
     reported as undecided (-1), never assigned to an exit. Images holding NaN themselves are
     refused before the model runs (test_bad_input)."""
-    model = sharp_tiny_model()
-    images = torch.randn(4, 1, 28, 28)
+    model, images, *_ = case
+    images = images[:4].clone()
     images[2] = images[2].sign() * 3e38  # finite, but the first norm's variance overflows
-    got = engine(backend, model, [0.5, 0.5, -1e8]).predict(backend.tensor(images.numpy()))
+    got = engine(backend, model, [0.5, 0.5, -1e8], max_batch=128).predict(backend.tensor(images.numpy()))
     assert np.isnan(got.confidence[2]) and got.exit_index[2] == -1 and got.undecided == 1
     assert (got.exit_index[[0, 1, 3]] >= 0).all()
 

@@ -5,6 +5,8 @@ per process, the
 dynamic axis stays selectable, and `export_mindir` writes one graph per stage and gear that
 `MindIRAdaptiveDVT` runs with the same results.
 """
+import copy
+
 import mindspore as ms
 import numpy as np
 import pytest
@@ -88,13 +90,27 @@ def graph_mode():
     ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
+@pytest.fixture(scope="module")
+def gear_of_eight(model):
+    """An engine on one gear of 8, shared by the tests below (each takes a copy with its own thresholds):
+    each of its stages compiles once."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    return AdaptiveDVT(model, EVERY_EXIT, max_batch=8, gears=[8])
+
+
+def on_gear_of_eight(engine, thresholds):
+    run = copy.copy(engine)
+    run.set_thresholds(thresholds)
+    return run
+
+
 def images(count: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((count, 1, 28, 28)).astype(np.float32)
 
 
-def test_padding_never_changes_the_real_rows(model, graph_mode):
+def test_padding_never_changes_the_real_rows(gear_of_eight, graph_mode):
     """5 images padded to gear 8 with copies of the first, against the same 5 beside 3 other images."""
-    engine = AdaptiveDVT(model, EVERY_EXIT, max_batch=8, gears=[8])
+    engine = on_gear_of_eight(gear_of_eight, EVERY_EXIT)
     real, others = images(5, seed=1), images(3, seed=2) * 3.0
     padded = engine.predict(ms.Tensor(real))
     beside_others = engine.predict(ms.Tensor(np.concatenate([real, others])))
@@ -102,17 +118,17 @@ def test_padding_never_changes_the_real_rows(model, graph_mode):
     np.testing.assert_array_equal(padded.confidence, beside_others.confidence[:5])
 
 
-def test_split_batches_agree_with_one_gear(model, graph_mode):
+def test_split_batches_agree_with_one_gear(model, gear_of_eight, graph_mode):
     """5 images as gears 4 + 1 (and their reuse state put back together) against one gear of 8,
     with thresholds that send some images on: real compaction between split stages."""
     x = ms.Tensor(images(5, seed=5))
-    first_exit = AdaptiveDVT(model, [-1e8] * 3, max_batch=8, gears=[8]).predict(x)  # everyone stops at exit 0
+    first_exit = on_gear_of_eight(gear_of_eight, [-1e8] * 3).predict(x)  # everyone stops at exit 0
     # halfway between two images' confidences: no image lies within rounding of it
     middle = float(np.sort(first_exit.confidence)[2:4].mean())
     thresholds = [middle, middle, -1e8]
     split = AdaptiveDVT(model, thresholds, max_batch=8, gears=[1, 2, 4, 8])
     assert gear_pieces(5, split.gears) == [(4, 4), (1, 1)]
-    got, expected = split.predict(x), AdaptiveDVT(model, thresholds, max_batch=8, gears=[8]).predict(x)
+    got, expected = split.predict(x), on_gear_of_eight(gear_of_eight, thresholds).predict(x)
     assert 0 < (got.exit_index > 0).sum() < 5
     np.testing.assert_array_equal(got.exit_index, expected.exit_index)
     assert_chosen_close(got.logits, expected.logits, got.exit_index, TINY.depth)
@@ -129,12 +145,12 @@ def test_each_gear_compiles_once(model, graph_mode):
     assert engine.compiled_shapes() == [3, 3, 3]
 
 
-def test_dynamic_axis_compiles_once_and_agrees(model, graph_mode):
+def test_dynamic_axis_compiles_once_and_agrees(model, gear_of_eight, graph_mode):
     x = images(7, seed=3)
     dynamic = AdaptiveDVT(model, EVERY_EXIT, max_batch=8, gears="dynamic")
     got = [dynamic.predict(ms.Tensor(x[:count])) for count in (7, 3, 1)]
     assert dynamic.compiled_shapes() == [1, 1, 1]
-    geared = AdaptiveDVT(model, EVERY_EXIT, max_batch=8).predict(ms.Tensor(x))
+    geared = on_gear_of_eight(gear_of_eight, EVERY_EXIT).predict(ms.Tensor(x))
     assert_chosen_close(got[0].logits, geared.logits, geared.exit_index, TINY.depth)
 
 
