@@ -143,15 +143,12 @@ class AdaptiveEngine(ABC):
         self.exit_policy = exit_policy
         self.exit_macs = np.asarray(cumulative_flops(config), dtype=np.int64)
 
-    def set_thresholds(self, thresholds, exit_policy: ExitPolicy | None = None) -> None:
-        """Decide with `thresholds` (one per exit, checked as the constructor checks them) from the next call on,
-        under `exit_policy` when one is given (thresholds are scores of a policy: the two change together).
+    def set_thresholds(self, thresholds) -> None:
+        """Decide with `thresholds` (one per exit, checked as the constructor checks them) from the next call on.
 
         The engine keeps its stages: a new engine would compile its graphs (MindSpore, per gear) again.
         """
         self.thresholds = check_thresholds(thresholds, self.config.num_exits)
-        if exit_policy is not None:
-            self.exit_policy = exit_policy
 
     @abstractmethod
     def _num_images(self, images: Any) -> int:

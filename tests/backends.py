@@ -12,14 +12,13 @@ framework's own device name, as the table's `Backend.devices` gives it for a har
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import numpy as np
 
 from dvt_cli.backends import model_backends
 
-# MindSpore engines (their compiled stages) kept per process, the oldest dropped first
-ENGINES_KEPT = 4
+# Sets of MindSpore stage graphs (with their compiled shapes) kept per process, the oldest dropped first
+GRAPHS_KEPT = 4
 
 
 def _to_numpy(value, convert):
@@ -188,7 +187,7 @@ class MindSporeBackend:
 
         self.ms, self.package, self.convert, self.layers, self.vt = ms, dvt_mindspore, convert, layers, vt
         self.engine_module, self._torch_canonical = engine, to_canonical
-        self._engines: dict = {}
+        self._graphs: dict = {}
 
     def tensor(self, array: np.ndarray):
         return self.ms.Tensor(np.ascontiguousarray(array))
@@ -245,21 +244,20 @@ class MindSporeBackend:
     def trainable_names(self, model) -> set[str]:
         return {self.convert.release_key(p.name) for p in model.trainable_params()}
 
-    def engine(self, model, thresholds, gears="dynamic", exit_policy=None, **kwargs):
+    def engine(self, model, thresholds, gears="dynamic", **kwargs):
         """The engine in graph mode, by default with one graph per stage for any batch size (tests/test_gears.py
-        holds the gears to the same answers). Each stage's compile costs seconds, so the engines of one model
-        with the same options share their compiled stages: each call gets its own copy of the process's engine,
-        deciding with its own thresholds and exit policy."""
+        holds the gears to the same answers). Each compile costs seconds, so the engines over one model share
+        their stage graphs (one set per precision and kind of batch axis, fixed or dynamic), and each graph
+        compiles a shape once per process."""
         self.mode("graph")
-        key = (id(model), repr(gears), repr(sorted(kwargs.items())))
-        if key not in self._engines:
-            built = self.engine_module.AdaptiveDVT(model, thresholds, gears=gears, **kwargs)
-            if len(self._engines) == ENGINES_KEPT:
-                del self._engines[next(iter(self._engines))]
-            self._engines[key] = (model, built)  # the model is held, so that its id names it while it is kept
-        engine = copy.copy(self._engines[key][1])
-        engine.set_thresholds(thresholds, exit_policy)
-        model.set_train(False)
+        engine = self.engine_module.AdaptiveDVT(model, thresholds, gears=gears, **kwargs)
+        key = (id(model), engine.gears is None, engine.precision)
+        if key in self._graphs:
+            engine.graphs = self._graphs[key][1]
+        else:
+            if len(self._graphs) == GRAPHS_KEPT:
+                del self._graphs[next(iter(self._graphs))]
+            self._graphs[key] = (model, engine.graphs)  # the model is held, so that its id names it while kept
         return engine
 
     def device_missing(self, device: str) -> str | None:

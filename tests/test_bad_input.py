@@ -48,8 +48,8 @@ def torch_model():
 
 @pytest.fixture(scope="module")
 def model(backend, torch_model):
-    """`torch_model`'s weights in `backend`, and the module's engine over them (MindSpore: its stages
-    compile once for any batch size, and the tests' engines with its options share them)."""
+    """`torch_model`'s weights in `backend`, with an engine over them (MindSpore: the module's engines share
+    its stage graphs, which compile once for any batch size)."""
     twin = backend.twin(torch_model)
     backend.engine(twin, THRESHOLDS)
     return twin
@@ -126,7 +126,7 @@ def test_other_memory_layouts_give_the_same_logits(backend, model):
     expected = backend.exits(model, backend.tensor(x))
     for layout, other in layouts.items():
         assert_exits_close(backend.exits(model, other), expected, CONFIG.depth, label=f"{layout}, exit")
-    engine = backend.engine(model, THRESHOLDS)  # the module's engine: its stages compile once
+    engine = backend.engine(model, THRESHOLDS)  # graph mode
     reference = engine.predict(backend.tensor(x))
     for layout, other in layouts.items():
         prediction = engine.predict(other)
@@ -148,7 +148,7 @@ def test_a_batch_larger_than_max_batch_goes_through_in_chunks(backend, model):
     engine._run_stage = counting
     chunked = engine.predict(x)
     assert seen and max(seen) <= 8
-    whole = backend.engine(model, [0.5, 0.5, -1e8]).predict(x)  # the module's engine, whose max_batch is 256
+    whole = backend.engine(model, [0.5, 0.5, -1e8], max_batch=64).predict(x)
     np.testing.assert_array_equal(chunked.exit_index, whole.exit_index)
     assert_chosen_close(chunked.logits, whole.logits, whole.exit_index, CONFIG.depth)
 

@@ -154,18 +154,22 @@ def test_dynamic_axis_compiles_once_and_agrees(model, gear_of_eight, graph_mode)
     assert_chosen_close(got[0].logits, geared.logits, geared.exit_index, TINY.depth)
 
 
-def test_mindir_gears_run_like_the_engine(model, graph_mode, tmp_path):
-    export_mindir(model, tmp_path, gears=[4])
-    assert sorted(p.name for p in tmp_path.glob("*.mindir")) == [f"stage{k}_b4.mindir" for k in range(3)]
-    x = ms.Tensor(images(7, seed=4))  # chunks of 4 and 3 (padded to 4)
-    thresholds = [0.3, 0.3, -1e8]
+def test_mindir_gears_run_like_the_engine(model, gear_of_eight, graph_mode, tmp_path):
+    export_mindir(model, tmp_path, gears=[8])
+    assert sorted(p.name for p in tmp_path.glob("*.mindir")) == [f"stage{k}_b8.mindir" for k in range(3)]
+    x = ms.Tensor(images(13, seed=4))  # chunks of 7 and 6, each padded to 8
+    # half-way between two images' first-exit confidences: about half of them go on, none within rounding
+    first_exit = np.sort(on_gear_of_eight(gear_of_eight, [-1e8] * 3).predict(x).confidence)
+    middle = float(first_exit[6:8].mean())
+    thresholds = [middle, middle, -1e8]
     served = MindIRAdaptiveDVT(tmp_path, thresholds)
-    assert served.max_batch == 4
+    assert served.max_batch == 8
     got = served.predict(x)
-    expected = AdaptiveDVT(model, thresholds, max_batch=4).predict(x)
+    expected = on_gear_of_eight(gear_of_eight, thresholds).predict(x)
+    assert 0 < (got.exit_index > 0).sum() < 13
     np.testing.assert_array_equal(got.exit_index, expected.exit_index)
     assert_chosen_close(got.logits, expected.logits, got.exit_index, TINY.depth)
     # every gear's graph is held to its sha256 in the manifest
-    (tmp_path / "stage1_b4.mindir").write_bytes(b"tampered")
-    with pytest.raises(ValueError, match="stage1_b4.mindir: sha256 .* does not match dvt_mindir.json's"):
+    (tmp_path / "stage1_b8.mindir").write_bytes(b"tampered")
+    with pytest.raises(ValueError, match="stage1_b8.mindir: sha256 .* does not match dvt_mindir.json's"):
         MindIRAdaptiveDVT(tmp_path, thresholds)
