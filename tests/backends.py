@@ -180,6 +180,7 @@ class MindSporeBackend:
 
     def __init__(self):
         import mindspore as ms
+        from mindspore.nn.utils import no_init_parameters
 
         import dvt_mindspore
         from dvt_mindspore import convert, engine, layers, vt
@@ -187,6 +188,7 @@ class MindSporeBackend:
 
         self.ms, self.package, self.convert, self.layers, self.vt = ms, dvt_mindspore, convert, layers, vt
         self.engine_module, self._torch_canonical = engine, to_canonical
+        self.no_init_parameters = no_init_parameters
         self._graphs: dict = {}
 
     def tensor(self, array: np.ndarray):
@@ -202,8 +204,11 @@ class MindSporeBackend:
         return self.package.create_model(name, **overrides)
 
     def twin(self, torch_model):
-        """A MindSpore model holding `torch_model`'s weights, through the canonical format, in its train/eval mode."""
-        twin = self.convert.from_canonical(self.build(torch_model.config), self._torch_canonical(torch_model))
+        """A MindSpore model holding `torch_model`'s weights, through the canonical format, in its train/eval mode;
+        built without initialising its parameters, which the weights overwrite (as `inference_model` builds)."""
+        with self.no_init_parameters():
+            model = self.build(torch_model.config)
+        twin = self.convert.from_canonical(model, self._torch_canonical(torch_model))
         return self.set_train(twin, torch_model.training)
 
     def float64(self, model):
