@@ -28,10 +28,11 @@ data:
 demo: setup
 	$(VENV)/bin/dvt demo
 
-# Two test processes, one core and one thread each: two single-threaded processes keep both cores
+# Two test processes, one core and one thread each (-rs lists why each skipped test was skipped: the GPU and
+# Ascend targets where none is found): two single-threaded processes keep both cores
 # busy through MindSpore's graph compiles, which one process runs on one core. Tests go out file by
 # file, so a module's fixtures (models, exported graphs, compiled stages) are built once.
-PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs -n 2 --dist loadfile
 # The parity bounds are checked once more under a second kernel family (AVX2 ATen, MKL and oneDNN
 # kernels: other blockings, other summation orders), so that a bound read off one CPU fails on this one first.
 SECOND_KERNELS := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2

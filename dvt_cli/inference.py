@@ -14,6 +14,10 @@ from dvt_shared.exit_policy import EXIT_POLICIES, MAX_SOFTMAX
 
 from . import CommandError, backends, positive_float, positive_int, read_weights
 
+# What a folder's images are recognised by (lower-cased); a file named on the command line is read
+# whatever its name.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+
 # The backend that scores data sets (calibrate, evaluate); predict takes --backend.
 SCORING_BACKEND = "torch"
 
@@ -35,10 +39,29 @@ def decode_image(data: bytes, config: DVTConfig, name: str) -> np.ndarray:
         raise CommandError(f"{name}: cannot read it as an image ({exc})") from exc
 
 
+def folder_images(folder: str) -> list[str]:
+    """The images under `folder` (recursive, by extension, hidden files and folders left out), sorted."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.join(root, name) for name in sorted(files)
+                  if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)]
+    if not found:
+        raise CommandError(f"{folder} is a folder without images ({', '.join(IMAGE_EXTENSIONS)}, in any subfolder)")
+    return found
+
+
+def image_paths(inputs: list[str]) -> list[str]:
+    """The image files `inputs` name, in order: a file as it is, a folder as its `folder_images`."""
+    return [path for item in inputs for path in (folder_images(item) if os.path.isdir(item) else [item])]
+
+
 def load_images(paths: list[str], config: DVTConfig) -> np.ndarray:
     """Image files as the model's float32 input batch (each as `decode_image` decodes it)."""
     batch = []
     for path in paths:
+        if path.lower().endswith(".parquet"):
+            raise CommandError(f"{path}: parquet inputs are read by Ray Data: pass --ray (and --out FILE.parquet)")
         if not os.path.isfile(path):
             raise CommandError(f"{path} is not an image file")
         try:
@@ -183,7 +206,8 @@ def _predict(args: argparse.Namespace) -> None:
         backends.check_precision(args.precision, args.backend)  # here, not first in every actor
         predict_on_ray(args, config, tensors, thresholds, policy)
         return
-    images = load_images(args.images, config)
+    paths = image_paths(args.images)
+    images = load_images(paths, config)
     engine = backends.engine(
         args.backend, config, tensors, thresholds, graphs_dir=args.onnx_dir, precision=args.precision,
         exit_policy=policy,
@@ -192,7 +216,7 @@ def _predict(args: argparse.Namespace) -> None:
     names = class_names(config)
     print(f"{'image':<40} {'class':<14} {'exit':>4} {'confidence':>10} {'GFLOPs':>8}")
     for path, cls, exit_index, conf, gflops in zip(
-        args.images, prediction.classes, prediction.exit_index, prediction.confidence, prediction.gflops
+        paths, prediction.classes, prediction.exit_index, prediction.confidence, prediction.gflops
     ):
         label = names[cls] if names else str(cls)
         print(f"{path:<40} {label:<14} {exit_index:>4} {conf:>10.4f} {gflops:>8.4f}")
@@ -201,7 +225,7 @@ def _predict(args: argparse.Namespace) -> None:
     if args.out:
         from .ray_predict import result_columns, write_results
 
-        write_results(args.out, result_columns(args.images, prediction, names))
+        write_results(args.out, result_columns(paths, prediction, names))
 
 
 def add_predict(subparsers, common: argparse.ArgumentParser) -> None:
@@ -214,8 +238,8 @@ def add_predict(subparsers, common: argparse.ArgumentParser) -> None:
                     "into ONE parquet file at --out, which replaces it only when the run completes.",
     )
     parser.add_argument("images", nargs="+", metavar="INPUT",
-                        help="image files (PNG, JPEG, ...); with --ray also folders of images (recursive, by "
-                             "extension) and parquet files of encoded images (binary column 'image' or 'bytes', "
+                        help="image files (PNG, JPEG, ...) and folders of images (recursive, by extension); with "
+                             "--ray also parquet files of encoded images (binary column 'image' or 'bytes', "
                              "optional string column 'path'; rows without one are named FILE#ROW)")
     parser.add_argument("--weights", required=True, help="weights (.safetensors, .pth, .ckpt)")
     parser.add_argument("--backend", choices=tuple(backends.BACKENDS), default="torch")

@@ -20,12 +20,9 @@ import numpy as np
 
 from dvt_shared.datasets import class_names
 
-from .inference import decode_image
+from .inference import decode_image, folder_images
 from .options import CommandError
 
-# What a folder's images are recognised by (lower-cased); a file named on the command line is read
-# whatever its name, as single-process `dvt predict` reads it.
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 # The binary column of a parquet input holding encoded images, the first of these it has.
 PARQUET_IMAGE_COLUMNS = ("image", "bytes")
 # Columns of the results file, in order: (name, pyarrow type name).
@@ -106,17 +103,6 @@ class _Group:
         return self.kind == "parquet" and not self.has_path
 
 
-def _folder_images(folder: str) -> list[str]:
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [os.path.join(root, name) for name in sorted(files)
-                  if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)]
-    if not found:
-        raise CommandError(f"{folder} is a folder without images ({', '.join(IMAGE_EXTENSIONS)}, in any subfolder)")
-    return found
-
-
 def _parquet_layout(path: str) -> tuple[str, bool]:
     """(its column of encoded images, whether it has a string `path` column) of a parquet input."""
     import pyarrow as pa
@@ -156,7 +142,7 @@ def input_groups(inputs: list[str]) -> list[_Group]:
     items = []  # (group key, path)
     for item in inputs:
         if os.path.isdir(item):
-            items += [(("images",), path) for path in _folder_images(item)]
+            items += [(("images",), path) for path in folder_images(item)]
         elif os.path.isfile(item) and item.lower().endswith(".parquet"):
             items.append((("parquet", *_parquet_layout(item)), item))
         elif os.path.isfile(item) and _is_image(item):

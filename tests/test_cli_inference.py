@@ -126,6 +126,28 @@ def test_predict_without_thresholds_is_refused(weights, images, capsys):
     assert "holds no thresholds" in capsys.readouterr().err
 
 
+def test_predict_reads_folders_of_images(weights, images, tmp_path, capsys):
+    """A folder is read as its images (recursive, by extension, hidden ones skipped), in the order `--ray` reads
+    it; a parquet input is left to --ray, with the way to pass it."""
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    for i, path in enumerate(images[:3]):
+        target = folder / ("sub" if i == 2 else "") / os.path.basename(path)
+        target.write_bytes(open(path, "rb").read())
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".hidden.png").write_bytes(open(images[3], "rb").read())
+    thresholds = ["--thresholds", "0.5,0.5,-1e8"]
+    assert main(["predict", "--weights", str(weights), *thresholds, str(folder)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.strip().splitlines()[1:-1]]
+    expected = [str(folder / "img0.png"), str(folder / "img1.png"), str(folder / "sub" / "img2.png")]
+    assert [row[0] for row in rows] == expected
+    assert main(["predict", "--weights", str(weights), *thresholds, *expected]) == 0
+    assert [line.split() for line in capsys.readouterr().out.strip().splitlines()[1:-1]] == rows
+    (tmp_path / "images.parquet").write_bytes(b"")
+    assert main(["predict", "--weights", str(weights), *thresholds, str(tmp_path / "images.parquet")]) == 1
+    assert "parquet inputs are read by Ray Data: pass --ray" in capsys.readouterr().err
+
+
 def test_predict_missing_image(weights, capsys):
     assert main(["predict", "--weights", str(weights), "--thresholds", "0.5,0.5,-1e8", "/nonexistent.png"]) == 1
     assert "not an image file" in capsys.readouterr().err

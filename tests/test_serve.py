@@ -252,7 +252,9 @@ def test_sigterm_drains_requests_in_flight(server, offline, data):
     assert time.monotonic() - sent < 90
 
 
+@pytest.mark.slow
 def test_stop_after_a_request_count(ray_address, offline, data):
+    """A second server (about 45 s to start on 2 cores): make test-slow runs it."""
     _, config, _ = offline
     pixels, _ = data
     port = free_port()

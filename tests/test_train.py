@@ -531,7 +531,9 @@ def test_the_local_rank_flag_of_torch_distributed_launch_is_taken(flag, data_dir
     assert train_module.setup_distributed("cpu", args.local_rank).local_rank == 0  # torchrun's variable wins
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_agree(tmp_path, data_dir):
+    """torchrun --standalone, 2 ranks on one node, with augmentation (make test runs the two-node case below)."""
     out = tmp_path / "ddp"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -576,6 +578,7 @@ def test_two_nodes_through_c10d_rendezvous_train_as_one_process(tmp_path, data_d
     outputs = [node.communicate(timeout=170)[0] for node in nodes]
     assert all(node.returncode == 0 for node in nodes), "\n".join(o[-2000:] for o in outputs)
     assert single["steps"] == 4 and json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"] == 4
+    assert len(load_checkpoint(str(out / "last.pt"))["ranks"]) == 2  # each rank's RNG state, for resuming
     one, two = _weights(tmp_path / "single" / "final.safetensors"), _weights(out / "final.safetensors")
     _assert_same_weights(two, _weights(out / "final.rank1.safetensors"))
     config = get_model_config("dvt_t2t_vit_fmnist", num_classes=10, **json.loads(overrides))
