@@ -6,8 +6,8 @@ from tests.backends import BACKENDS, adapter
 
 @pytest.fixture(params=BACKENDS, ids=lambda cls: cls.name, scope="session")
 def backend(request):
-    """The process's one adapter of the backend (as `tests.backends.adapter` gives it): its compiled engines
-    are shared by every test."""
+    """The process's one adapter of the backend (as `tests.backends.adapter` gives it): the stage graphs its
+    engines compile are shared by every test."""
     return adapter(request.param.name)
 
 

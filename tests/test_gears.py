@@ -5,8 +5,6 @@ per process, the
 dynamic axis stays selectable, and `export_mindir` writes one graph per stage and gear that
 `MindIRAdaptiveDVT` runs with the same results.
 """
-import copy
-
 import mindspore as ms
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ from dvt_mindspore.engine import AdaptiveDVT
 from dvt_mindspore.export import MindIRAdaptiveDVT, export_mindir
 from dvt_shared import get_model_config
 from dvt_shared.adaptive import check_gears, even_chunks, gear_for, gear_pieces, power_of_two_gears
+from tests.backends import adapter
 from tests.bounds import assert_chosen_close
 
 TINY = get_model_config("dvt_t2t_vit_fmnist", embed_dim=24, depth=1, num_heads=2, token_dim=8)
@@ -90,27 +89,19 @@ def graph_mode():
     ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
-@pytest.fixture(scope="module")
-def gear_of_eight(model):
-    """An engine on one gear of 8, shared by the tests below (each takes a copy with its own thresholds):
-    each of its stages compiles once."""
-    ms.set_context(mode=ms.GRAPH_MODE)
-    return AdaptiveDVT(model, EVERY_EXIT, max_batch=8, gears=[8])
-
-
-def on_gear_of_eight(engine, thresholds):
-    run = copy.copy(engine)
-    run.set_thresholds(thresholds)
-    return run
+def on_gear_of_eight(model, thresholds):
+    """An engine on one gear of 8 over `model`; the tests' engines share its stage graphs (tests/backends.py),
+    so each stage compiles that gear once."""
+    return adapter("mindspore").engine(model, thresholds, max_batch=8, gears=[8])
 
 
 def images(count: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((count, 1, 28, 28)).astype(np.float32)
 
 
-def test_padding_never_changes_the_real_rows(gear_of_eight, graph_mode):
+def test_padding_never_changes_the_real_rows(model, graph_mode):
     """5 images padded to gear 8 with copies of the first, against the same 5 beside 3 other images."""
-    engine = on_gear_of_eight(gear_of_eight, EVERY_EXIT)
+    engine = on_gear_of_eight(model, EVERY_EXIT)
     real, others = images(5, seed=1), images(3, seed=2) * 3.0
     padded = engine.predict(ms.Tensor(real))
     beside_others = engine.predict(ms.Tensor(np.concatenate([real, others])))
@@ -118,17 +109,17 @@ def test_padding_never_changes_the_real_rows(gear_of_eight, graph_mode):
     np.testing.assert_array_equal(padded.confidence, beside_others.confidence[:5])
 
 
-def test_split_batches_agree_with_one_gear(model, gear_of_eight, graph_mode):
+def test_split_batches_agree_with_one_gear(model, graph_mode):
     """5 images as gears 4 + 1 (and their reuse state put back together) against one gear of 8,
     with thresholds that send some images on: real compaction between split stages."""
     x = ms.Tensor(images(5, seed=5))
-    first_exit = on_gear_of_eight(gear_of_eight, [-1e8] * 3).predict(x)  # everyone stops at exit 0
+    first_exit = on_gear_of_eight(model, [-1e8] * 3).predict(x)  # everyone stops at exit 0
     # halfway between two images' confidences: no image lies within rounding of it
     middle = float(np.sort(first_exit.confidence)[2:4].mean())
     thresholds = [middle, middle, -1e8]
     split = AdaptiveDVT(model, thresholds, max_batch=8, gears=[1, 2, 4, 8])
     assert gear_pieces(5, split.gears) == [(4, 4), (1, 1)]
-    got, expected = split.predict(x), on_gear_of_eight(gear_of_eight, thresholds).predict(x)
+    got, expected = split.predict(x), on_gear_of_eight(model, thresholds).predict(x)
     assert 0 < (got.exit_index > 0).sum() < 5
     np.testing.assert_array_equal(got.exit_index, expected.exit_index)
     assert_chosen_close(got.logits, expected.logits, got.exit_index, TINY.depth)
@@ -145,27 +136,27 @@ def test_each_gear_compiles_once(model, graph_mode):
     assert engine.compiled_shapes() == [3, 3, 3]
 
 
-def test_dynamic_axis_compiles_once_and_agrees(model, gear_of_eight, graph_mode):
+def test_dynamic_axis_compiles_once_and_agrees(model, graph_mode):
     x = images(7, seed=3)
     dynamic = AdaptiveDVT(model, EVERY_EXIT, max_batch=8, gears="dynamic")
     got = [dynamic.predict(ms.Tensor(x[:count])) for count in (7, 3, 1)]
     assert dynamic.compiled_shapes() == [1, 1, 1]
-    geared = on_gear_of_eight(gear_of_eight, EVERY_EXIT).predict(ms.Tensor(x))
+    geared = on_gear_of_eight(model, EVERY_EXIT).predict(ms.Tensor(x))
     assert_chosen_close(got[0].logits, geared.logits, geared.exit_index, TINY.depth)
 
 
-def test_mindir_gears_run_like_the_engine(model, gear_of_eight, graph_mode, tmp_path):
+def test_mindir_gears_run_like_the_engine(model, graph_mode, tmp_path):
     export_mindir(model, tmp_path, gears=[8])
     assert sorted(p.name for p in tmp_path.glob("*.mindir")) == [f"stage{k}_b8.mindir" for k in range(3)]
     x = ms.Tensor(images(13, seed=4))  # chunks of 7 and 6, each padded to 8
     # half-way between two images' first-exit confidences: about half of them go on, none within rounding
-    first_exit = np.sort(on_gear_of_eight(gear_of_eight, [-1e8] * 3).predict(x).confidence)
+    first_exit = np.sort(on_gear_of_eight(model, [-1e8] * 3).predict(x).confidence)
     middle = float(first_exit[6:8].mean())
     thresholds = [middle, middle, -1e8]
     served = MindIRAdaptiveDVT(tmp_path, thresholds)
     assert served.max_batch == 8
     got = served.predict(x)
-    expected = on_gear_of_eight(gear_of_eight, thresholds).predict(x)
+    expected = on_gear_of_eight(model, thresholds).predict(x)
     assert 0 < (got.exit_index > 0).sum() < 13
     np.testing.assert_array_equal(got.exit_index, expected.exit_index)
     assert_chosen_close(got.logits, expected.logits, got.exit_index, TINY.depth)
