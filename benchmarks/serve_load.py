@@ -304,7 +304,7 @@ def offline_decisions(pixels: np.ndarray, mismatch: dict) -> dict:
     torch.set_num_threads(1)
     config, tensors, metadata, _ = read_weights(str(WEIGHTS["dvt"]))
     engine = backends.engine("torch", config, tensors, metadata.thresholds)
-    images = normalise_pixels(pixels[:, None])
+    images = normalise_pixels(pixels[:, None], metadata.data_config)
     alone = [engine.predict(images[i:i + 1]) for i in range(len(images))]
     alone_exit = np.array([p.exit_index[0] for p in alone])
     alone_class = np.array([p.classes[0] for p in alone])

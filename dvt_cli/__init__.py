@@ -23,7 +23,12 @@ __all__ = ["CommandError", "backends", "build_parser", "main", "positive_float",
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with a usage error on one line like every other error of the command."""
+    """argparse, with a usage error on one line like every other error of the command, and no abbreviated
+    options: `--data` must never be taken for `--data-dir`, nor any prefix for an option it happens to start."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -33,7 +38,15 @@ def _convert(args: argparse.Namespace) -> None:
     dst_kind = weight_format(args.dst)
     config, tensors, metadata, flops = read_weights(args.src, args.model, args.num_classes)
     write_weights(args.dst, dst_kind, tensors, config, metadata, flops)
-    print(f"wrote {args.dst} ({config.name}, {len(tensors)} tensors)")
+    data = metadata.data_config if metadata is not None else None
+    if data is None:
+        carried = "no data config: the source records none"
+    elif dst_kind == "safetensors":
+        carried = f"its data config: {len(data.class_names or ())} class names, mean {list(data.mean)}"
+    else:
+        carried = (f"a {dst_kind} file holds no data config: keep {args.src} for its class names and normalisation "
+                   "(converting back to .safetensors from this file loses them)")
+    print(f"wrote {args.dst} ({config.name}, {len(tensors)} tensors; {carried})")
 
 
 def _add_convert(subparsers, common: argparse.ArgumentParser) -> None:
@@ -121,10 +134,24 @@ def _train_recipe(argv: list[str]) -> dict:
     """The option values of the recipe a `dvt train --config RECIPE` names, as the train parser's defaults."""
     from dvt_shared.train_options import recipe_defaults
 
-    command = argparse.ArgumentParser(add_help=False)
+    command = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     command.add_argument("command", nargs="?")
     known, _ = command.parse_known_args(argv)
     return recipe_defaults(argv) if known.command == "train" else {}
+
+
+def _warn_on_one_line(command: str) -> None:
+    """Warnings (a fallback taken, images skipped or converted) as one line each, like the command's errors."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and not issubclass(category, DeprecationWarning):
+            print(f"dvt {command}: warning: {message}", file=sys.stderr)
+        else:
+            default_show(message, category, filename, lineno, file, line)
+
+    default_show = warnings.showwarning
+    warnings.showwarning = show
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -136,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     args = build_parser(recipe).parse_args(argv)
     quiet_mindspore(args.verbose)
+    _warn_on_one_line(args.command)
     try:
         for path, check in _outputs(args):
             check(path)

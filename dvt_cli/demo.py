@@ -114,7 +114,7 @@ def run_demo(args: argparse.Namespace) -> None:
     )
     print(markdown(report))
     thresholds = entry["thresholds"]
-    rows = speedup(dvt, data["test_images"][:SPEEDUP_IMAGES], thresholds)
+    rows = speedup(dvt, dvt.inputs["test_images"][:SPEEDUP_IMAGES], thresholds)
     print(f"Real early exit on the first {SPEEDUP_IMAGES} test images (thresholds {thresholds}, batch 256):")
     print(f"{'backend':<16} {'every exit s':>12} {'engine s':>9} {'theoretical':>11} {'practical':>9}"
           f" {'efficiency':>10} {'same exit as PyTorch fp32':>26}")

@@ -1,7 +1,9 @@
 """`dvt evaluate` and `dvt demo`: per-exit accuracy, the accuracy-compute curve, both backends.
 
-Thresholds are always found on held-out training images and evaluated on the test set,
-as the release does. A single-exit classifier (VT-ResNet, ResNet) gets its accuracy,
+Any labelled data set `--data` names (`dvt_shared.data_sources`: Fashion-MNIST, an image folder,
+parquet files), read as each model's weights say (their data config). Thresholds are always found on
+held-out training images and evaluated on the val split (Fashion-MNIST's test set), as the release does.
+A single-exit classifier (VT-ResNet, ResNet) gets its accuracy,
 GFLOPs and parameters instead, side by side with the baseline's when one is given. The
 report is written as Markdown, JSON and a PNG plot under --out.
 """
@@ -30,6 +32,36 @@ CALIBRATION_IMAGES = 10000
 SCORING_BATCH = 128
 
 
+class EvaluationSet:
+    """The data set an evaluation reads: its val split whole (the test images) and a fixed draw of
+    CALIBRATION_IMAGES training images (for thresholds), decoded once per data config."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self._decoded: dict = {}
+
+    @property
+    def title(self) -> str:
+        """What the report calls the images it scores."""
+        from dvt_shared.data_sources import FMNIST
+
+        if self.dataset.kind == FMNIST:
+            return "the Fashion-MNIST test set"
+        return f"{self.dataset.location} (val split, {len(self.dataset.val)} images)"
+
+    def arrays(self, data) -> dict[str, np.ndarray]:
+        """test_images, test_labels, calib_images, calib_labels: float32 inputs as `data` (a DataConfig) reads
+        them, int64 labels."""
+        from .datasets import split_images
+
+        if data not in self._decoded:
+            test_images, test_labels = split_images(self.dataset, "val", data)
+            calib_images, calib_labels = split_images(self.dataset, "train", data, CALIBRATION_IMAGES)
+            self._decoded[data] = {"test_images": test_images, "test_labels": test_labels,
+                                   "calib_images": calib_images, "calib_labels": calib_labels}
+        return self._decoded[data]
+
+
 @dataclass
 class Evaluated:
     config: ModelConfig
@@ -39,6 +71,8 @@ class Evaluated:
     calib_probs: np.ndarray | None  # held-out training images, for thresholds (DVT only)
     params: int  # trainable parameters
     engines: dict = field(default_factory=dict, repr=False)  # (backend, precision) -> early-exit engine
+    inputs: dict = field(default_factory=dict, repr=False)  # the arrays of EvaluationSet.arrays it was scored on
+    exit_policy: str = "max-softmax"  # the policy of `thresholds`
 
     @cached_property
     def test_probs(self) -> np.ndarray:
@@ -69,25 +103,35 @@ class Evaluated:
         return np.concatenate([engine.all_exit_logits(images[a:b]) for a, b in chunks], axis=1)
 
 
-def fashion_mnist(data_dir: str | None) -> dict[str, np.ndarray]:
-    """Normalised float32 (n, 1, 28, 28) images and int64 labels: test, and a fixed held-out train sample."""
-    from dvt_shared.datasets import load_fashion_mnist
-    from dvt_shared.datasets import normalise_fashion_mnist as normalise
+def fashion_mnist(data_dir: str | None) -> EvaluationSet:
+    """The embedded Fashion-MNIST as an evaluation set (its test images, a fixed draw of its training images)."""
+    from dvt_shared.data_sources import FMNIST, open_data
 
-    raw = load_fashion_mnist(data_dir)
-
-    rows = np.random.default_rng(0).permutation(len(raw["train_images"]))[:CALIBRATION_IMAGES]
-    return {
-        "test_images": normalise(raw["test_images"]), "test_labels": raw["test_labels"].astype(np.int64),
-        "calib_images": normalise(raw["train_images"][rows]),
-        "calib_labels": raw["train_labels"][rows].astype(np.int64),
-    }
+    return EvaluationSet(open_data(FMNIST, data_dir=data_dir))
 
 
-def score(path: str, data: dict, calibrate: bool = True) -> Evaluated:
+def evaluation_set(args) -> EvaluationSet:
+    """The data set `--data` and its options name, opened and checked (nothing decoded yet)."""
+    from dvt_shared.data_sources import DataError, open_data
+
+    try:
+        return EvaluationSet(open_data(args.data, args.val_split, args.seed, args.data_dir, args.label_column))
+    except (DataError, FileNotFoundError) as exc:
+        raise CommandError(str(exc)) from exc
+
+
+def score(path: str, data: EvaluationSet, calibrate: bool = True) -> Evaluated:
+    from dvt_shared.data_sources import DataError, check_classes
+
+    from .datasets import model_data
+
     config, tensors, metadata, _ = read_weights(path)
-    if config.in_chans != 1 or config.img_size != 28:
-        raise CommandError(f"{path}: {config.name} does not take Fashion-MNIST's 1x28x28 images")
+    model_input = model_data(config, metadata, path)
+    try:
+        check_classes(data.dataset, model_input, config.num_classes, path)
+    except DataError as exc:
+        raise CommandError(str(exc)) from exc
+    inputs = data.arrays(model_input)
     facade = backends.load(SCORING_BACKEND)
     model = facade.inference_model(config, tensors)
     # Only a cascade has thresholds to find.
@@ -98,9 +142,24 @@ def score(path: str, data: dict, calibrate: bool = True) -> Evaluated:
 
     return Evaluated(
         config, tensors, metadata.thresholds if metadata is not None else None,
-        logits(data["test_images"]), softmax(logits(data["calib_images"])) if calibrate else None,
-        facade.count_parameters(model),
+        logits(inputs["test_images"]), softmax(logits(inputs["calib_images"])) if calibrate else None,
+        facade.count_parameters(model), inputs=inputs,
+        exit_policy=metadata.exit_policy if metadata is not None else "max-softmax",
     )
+
+
+def calibrated_point(dvt: Evaluated, labels: np.ndarray) -> dict | None:
+    """Accuracy, average GFLOPs and exit shares on the test images at the thresholds the weights store."""
+    from dvt_shared import exit_policy
+    from dvt_shared.flops import exit_gflops
+
+    if not dvt.thresholds:
+        return None
+    gflops = np.asarray(exit_gflops(dvt.config))
+    policy = exit_policy.exit_policy(dvt.exit_policy)
+    result = exit_policy.dynamic_evaluate(dvt.test_probs, labels, gflops, np.asarray(dvt.thresholds), policy)
+    return {"thresholds": list(dvt.thresholds), "exit_policy": policy.name, "accuracy": result.accuracy,
+            "gflops": result.expected_flops, "exit_shares": (result.exit_counts / len(labels)).tolist()}
 
 
 def accuracy_compute_curve(dvt: Evaluated, labels: np.ndarray) -> dict:
@@ -191,7 +250,7 @@ def precision_agreement(
     }
 
 
-def plot(curve: dict, baseline: dict | None, path: Path) -> None:
+def plot(curve: dict, baseline: dict | None, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,8 +268,8 @@ def plot(curve: dict, baseline: dict | None, path: Path) -> None:
         ax.plot([baseline["gflops"] * 1e3], [baseline["accuracy"]], "*", color="tab:red", markersize=14,
                 label="static baseline")
     ax.set_xlabel("average MFLOPs (multiply-adds) per image")
-    ax.set_ylabel("Fashion-MNIST test accuracy (%)")
-    ax.set_title(f"{curve['model']}: accuracy vs compute")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{curve['model']} on {title}: accuracy vs compute", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -219,14 +278,21 @@ def plot(curve: dict, baseline: dict | None, path: Path) -> None:
 
 def markdown(report: dict) -> str:
     curve = report["dvt"]
-    lines = [f"# {curve['model']} on the Fashion-MNIST test set", "",
+    lines = [f"# {curve['model']} on {report['data']}", "",
              "| exit | cumulative MFLOPs | accuracy (%) |", "|---|---|---|"]
     lines += [f"| {k} | {g * 1e3:.2f} | {a:.2f} |"
               for k, (g, a) in enumerate(zip(curve["exit_gflops"], curve["exit_accuracy"]))]
-    lines += ["", "Budgeted classification (thresholds from 10,000 held-out training images):", "",
+    lines += ["", f"Budgeted classification (thresholds from {report.get('calibration_images', 10000):,} held-out "
+                  "training images):", "",
               "| budget MFLOPs | spent MFLOPs | accuracy (%) | exit shares |", "|---|---|---|---|"]
     lines += [f"| {b['budget'] * 1e3:.2f} | {b['gflops'] * 1e3:.2f} | {b['accuracy']:.2f} | "
               f"{' / '.join(f'{s:.0%}' for s in b['exit_shares'])} |" for b in curve["budgets"]]
+    calibrated = report.get("calibrated")
+    if calibrated:
+        lines += ["", f"At the thresholds stored with the weights ({calibrated['exit_policy']} "
+                      f"{[round(t, 4) for t in calibrated['thresholds']]}): accuracy {calibrated['accuracy']:.2f}%, "
+                      f"{calibrated['gflops'] * 1e3:.2f} MFLOPs per image, exit shares "
+                      f"{' / '.join(f'{v:.0%}' for v in calibrated['exit_shares'])}."]
     baseline = report.get("baseline")
     if baseline:
         lines += ["", f"Static baseline {baseline['model']}: {baseline['accuracy']:.2f}% at "
@@ -267,7 +333,7 @@ def classifier_agreement(evaluated: Evaluated, images: np.ndarray, backend: str)
     }
 
 
-def classifier_plot(points: list[dict], path: Path) -> None:
+def classifier_plot(points: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -278,8 +344,8 @@ def classifier_plot(points: list[dict], path: Path) -> None:
         ax.plot([point["gflops"] * 1e3], [point["accuracy"]], "o", color=colour, markersize=9,
                 label=f"{point['model']} ({point['params'] / 1e6:.2f}M parameters)")
     ax.set_xlabel("MFLOPs (multiply-adds) per image")
-    ax.set_ylabel("Fashion-MNIST test accuracy (%)")
-    ax.set_title("accuracy vs compute")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{title}: accuracy vs compute", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -287,7 +353,7 @@ def classifier_plot(points: list[dict], path: Path) -> None:
 
 
 def classifier_markdown(report: dict) -> str:
-    lines = ["# Fashion-MNIST test set", "", "| model | family | accuracy (%) | MFLOPs | parameters (M) |",
+    lines = [f"# {report['data']}", "", "| model | family | accuracy (%) | MFLOPs | parameters (M) |",
              "|---|---|---|---|---|"]
     lines += [f"| {p['model']} | {p['family']} | {p['accuracy']:.2f} | {p['gflops'] * 1e3:.2f} | "
               f"{p['params'] / 1e6:.3f} |" for p in report["classifiers"]]
@@ -299,39 +365,43 @@ def classifier_markdown(report: dict) -> str:
 
 
 def _cascade_report(
-    dvt: Evaluated, weights: str, baseline: str | None, data: dict, agreement: bool,
+    dvt: Evaluated, weights: str, baseline: str | None, data: EvaluationSet, agreement: bool,
     precisions: tuple[tuple[str, str], ...] = (), precision_images: int | None = None,
 ) -> dict:
-    labels = data["test_labels"]
+    images, labels = dvt.inputs["test_images"], dvt.inputs["test_labels"]
     if dvt.config.num_exits < 2:
         raise CommandError(f"{weights} holds a single-exit model; pass the DVT as --weights and it as --baseline")
-    report = {"dvt": accuracy_compute_curve(dvt, labels)}
+    report = {"data": data.title, "calibration_images": len(dvt.inputs["calib_labels"]),
+              "dvt": accuracy_compute_curve(dvt, labels)}
+    if dvt.thresholds:
+        report["calibrated"] = calibrated_point(dvt, labels)
     if baseline:
         report["baseline"] = baseline_point(score(baseline, data, calibrate=False), labels)
         report["dvt_matching_baseline"] = matching_budget(report["dvt"], report["baseline"])
     thresholds = dvt.thresholds or report["dvt"]["budgets"][len(BUDGET_FRACTIONS) // 2]["thresholds"]
     if agreement:
         report["agreement"] = {
-            backend: backend_agreement(dvt, data["test_images"], thresholds, backend)
+            backend: backend_agreement(dvt, images, thresholds, backend)
             for backend in candidate_backends()
         }
     count = precision_images or len(labels)
     report["precisions"] = [
-        precision_agreement(dvt, data["test_images"][:count], labels[:count], thresholds, backend, precision)
+        precision_agreement(dvt, images[:count], labels[:count], thresholds, backend, precision)
         for backend, precision in precisions
     ]
     return report
 
 
-def _classifier_report(model: Evaluated, baseline: str | None, data: dict, agreement: bool) -> dict:
-    labels = data["test_labels"]
+def _classifier_report(model: Evaluated, baseline: str | None, data: EvaluationSet, agreement: bool) -> dict:
+    labels = model.inputs["test_labels"]
     points = [baseline_point(model, labels)]
     if baseline:
         points.append(baseline_point(score(baseline, data, calibrate=False), labels))
-    report = {"classifiers": points}
+    report = {"data": data.title, "classifiers": points}
     if agreement:
         report["agreement"] = {
-            backend: classifier_agreement(model, data["test_images"], backend) for backend in candidate_backends()
+            backend: classifier_agreement(model, model.inputs["test_images"], backend)
+            for backend in candidate_backends()
         }
     return report
 
@@ -342,10 +412,10 @@ def render(report: dict) -> str:
 
 
 def evaluate(
-    weights: str, baseline: str | None, data: dict, out: Path, agreement: bool,
+    weights: str, baseline: str | None, data: EvaluationSet, out: Path, agreement: bool,
     precisions: tuple[tuple[str, str], ...] = (), precision_images: int | None = None,
 ) -> tuple[dict, Evaluated]:
-    """The report on `data` (see `fashion_mnist`), written under `out`, and the scored model.
+    """The report on `data` (see `evaluation_set`), written under `out`, and the scored model.
 
     precisions: (backend, precision) pairs, e.g. ("mindspore", "fp16"), to hold against PyTorch fp32 (a DVT only), on
     the first `precision_images` test images (all by default)."""
@@ -361,9 +431,9 @@ def evaluate(
     atomic_write_bytes(out / "evaluation.json", json.dumps(report, indent=1).encode())
     atomic_write_bytes(out / "evaluation.md", render(report).encode())
     if "classifiers" in report:
-        classifier_plot(report["classifiers"], out / "accuracy_vs_gflops.png")
+        classifier_plot(report["classifiers"], out / "accuracy_vs_gflops.png", data.title)
     else:
-        plot(report["dvt"], report.get("baseline"), out / "accuracy_vs_gflops.png")
+        plot(report["dvt"], report.get("baseline"), out / "accuracy_vs_gflops.png", data.title)
     return report, evaluated
 
 
@@ -377,7 +447,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     precisions = (() if args.precision == "fp32"
                   else ((args.precision_backend or _runs(args.precision), args.precision),))
     report, _ = evaluate(
-        args.weights, args.baseline, fashion_mnist(args.data_dir), Path(args.out), not args.no_agreement, precisions
+        args.weights, args.baseline, evaluation_set(args), Path(args.out), not args.no_agreement, precisions
     )
     print(render(report))
     print(f"wrote {args.out}/evaluation.md, evaluation.json, accuracy_vs_gflops.png "
@@ -385,17 +455,22 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def add_evaluate(subparsers, common: argparse.ArgumentParser) -> None:
+    from .datasets import add_data_arguments
+
     parser = subparsers.add_parser(
-        "evaluate", parents=[common], help="per-exit accuracy and the accuracy-compute curve on Fashion-MNIST",
-        description="Per-exit accuracy, the release's p sweep and budget targets (thresholds from held-out "
-                    "training images, evaluated on the test set), the static baseline's point, and the other "
-                    "backends' agreement with PyTorch; for a VT-ResNet or ResNet, its accuracy, GFLOPs and "
-                    "parameters beside the baseline's; written as Markdown, JSON and PNG under --out.",
+        "evaluate", parents=[common], help="per-exit accuracy and the accuracy-compute curve on any labelled data",
+        description="Per-exit accuracy, the release's p sweep and budget targets, the point of the thresholds "
+                    "stored with the weights, the static baseline's point, and the other backends' agreement with "
+                    "PyTorch; for a VT-ResNet or ResNet, its accuracy, GFLOPs and parameters beside the baseline's; "
+                    "written as Markdown, JSON and PNG under --out. Splits: everything is scored on the VAL split of "
+                    f"--data (Fashion-MNIST's test set); the sweep's thresholds are found on {CALIBRATION_IMAGES} "
+                    "images drawn once from the TRAIN split. Images are read as each model's weights say (their "
+                    "data config: class names, size, normalisation).",
     )
     parser.add_argument("--weights", required=True, help="DVT, VT-ResNet or ResNet weights (.safetensors, .pth, .ckpt)")
     parser.add_argument("--baseline",
                         help="baseline weights (the DVT's static baseline, or any classifier), for comparison")
-    parser.add_argument("--data-dir", help="folder with the four Fashion-MNIST IDX files")
+    add_data_arguments(parser)
     parser.add_argument("--out", default="out", help="report folder (default out/)")
     parser.add_argument("--no-agreement", "--no-mindspore", dest="no_agreement", action="store_true",
                         help="skip the other backends' agreement check")

@@ -2,53 +2,41 @@
 from __future__ import annotations
 
 import argparse
-import io
 import os
 from pathlib import Path
 
 import numpy as np
 
-from dvt_shared.configs import DVTConfig
-from dvt_shared.datasets import class_names
+from dvt_shared.data_config import DataConfig
 from dvt_shared.exit_policy import EXIT_POLICIES, MAX_SOFTMAX
 
 from . import CommandError, backends, positive_float, positive_int, read_weights
-
-# What a folder's images are recognised by (lower-cased); a file named on the command line is read
-# whatever its name.
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
 # The backend that scores data sets (calibrate, evaluate); predict takes --backend.
 SCORING_BACKEND = "torch"
 
 
-def decode_image(data: bytes, config: DVTConfig, name: str) -> np.ndarray:
-    """Encoded image bytes (PNG, JPEG, ... anything PIL reads) as the model's float32 (C, H, W) input
-    (see `dvt_shared.transforms.eval_array`); `name` names the image in the error. The one decoder of
-    `dvt predict`, single-process (`load_images`) and on Ray Data (`dvt_cli.ray_predict`)."""
-    from PIL import Image, UnidentifiedImageError
-
-    from dvt_shared.transforms import eval_array
+def decode_image(data: bytes, model_data: DataConfig, name: str) -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG, ... anything PIL reads) as the model's float32 (C, H, W) input, as its
+    data config says (see `dvt_shared.transforms.eval_array`); `name` names the image in the error. The one
+    decoder of `dvt predict`, single-process (`load_images`) and on Ray Data (`dvt_cli.ray_predict`)."""
+    from dvt_shared.data_sources import ImageRef, decode
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return eval_array(image, config.in_chans, config.img_size)
-    except UnidentifiedImageError:
-        raise CommandError(f"{name}: cannot read it as an image (not a format PIL reads)") from None
-    except OSError as exc:
-        raise CommandError(f"{name}: cannot read it as an image ({exc})") from exc
+        return decode(ImageRef(name, data=data), model_data)[0]
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def folder_images(folder: str) -> list[str]:
     """The images under `folder` (recursive, by extension, hidden files and folders left out), sorted."""
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [os.path.join(root, name) for name in sorted(files)
-                  if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)]
-    if not found:
+    from dvt_shared.data_sources import IMAGE_EXTENSIONS
+    from dvt_shared.data_sources import folder_images as found
+
+    images = found(folder)
+    if not images:
         raise CommandError(f"{folder} is a folder without images ({', '.join(IMAGE_EXTENSIONS)}, in any subfolder)")
-    return found
+    return images
 
 
 def image_paths(inputs: list[str]) -> list[str]:
@@ -56,7 +44,7 @@ def image_paths(inputs: list[str]) -> list[str]:
     return [path for item in inputs for path in (folder_images(item) if os.path.isdir(item) else [item])]
 
 
-def load_images(paths: list[str], config: DVTConfig) -> np.ndarray:
+def load_images(paths: list[str], model_data: DataConfig) -> np.ndarray:
     """Image files as the model's float32 input batch (each as `decode_image` decodes it)."""
     batch = []
     for path in paths:
@@ -69,7 +57,7 @@ def load_images(paths: list[str], config: DVTConfig) -> np.ndarray:
                 data = handle.read()
         except OSError as exc:
             raise CommandError(f"{path}: cannot read it as an image ({exc})") from exc
-        batch.append(decode_image(data, config, path))
+        batch.append(decode_image(data, model_data, path))
     return np.stack(batch)
 
 
@@ -78,20 +66,6 @@ def parse_thresholds(text: str) -> list[float]:
         return [float(v) for v in text.split(",")]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"thresholds must be comma-separated numbers, got {text!r}") from exc
-
-
-def calibration_images(args, config: DVTConfig) -> tuple[np.ndarray, np.ndarray]:
-    if args.data != "fmnist":
-        raise CommandError(f"--data {args.data!r}: only 'fmnist' (the embedded default data set) is supported here")
-    if config.in_chans != 1 or config.img_size != 28:
-        raise CommandError(f"{config.name} takes {config.in_chans}x{config.img_size}x{config.img_size} images, "
-                           f"not Fashion-MNIST's 1x28x28")
-    from dvt_shared.datasets import load_fashion_mnist, normalise_fashion_mnist
-
-    data = load_fashion_mnist(args.data_dir)
-    images, labels = data[f"{args.split}_images"], data[f"{args.split}_labels"]
-    rows = np.random.default_rng(0).permutation(len(images))[: args.limit]
-    return normalise_fashion_mnist(images[rows]), labels[rows].astype(np.int64)
 
 
 def all_exit_logits(
@@ -122,6 +96,8 @@ def _calibrate(args: argparse.Namespace) -> None:
     from dvt_shared.flops import exit_gflops
     from dvt_shared.weight_format import save_canonical
 
+    from .datasets import model_data, open_for_model, split_images
+
     if not args.weights.endswith(".safetensors"):
         raise CommandError("calibrate stores thresholds in a canonical .safetensors file; convert the weights first")
     config, tensors, metadata, _ = read_weights(args.weights)
@@ -133,12 +109,16 @@ def _calibrate(args: argparse.Namespace) -> None:
             "the least any policy spends per image"
         )
     policy = exit_policy.exit_policy(args.exit_policy)
-    images, labels = calibration_images(args, config)
+    data = model_data(config, metadata, args.weights)
+    dataset = open_for_model(args, config, data, args.weights)
+    images, labels = split_images(dataset, args.split, data, args.limit)
     target = {"budget": args.budget} if args.budget is not None else (
         {"accuracy": args.accuracy} if args.accuracy is not None else {"p": args.p})
     thresholds, result = search_thresholds(config, tensors, policy, images, labels, **target)
     metadata.thresholds = [float(t) for t in thresholds]
     metadata.exit_policy = policy.name
+    # weights that recorded no data config keep the one they were read with, named by the data's classes
+    metadata.data_config = metadata.data_config or data.replace(class_names=dataset.classes)
     save_canonical(args.out or args.weights, tensors, metadata)
     print(f"{policy.name} thresholds {metadata.thresholds} on {len(images)} {args.split} images: "
           f"accuracy {result.accuracy:.2f}%, {result.expected_flops:.4f} GFLOPs on average, "
@@ -147,18 +127,25 @@ def _calibrate(args: argparse.Namespace) -> None:
 
 
 def add_calibrate(subparsers, common: argparse.ArgumentParser) -> None:
+    from .datasets import add_data_arguments
+
     parser = subparsers.add_parser(
         "calibrate", parents=[common], help="find exit thresholds on held-out data and store them with the weights",
-        description="Score held-out images with every exit, find thresholds with the shared exit policy (the "
+        description="Score labelled images with every exit, find thresholds with the shared exit policy (the "
                     "release's geometric shares for --p, or the best for a --budget in GFLOPs, or the cheapest "
-                    "reaching an --accuracy in %%), and store them in the canonical weights' metadata.",
+                    "reaching an --accuracy in %%), and store them in the canonical weights' metadata. It reads the "
+                    "TRAINING split of --data by default (--split train), as the release does, and the val split "
+                    "only when asked (--split val): thresholds tuned on the images a model is evaluated on overstate "
+                    "its accuracy. Images are read as the weights' data config says (class names, size, "
+                    "normalisation).",
     )
     parser.add_argument("--weights", required=True, help="canonical .safetensors weights")
-    parser.add_argument("--data", default="fmnist", help="calibration data: 'fmnist' (default)")
-    parser.add_argument("--data-dir", help="folder with the four Fashion-MNIST IDX files")
-    parser.add_argument("--split", choices=("train", "test"), default="train",
-                        help="split to calibrate on (default train, as the release does; never tune on test)")
-    parser.add_argument("--limit", type=positive_int, default=10000, help="images to use (default 10000)")
+    add_data_arguments(parser)
+    parser.add_argument("--split", choices=("train", "val", "test"), default="train",
+                        help="split to calibrate on (default train, as the release does; val, alias test, only "
+                             "when asked)")
+    parser.add_argument("--limit", type=positive_int, default=10000,
+                        help="images to use, drawn once (seed 0) from the split (default 10000)")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--p", type=positive_float, default=1.0,
                         help="release's geometric exit shares proportional to p^k")
@@ -201,19 +188,23 @@ def _predict(args: argparse.Namespace) -> None:
         )
     policy = exit_policy(args.exit_policy or stored_policy)
     if args.ray:
+        from .datasets import model_data
         from .ray_predict import predict_on_ray
 
         backends.check_precision(args.precision, args.backend)  # here, not first in every actor
-        predict_on_ray(args, config, tensors, thresholds, policy)
+        predict_on_ray(args, config, tensors, thresholds, policy, model_data(config, metadata, args.weights))
         return
+    from .datasets import model_data
+
+    data = model_data(config, metadata, args.weights)
     paths = image_paths(args.images)
-    images = load_images(paths, config)
+    images = load_images(paths, data)
     engine = backends.engine(
         args.backend, config, tensors, thresholds, graphs_dir=args.onnx_dir, precision=args.precision,
         exit_policy=policy,
     )
     prediction = engine.predict(images)
-    names = class_names(config)
+    names = data.class_names
     print(f"{'image':<40} {'class':<14} {'exit':>4} {'confidence':>10} {'GFLOPs':>8}")
     for path, cls, exit_index, conf, gflops in zip(
         paths, prediction.classes, prediction.exit_index, prediction.confidence, prediction.gflops
@@ -284,7 +275,11 @@ def _parse_gears(text: str) -> list[int] | str:
 
 
 def _export(args: argparse.Namespace) -> None:
-    config, tensors, _, _ = read_weights(args.weights, args.model, args.num_classes)
+    from dvt_shared.data_config import apply_data_config
+
+    from .datasets import model_data
+
+    config, tensors, metadata, _ = read_weights(args.weights, args.model, args.num_classes)
     if args.gears is not None and args.format != "mindir":
         raise CommandError(f"--gears applies to --format mindir; {args.format} graphs have a dynamic batch axis")
     facade = backends.for_export(args.format)
@@ -292,7 +287,10 @@ def _export(args: argparse.Namespace) -> None:
     if args.format == "mindir":
         gears = args.gears or _parse_gears(DEFAULT_EXPORT_GEARS)
         options["gears"] = None if gears == "dynamic" else gears
-    manifest = facade.export(facade.inference_model(config, tensors), args.out, **options)
+    model = facade.inference_model(config, tensors)
+    # the manifest records the weights' data config (class names, normalisation), which the model carries
+    apply_data_config(model, model_data(config, metadata, args.weights))
+    manifest = facade.export(model, args.out, **options)
     print(f"wrote {config.num_exits} {args.format} stage graphs and {Path(manifest).name} to {args.out}")
 
 
@@ -300,7 +298,8 @@ def add_export(subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "export", parents=[common], help="export one graph per stage (ONNX or MindIR)",
         description="Export every stage as its own graph (inputs: images and the previous stage's reuse state; "
-                    "outputs: logits and this stage's reuse state), plus a JSON manifest.",
+                    "outputs: logits and this stage's reuse state), plus a JSON manifest that also records the "
+                    "weights' data config (class names, input size, mean, std, interpolation, crop).",
     )
     parser.add_argument("--weights", required=True)
     parser.add_argument("--format", choices=backends.EXPORT_FORMATS, required=True)

@@ -1,11 +1,12 @@
 """The Open Inference Protocol (KServe v2, HTTP/REST; what Triton, KServe and MLServer speak) for `dvt serve`:
 requests in, responses out, NumPy and the standard library only, so it is tested without a server.
 
-One input, `images`: UINT8 raw pixels (n, H, W) or (n, C, H, W) at the model's size, normalised here with the
-model's evaluation transform, or FP32 already normalised (n, C, H, W). Tensor data comes as JSON or through the
-binary-data extension (`Inference-Header-Content-Length`: that many bytes of JSON, then the raw tensors in input
-order), which `tritonclient` sends by default. Outputs: class_index, exit, confidence and macs, plus logits when
-asked for; each as JSON or binary, as the request says.
+One input, `images`: UINT8 raw pixels (n, H, W) or (n, C, H, W) at the model's size, normalised here by the
+weights' data config (mean and std), or FP32 already normalised (n, C, H, W). Tensor data comes as JSON or through
+the binary-data extension (`Inference-Header-Content-Length`: that many bytes of JSON, then the raw tensors in
+input order), which `tritonclient` sends by default. Outputs: class_index, label (the class name the weights
+record, BYTES), exit, confidence and macs, plus logits when asked for; each as JSON or binary, as the request
+says. The model metadata lists both input datatypes and the data config (class names, mean, std, size).
 
 Every problem with a request is a `ProtocolError` carrying its HTTP status and a message naming the problem.
 """
@@ -21,9 +22,10 @@ from dvt_shared.image_checks import check_finite, check_image_shape
 from dvt_shared.transforms import eval_array, normalise_pixels
 
 INPUT = "images"
-# output name -> datatype; the first four are sent when a request names none
-OUTPUTS = {"class_index": "INT64", "exit": "INT64", "confidence": "FP32", "macs": "INT64", "logits": "FP32"}
-DEFAULT_OUTPUTS = ("class_index", "exit", "confidence", "macs")
+# output name -> datatype; all but logits are sent when a request names none
+OUTPUTS = {"class_index": "INT64", "label": "BYTES", "exit": "INT64", "confidence": "FP32", "macs": "INT64",
+           "logits": "FP32"}
+DEFAULT_OUTPUTS = ("class_index", "label", "exit", "confidence", "macs")
 INPUT_DTYPES = {"UINT8": np.dtype("<u1"), "FP32": np.dtype("<f4")}
 OUTPUT_DTYPES = {"INT64": np.dtype("<i8"), "FP32": np.dtype("<f4")}
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -45,14 +47,17 @@ class InferRequest:
     outputs: tuple[tuple[str, bool], ...]  # (output name, as binary data) in the order to send
 
 
-def model_metadata(config, platform: str) -> dict:
-    """The model metadata response (`GET /v2/models/{name}`)."""
-    image = [config.in_chans, config.img_size, config.img_size]
+def model_metadata(config, platform: str, data) -> dict:
+    """The model metadata response (`GET /v2/models/{name}`): the input in both datatypes it takes (FP32
+    normalised, UINT8 raw pixels normalised by the server), the outputs, and the weights' data config."""
+    image = list(data.input_size)
     return {
         "name": config.name, "versions": ["1"], "platform": platform,
-        "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, *image]}],
+        "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, *image],
+                    "parameters": {"datatypes": list(INPUT_DTYPES), "uint8_shape": [-1, *image]}}],
         "outputs": [{"name": name, "datatype": dtype, "shape": [-1, config.num_classes] if name == "logits" else [-1]}
                     for name, dtype in OUTPUTS.items()],
+        "parameters": {"data_config": data.to_dict()},
     }
 
 
@@ -118,8 +123,9 @@ def _tensor(spec: dict, binary: memoryview, offset: int) -> tuple[np.ndarray, in
     return values.astype(dtype).reshape(shape), offset
 
 
-def _model_input(array: np.ndarray, config) -> np.ndarray:
-    """The float32 (n, C, H, W) batch the model takes, checked against its input size."""
+def _model_input(array: np.ndarray, config, data) -> np.ndarray:
+    """The float32 (n, C, H, W) batch the model takes, checked against its input size; UINT8 pixels normalised by
+    the data config `data`."""
     if array.dtype == np.uint8:
         if array.ndim == 3 and config.in_chans == 1:
             array = array[:, None]
@@ -127,7 +133,7 @@ def _model_input(array: np.ndarray, config) -> np.ndarray:
             check_image_shape(array.shape, config)
         except ValueError as exc:
             raise ProtocolError(f"input '{INPUT}' (UINT8 pixels, (n, H, W) or (n, C, H, W)): {exc}") from None
-        return normalise_pixels(array)
+        return normalise_pixels(array, data)
     try:
         check_image_shape(array.shape, config)
         check_finite(np.isfinite(array).reshape(len(array), -1).all(axis=1))
@@ -154,7 +160,7 @@ def _requested_outputs(request: dict) -> tuple[tuple[str, bool], ...]:
     return tuple(chosen)
 
 
-def parse_infer_request(body: bytes, header_length: str | None, config) -> InferRequest:
+def parse_infer_request(body: bytes, header_length: str | None, config, data) -> InferRequest:
     """The images and requested outputs of a `POST /v2/models/{name}/infer` body."""
     text, binary = _split_body(body, header_length)
     request = _json_object(text)
@@ -171,29 +177,41 @@ def parse_infer_request(body: bytes, header_length: str | None, config) -> Infer
         raise ProtocolError(f"{len(binary) - used} bytes of binary data follow the JSON header that no input "
                             "declares (binary_data_size)")
     request_id = request.get("id")
-    return InferRequest(None if request_id is None else str(request_id), _model_input(array, config),
+    return InferRequest(None if request_id is None else str(request_id), _model_input(array, config, data),
                         _requested_outputs(request))
 
 
-def output_arrays(prediction) -> dict[str, np.ndarray]:
-    """Every output of a `dvt_shared.adaptive.Prediction`, by name."""
-    return {"class_index": prediction.classes, "exit": prediction.exit_index, "confidence": prediction.confidence,
-            "macs": prediction.macs, "logits": prediction.logits}
+def output_arrays(prediction, data) -> dict[str, np.ndarray]:
+    """Every output of a `dvt_shared.adaptive.Prediction`, by name; labels by the data config `data`."""
+    labels = np.asarray([data.label(int(c)) for c in prediction.classes], dtype=object)
+    return {"class_index": prediction.classes, "label": labels, "exit": prediction.exit_index,
+            "confidence": prediction.confidence, "macs": prediction.macs, "logits": prediction.logits}
 
 
-def encode_infer_response(model_name: str, request: InferRequest, prediction) -> tuple[bytes, dict[str, str]]:
+def _bytes_tensor(strings: np.ndarray) -> bytes:
+    """A BYTES tensor in the binary-data extension: each element a 4-byte little-endian length, then its bytes."""
+    encoded = [str(s).encode() for s in strings.reshape(-1)]
+    return b"".join(len(e).to_bytes(4, "little") + e for e in encoded)
+
+
+def encode_infer_response(model_name: str, request: InferRequest, prediction, data) -> tuple[bytes, dict[str, str]]:
     """The response body and its headers: JSON, or with binary outputs a JSON header and the raw tensors."""
-    arrays = output_arrays(prediction)
+    arrays = output_arrays(prediction, data)
     outputs, chunks = [], []
     for name, binary in request.outputs:
         datatype = OUTPUTS[name]
-        array = np.ascontiguousarray(arrays[name], dtype=OUTPUT_DTYPES[datatype])
+        if datatype == "BYTES":
+            array = np.asarray(arrays[name], dtype=object)
+            raw, values = _bytes_tensor(array), [str(v) for v in array.reshape(-1)]
+        else:
+            array = np.ascontiguousarray(arrays[name], dtype=OUTPUT_DTYPES[datatype])
+            raw, values = None, None
         output = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if binary:
-            chunks.append(array.tobytes())
+            chunks.append(raw if raw is not None else array.tobytes())
             output["parameters"] = {"binary_data_size": len(chunks[-1])}
         else:
-            output["data"] = array.reshape(-1).tolist()
+            output["data"] = values if values is not None else array.reshape(-1).tolist()
         outputs.append(output)
     response = {"model_name": model_name, "model_version": "1", "outputs": outputs}
     if request.id is not None:
@@ -204,14 +222,15 @@ def encode_infer_response(model_name: str, request: InferRequest, prediction) ->
     return header + b"".join(chunks), {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
 
 
-def decode_image(body: bytes, config) -> np.ndarray:
-    """A PNG or JPEG body as the model's (1, C, H, W) float32 input (`dvt predict`'s transform)."""
+def decode_image(body: bytes, data) -> np.ndarray:
+    """A PNG or JPEG body as the model's (1, C, H, W) float32 input (`dvt predict`'s transform, by the weights'
+    data config `data`)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(body)) as image:
             if image.format not in ("PNG", "JPEG"):
                 raise ProtocolError(f"the body is a {image.format} image; send PNG or JPEG", status=415)
-            return eval_array(image, config.in_chans, config.img_size)[None]
+            return eval_array(image, data)[None]
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ProtocolError(f"the body is not a PNG or JPEG image ({exc})", status=415) from None

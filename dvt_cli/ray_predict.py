@@ -18,13 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dvt_shared.datasets import class_names
+from dvt_shared.data_sources import DataError, parquet_image_column
 
 from .inference import decode_image, folder_images
 from .options import CommandError
 
-# The binary column of a parquet input holding encoded images, the first of these it has.
-PARQUET_IMAGE_COLUMNS = ("image", "bytes")
 # Columns of the results file, in order: (name, pyarrow type name).
 RESULT_COLUMNS = (("path", "string"), ("class_index", "int64"), ("label", "string"), ("exit", "int64"),
                   ("confidence", "float32"), ("macs", "int64"))
@@ -112,11 +110,10 @@ def _parquet_layout(path: str) -> tuple[str, bool]:
         schema = pq.read_schema(path)
     except (OSError, pa.ArrowException) as exc:
         raise CommandError(f"{path}: cannot read it as a parquet file ({exc})") from exc
-    column = next((name for name in PARQUET_IMAGE_COLUMNS if name in schema.names), None)
-    if column is None or not (pa.types.is_binary(schema.field(column).type)
-                              or pa.types.is_large_binary(schema.field(column).type)):
-        raise CommandError(f"{path} has no binary column {' or '.join(map(repr, PARQUET_IMAGE_COLUMNS))} "
-                           f"of encoded images (PNG, JPEG, ...); its columns: {schema}".replace("\n", ", "))
+    try:
+        column = parquet_image_column(schema, path)
+    except DataError as exc:
+        raise CommandError(str(exc)) from None
     has_path = "path" in schema.names
     if has_path and not (pa.types.is_string(schema.field("path").type)
                          or pa.types.is_large_string(schema.field("path").type)):
@@ -157,17 +154,17 @@ def input_groups(inputs: list[str]) -> list[_Group]:
 
 # --- the Ray Data pipeline ------------------------------------------------------------------------
 
-def _decode(batch, *, image_column: str, numbered: bool, config):
+def _decode(batch, *, image_column: str, numbered: bool, data):
     """Encoded images -> the model's input, decoded by `decode_image`. A row that does not decode keeps
     a blank image and its error, which the driver reports (a task's exception would reach it only as
     Ray's traceback text)."""
     paths = [str(p) for p in batch["path"]]
-    images = np.zeros((len(paths), config.in_chans, config.img_size, config.img_size), dtype=np.float32)
+    images = np.zeros((len(paths), *data.input_size), dtype=np.float32)
     errors = [""] * len(paths)
-    for i, (path, data) in enumerate(zip(paths, batch[image_column])):
+    for i, (path, encoded) in enumerate(zip(paths, batch[image_column])):
         name = f"{path} (a row of it)" if numbered else path
         try:
-            images[i] = decode_image(bytes(data), config, name)
+            images[i] = decode_image(bytes(encoded), data, name)
         except CommandError as exc:
             errors[i] = str(exc)
     return {"path": np.asarray(paths, dtype=object), "image": images, "error": np.asarray(errors, dtype=object)}
@@ -211,7 +208,7 @@ def _cpu_share(cluster_cpus: float, actors: int) -> float:
     return min(1.0, np.floor(100 * cluster_cpus / (actors + 1)) / 100)
 
 
-def _dataset(group: _Group, config, share: float, batch_size: int):
+def _dataset(group: _Group, data, share: float, batch_size: int):
     import ray
 
     if group.kind == "images":
@@ -223,7 +220,7 @@ def _dataset(group: _Group, config, share: float, batch_size: int):
         ds = ds.select_columns([group.image_column, "path"])
         image_column = group.image_column
     return ds.map_batches(_decode, batch_size=batch_size, batch_format="numpy", num_cpus=share,
-                          fn_kwargs={"image_column": image_column, "numbered": group.numbered, "config": config})
+                          fn_kwargs={"image_column": image_column, "numbered": group.numbered, "data": data})
 
 
 @contextlib.contextmanager
@@ -248,13 +245,14 @@ def _ray_connection(address: str | None):
         ray.shutdown()
 
 
-def predict_on_ray(args, config, tensors, thresholds, policy) -> None:
+def predict_on_ray(args, config, tensors, thresholds, policy, data) -> None:
     """`dvt predict --ray`: every input's images classified by a pool of at most --actors actors, the rows
-    streamed into the parquet file --out, in input order."""
+    streamed into the parquet file --out, in input order; images are read and labelled as the weights' data
+    config `data` says."""
     _require("ray")
     _require("pyarrow")
     groups = input_groups(args.images)
-    names = class_names(config)
+    names = data.class_names
     with _ray_connection(args.ray_address) as ray:
         cpus = ray.cluster_resources().get("CPU", 1.0)
         actors = args.actors or max(1, int(cpus) - 1)
@@ -266,7 +264,7 @@ def predict_on_ray(args, config, tensors, thresholds, policy) -> None:
         rows, exits, macs = 0, np.zeros(config.num_exits, np.int64), 0
         with results_writer(args.out) as write:
             for group in groups:
-                ds = _dataset(group, config, share, batch_size).map_batches(
+                ds = _dataset(group, data, share, batch_size).map_batches(
                     _Predictor, fn_constructor_args=predictor_args, batch_size=batch_size, batch_format="numpy",
                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors), num_cpus=share,
                 )

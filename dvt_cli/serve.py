@@ -21,8 +21,9 @@ from .options import non_negative_float
 APP_NAME = "dvt"
 
 
-def _thresholds(args, config, tensors, metadata) -> tuple[list[float], str]:
-    """(thresholds, exit policy name) from --thresholds, --budget, or those stored with the weights."""
+def _thresholds(args, config, tensors, metadata, data) -> tuple[list[float], str]:
+    """(thresholds, exit policy name) from --thresholds, --budget (found on the training split of --data, read
+    as the weights' data config `data` says), or those stored with the weights."""
     from dvt_shared.exit_policy import exit_policy
 
     stored = metadata.exit_policy if metadata is not None else MAX_SOFTMAX.name
@@ -32,11 +33,18 @@ def _thresholds(args, config, tensors, metadata) -> tuple[list[float], str]:
     if args.thresholds is not None:
         return args.thresholds, policy.name
     if args.budget is not None:
-        from .inference import calibration_images, search_thresholds
+        from dvt_shared.datasets import FASHION_MNIST_CLASSES
 
-        calibration = argparse.Namespace(data="fmnist", data_dir=args.data_dir, split="train",
-                                         limit=args.calibration_images)
-        images, labels = calibration_images(calibration, config)
+        from .datasets import open_for_model, split_images
+        from .inference import search_thresholds
+
+        if args.data is None:
+            if data.input_size != (1, 28, 28) or data.class_names not in (None, FASHION_MNIST_CLASSES):
+                raise CommandError(f"--budget calibrates on labelled images: pass --data, the data set {args.weights} "
+                                   "was trained on (its data config is not Fashion-MNIST's)")
+            args.data = "fmnist"
+        dataset = open_for_model(args, config, data, args.weights)
+        images, labels = split_images(dataset, "train", data, args.calibration_images)
         thresholds, result = search_thresholds(config, tensors, policy, images, labels, budget=args.budget)
         print(f"{policy.name} thresholds for {args.budget} GFLOPs: {[float(t) for t in thresholds]} "
               f"({result.accuracy:.2f}% on {len(images)} training images, {result.expected_flops:.4f} GFLOPs)")
@@ -52,15 +60,17 @@ def _thresholds(args, config, tensors, metadata) -> tuple[list[float], str]:
 
 def serve_spec(args):
     """The `ServeSpec` of the command line: weights read and checked, thresholds resolved."""
+    from .datasets import model_data
     from .serve_app import ServeSpec
 
     backends.check_precision(args.precision, args.backend)
     config, tensors, metadata, _ = read_weights(args.weights, args.model, args.num_classes)
     if not hasattr(config, "num_exits"):
         raise CommandError(f"{config.name} is not a DVT: `dvt serve` serves early-exit cascades")
-    thresholds, policy = _thresholds(args, config, tensors, metadata)
+    data = model_data(config, metadata, args.weights)
+    thresholds, policy = _thresholds(args, config, tensors, metadata, data)
     return ServeSpec(
-        config, tensors, thresholds, policy, backend=args.backend, precision=args.precision,
+        config, tensors, thresholds, policy, data=data, backend=args.backend, precision=args.precision,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, batching=args.batching,
         max_body=args.max_body, threads=args.threads,
     )
@@ -127,6 +137,7 @@ class RequestCounter:
 
 
 def add_serve(subparsers, common: argparse.ArgumentParser) -> None:
+    from .datasets import add_data_arguments
     from .inference import parse_thresholds
 
     parser = subparsers.add_parser(
@@ -161,10 +172,12 @@ def add_serve(subparsers, common: argparse.ArgumentParser) -> None:
     target.add_argument("--thresholds", type=parse_thresholds, help="comma-separated, one per exit "
                         "(default: the calibrated ones stored with the weights)")
     target.add_argument("--budget", type=positive_float,
-                        help="GFLOPs per image: thresholds found at startup on Fashion-MNIST training images")
+                        help="GFLOPs per image: thresholds found at startup on the TRAIN split of --data")
     parser.add_argument("--calibration-images", type=positive_int, default=10000,
                         help="training images --budget calibrates on (default 10000)")
-    parser.add_argument("--data-dir", help="folder with the four Fashion-MNIST IDX files (for --budget)")
+    add_data_arguments(parser, default=None).description = (
+        "what --budget calibrates on (its train split): default fmnist for weights whose data config is "
+        "Fashion-MNIST's; other weights need --data")
     parser.add_argument("--exit-policy", choices=tuple(EXIT_POLICIES), default=None,
                         help="the confidence an image stops on (default: the stored thresholds' policy)")
     parser.add_argument("--model", help="registered config, for weights that record none")

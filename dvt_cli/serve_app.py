@@ -14,7 +14,6 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from dvt_shared.datasets import class_names
 from dvt_shared.stage_batching import QueueFull, StageBatcher
 
 from .kserve import (
@@ -38,6 +37,7 @@ class ServeSpec:
     tensors: dict[str, np.ndarray]
     thresholds: list[float]
     exit_policy: str
+    data: Any = None  # the weights' DataConfig (class names, normalisation); None: the default rule's
     backend: str = "torch"
     precision: str = "fp32"
     max_batch: int = 32
@@ -118,6 +118,7 @@ class _Metrics:
 class DVTServer:
     def __init__(self, spec: ServeSpec):
         os.environ.setdefault("GLOG_v", "3")
+        from dvt_shared.data_config import default_data_config
         from dvt_shared.exit_policy import exit_policy
 
         from . import backends
@@ -128,16 +129,15 @@ class DVTServer:
             torch.set_num_threads(spec.threads)
         _count_requests_with(spec.request_counter)
         self.spec, self.config = spec, spec.config
+        self.data = spec.data or default_data_config(spec.config)
         engine = backends.engine(spec.backend, spec.config, spec.tensors, spec.thresholds,
                                  precision=spec.precision, exit_policy=exit_policy(spec.exit_policy))
         self.metrics = _Metrics(spec.config.num_exits, spec.config.num_exits)
         self.batcher = StageBatcher(engine, spec.max_batch, spec.max_wait_ms / 1e3, spec.max_queue, spec.batching,
                                     observer=self.metrics.observe)
         # every stage at every gear (MindSpore) before the first request: initialisation and compiles are paid here
-        image = (spec.config.in_chans, spec.config.img_size, spec.config.img_size)
         for gear in getattr(engine, "gears", None) or (1,):
-            engine.all_exit_logits(np.zeros((gear, *image), np.float32))
-        self.labels = class_names(spec.config)
+            engine.all_exit_logits(np.zeros((gear, *self.data.input_size), np.float32))
 
     def _check_model(self, name: str, version: str | None = None) -> None:
         if name != self.config.name:
@@ -193,7 +193,7 @@ class DVTServer:
     @api.get("/v2/models/{name}/versions/{version}")
     async def metadata(self, name: str, version: str | None = None):
         self._check_model(name, version)
-        return model_metadata(self.config, f"dvt_{self.spec.backend}")
+        return model_metadata(self.config, f"dvt_{self.spec.backend}", self.data)
 
     @api.get("/v2/models/{name}/ready")
     @api.get("/v2/models/{name}/versions/{version}/ready")
@@ -214,17 +214,17 @@ class DVTServer:
     async def infer(self, name: str, request: Request, version: str | None = None):
         self._check_model(name, version)
         body = await self._body(request)
-        parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH), self.config)
+        parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH), self.config, self.data)
         prediction = await self._classify(parsed.images)
-        content, headers = encode_infer_response(name, parsed, prediction)
+        content, headers = encode_infer_response(name, parsed, prediction, self.data)
         return Response(content, headers=headers)
 
     @api.post("/v1/predict")
     async def predict(self, request: Request):
-        image = decode_image(await self._body(request), self.config)
+        image = decode_image(await self._body(request), self.data)
         p = await self._classify(image)
         cls = int(p.classes[0])
-        return {"class_index": cls, "label": self.labels[cls] if self.labels else str(cls),
+        return {"class_index": cls, "label": self.data.label(cls),
                 "exit": int(p.exit_index[0]), "confidence": float(p.confidence[0]), "macs": int(p.macs[0])}
 
     async def __del__(self):

@@ -57,10 +57,10 @@ def ship_training_log(run: Path, name: str) -> dict:
 
 def ship(dvt_run: Path, static_run: Path) -> dict:
     data = fashion_mnist(None)
-    labels = data["test_labels"]
     static = score(str(static_run / "final.safetensors"), data, calibrate=False)
     static_gflops = exit_gflops(static.config)[-1]
     dvt = score(str(dvt_run / "final.safetensors"), data)
+    labels = dvt.inputs["test_labels"]
     gflops = np.asarray(exit_gflops(dvt.config))
     budget = float(np.clip(0.5 * static_gflops, gflops[0], gflops[-1]))
     thresholds = exit_policy.thresholds_for_budget(dvt.calib_probs, gflops, budget)
@@ -105,7 +105,8 @@ def ship_classifiers(vt_run: Path, resnet_run: Path) -> dict:
         tensors, metadata = load_canonical(run / "final.safetensors")
         target = WEIGHTS_DIR / f"{metadata.config.name}.safetensors"
         save_canonical(target, tensors, metadata)
-        point = baseline_point(score(str(target), data, calibrate=False), data["test_labels"])
+        evaluated = score(str(target), data, calibrate=False)
+        point = baseline_point(evaluated, evaluated.inputs["test_labels"])
         entries[role] = {
             "file": target.name, "sha256": sha256_file(target), "config": metadata.config.to_dict(),
             "recipe": json.loads(metadata.provenance), **run_summary(run),

@@ -15,6 +15,7 @@ import mindspore as ms
 from mindspore import nn
 
 from dvt_shared.adaptive import DEFAULT_MAX_BATCH, check_gears, reuse_tensor_names
+from dvt_shared.data_config import model_data_config
 from dvt_shared.exit_policy import MAX_SOFTMAX, ExitPolicy
 from dvt_shared.export_manifest import read_manifest, stage_entry, write_manifest
 from dvt_shared.io_utils import atomic_path, check_writable_dir
@@ -59,7 +60,8 @@ def export_mindir(model: DVT, out_dir, gears: Sequence[int] | None = None) -> Pa
             _export_graph(graph, stage_inputs(model, index, gear), path)
             entries.append({"batch": gear, **stage_entry(path, *names)})
         stages.append({"gears": entries, "inputs": names[0], "outputs": names[1]})
-    manifest = {"format": FORMAT, "config": config.to_dict(), "stages": stages}
+    manifest = {"format": FORMAT, "config": config.to_dict(), "stages": stages,
+                "data_config": model_data_config(model).to_dict()}
     if gears is not None:
         manifest["gears"] = list(gears)
     return write_manifest(out_dir, MANIFEST, manifest)

@@ -3,16 +3,16 @@
 Fashion-MNIST lives in memory as one normalised tensor and is augmented a whole batch
 at a time with an explicit torch.Generator: on a small CPU this is far faster than
 per-image PIL transforms, and the generator's state is all a checkpoint needs to
-replay the augmentation exactly. ImageNet-style folders (`train/CLASS/*.jpg`,
-`val/CLASS/*.jpg`, or one `CLASS/*.jpg` folder split by --val-split) go through
-torchvision's ImageFolder, read and augmented for the model by timm's transforms, each image
-with random draws seeded by (run seed, epoch, image): the same on any worker, so a resumed
-run replays them and the loaders' workers persist across epochs.
+replay the augmentation exactly. Image folders (`train/CLASS/*.jpg`, `val/CLASS/*.jpg`, or one
+`CLASS/*.jpg` folder split by --val-split) and parquet files of encoded images are opened and
+checked by `dvt_shared.data_sources`, read for the model's channels and augmented by size (pad and
+random crop at 64 px or less, timm's random resized crop above), evaluated by the shared evaluation
+transform; each image's random draws are seeded by (run seed, epoch, image): the same on any worker,
+so a resumed run replays them and the loaders' workers persist across epochs.
 """
 from __future__ import annotations
 
 import math
-import os
 import random
 from dataclasses import dataclass
 from typing import Iterator
@@ -20,14 +20,14 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from dvt_shared.data_config import DataConfig, default_data_config
+from dvt_shared.data_sources import FMNIST, Split, channel_statistics, open_data, scan_images
 from dvt_shared.datasets import (
-    FASHION_MNIST_CLASSES,
     FASHION_MNIST_IMAGE_SIZE,
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
-    load_fashion_mnist,
-    normalise_fashion_mnist,
 )
+from dvt_shared.transforms import normalise_pixels
 
 # timm's RandomErasing defaults: erased area fraction and log-uniform aspect-ratio range.
 ERASE_AREA = (0.02, 1 / 3)
@@ -46,20 +46,6 @@ class TensorSplit:
 
     def subset(self, indices: torch.Tensor) -> "TensorSplit":
         return TensorSplit(self.images[indices], self.labels[indices])
-
-
-def normalise_uint8(images) -> torch.Tensor:
-    """uint8 (N, H, W) grey images -> float32 (N, 1, H, W), scaled to [0, 1] then standardised."""
-    return torch.from_numpy(normalise_fashion_mnist(np.asarray(images)))
-
-
-def fashion_mnist_splits(data_dir: str | os.PathLike | None = None) -> tuple[TensorSplit, TensorSplit]:
-    """(train, test) Fashion-MNIST as normalised tensors; see dvt_shared.datasets.load_fashion_mnist."""
-    raw = load_fashion_mnist(data_dir)
-    return tuple(
-        TensorSplit(normalise_uint8(raw[f"{split}_images"]), torch.as_tensor(raw[f"{split}_labels"]).long())
-        for split in ("train", "test")
-    )
 
 
 def _uniform(n: int, generator: torch.Generator, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
@@ -168,38 +154,48 @@ def eval_batches(split: TensorSplit, batch_size: int, rank: int = 0, world_size:
         yield split.images[start:stop], split.labels[start:stop]
 
 
-def _grey_image(path: str):
-    from PIL import Image
+class ToChannels:
+    """A PIL image as grey or RGB for a model of `channels` input channels (16-bit grey scaled, not clipped)."""
 
-    with open(path, "rb") as handle:
-        return Image.open(handle).convert("L")
+    def __init__(self, channels: int):
+        self.channels = channels
 
+    def __call__(self, image):
+        from dvt_shared.transforms import to_channels
 
-def _rgb_image(path: str):
-    from PIL import Image
-
-    with open(path, "rb") as handle:
-        return Image.open(handle).convert("RGB")
+        return to_channels(image, self.channels)
 
 
-# How an image file is read for a model of this many input channels.
-FOLDER_LOADERS = {1: _grey_image, 3: _rgb_image}
+class ResizeCentreCrop:
+    """The evaluation geometry of a data config: the short side to floor(size / crop_pct), the centre cropped."""
+
+    def __init__(self, data: DataConfig):
+        self.data = data
+
+    def __call__(self, image):
+        from dvt_shared.transforms import resize_and_centre_crop
+
+        return resize_and_centre_crop(image, self.data.image_size, self.data.crop_pct, self.data.interpolation)
 
 
-def folder_loader(config):
-    """The function that reads an image file for the model `config` describes: grey or RGB."""
-    if config.in_chans not in FOLDER_LOADERS:
-        raise ValueError(
-            f"{config.name} takes {config.in_chans}-channel images; image folders are read as grey (1 channel) "
-            "or RGB (3 channels)"
-        )
-    return FOLDER_LOADERS[config.in_chans]
+class EvalTransform:
+    """A PIL image -> the model's float32 (C, H, W) tensor by `dvt_shared.transforms.eval_array`: the very pixels
+    `dvt evaluate` and `dvt predict` give the model, so training's test accuracy is theirs."""
+
+    def __init__(self, data: DataConfig):
+        self.data = data
+
+    def __call__(self, image) -> torch.Tensor:
+        from dvt_shared.transforms import eval_array
+
+        return torch.from_numpy(eval_array(image, self.data))
 
 
 @dataclass(frozen=True)
 class FolderAugment:
     """How training images read from files are augmented: the arguments of timm's create_transform
-    that the release's recipe sets (its flags --aa, --reprob, --remode, --recount, --train-interpolation...)."""
+    that the release's recipe sets (its flags --aa, --reprob, --remode, --recount, --train-interpolation...),
+    or, for small images, pad-and-random-crop (`small`, `crop_padding`)."""
 
     auto_augment: str | None = None
     re_prob: float = 0.0
@@ -210,84 +206,75 @@ class FolderAugment:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
     color_jitter: float | None = None
+    small: bool = False
+    crop_padding: int = 0
 
     @classmethod
-    def from_args(cls, args) -> "FolderAugment":
+    def from_args(cls, args, side: int) -> "FolderAugment":
+        from dvt_shared.train_options import small_image_pipeline
+
+        small = small_image_pipeline(args, side)
         return cls(
             auto_augment=args.aa, re_prob=args.random_erase, re_mode=args.remode, re_count=args.recount,
-            interpolation=args.train_interpolation, scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip,
-            color_jitter=args.color_jitter or None,
+            interpolation=args.train_interpolation, scale=tuple(args.scale or (0.08, 1.0)), ratio=tuple(args.ratio),
+            hflip=args.hflip, color_jitter=args.color_jitter or None, small=small,
+            crop_padding=args.crop_padding or 0,
         )
 
 
-def folder_transforms(config, augment: FolderAugment = FolderAugment()) -> tuple:
-    """(train, eval) transforms of image files for the model `config` describes, built by timm from the
-    model's own data config (`dvt_shared.data_config`: channels, size, mean, std, interpolation, crop):
-    training takes a random resized crop, a flip and what `augment` adds; evaluation the model's centre crop."""
-    from timm.data import create_transform
+def folder_transforms(data: DataConfig, augment: FolderAugment = FolderAugment()) -> tuple:
+    """(train, eval) transforms of image files for a model whose data config is `data` (channels, size, mean,
+    std, interpolation, crop). Evaluation is the shared evaluation transform; training is pad-and-random-crop
+    with a flip for small images (`augment.small`), else timm's random resized crop, flip and what `augment`
+    adds. Both start from the image converted to the model's channels."""
+    from torchvision import transforms
 
-    from dvt_shared.data_config import data_config
+    channels = ToChannels(data.channels)
+    if augment.small:
+        steps = [channels, ResizeCentreCrop(data), transforms.RandomCrop(data.image_size, padding=augment.crop_padding,
+                                                                         fill=0)]
+        if augment.hflip > 0:
+            steps.append(transforms.RandomHorizontalFlip(augment.hflip))
+        steps += [transforms.ToTensor(), transforms.Normalize(data.mean, data.std)]
+        if augment.re_prob > 0:
+            from timm.data.random_erasing import RandomErasing
 
-    cfg = data_config(config)
-    common = dict(input_size=cfg["input_size"], mean=cfg["mean"], std=cfg["std"])
-    train = create_transform(
-        **common, is_training=True, interpolation=augment.interpolation or cfg["interpolation"],
-        auto_augment=augment.auto_augment, re_prob=augment.re_prob, re_mode=augment.re_mode, re_count=augment.re_count,
-        scale=augment.scale, ratio=augment.ratio, hflip=augment.hflip, color_jitter=augment.color_jitter,
-    )
-    evaluation = create_transform(
-        **common, is_training=False, interpolation=cfg["interpolation"], crop_pct=cfg["crop_pct"],
-        crop_mode=cfg["crop_mode"],
-    )
-    return train, evaluation
+            steps.append(RandomErasing(augment.re_prob, mode=augment.re_mode, max_count=augment.re_count,
+                                       device="cpu"))
+        train = transforms.Compose(steps)
+    else:
+        from timm.data import create_transform
 
-
-def image_folder_splits(root: str | os.PathLike):
-    """(train, val) torchvision ImageFolders of `root`/train and `root`/val; how their images are read and
-    transformed is set for a model with `folder_loader` and `folder_transforms`."""
-    from torchvision.datasets import ImageFolder
-
-    root = os.fspath(root)
-    missing = [s for s in ("train", "val") if not os.path.isdir(os.path.join(root, s))]
-    if missing:
-        raise FileNotFoundError(
-            f"{root} is not an image-folder dataset: missing {', '.join(missing)}/ "
-            "(expected train/CLASS/*.jpg and val/CLASS/*.jpg, or CLASS/*.jpg with --val-split)"
+        timm_train = create_transform(
+            input_size=data.input_size, mean=data.mean, std=data.std, is_training=True,
+            interpolation=augment.interpolation or data.interpolation, auto_augment=augment.auto_augment,
+            re_prob=augment.re_prob, re_mode=augment.re_mode, re_count=augment.re_count, scale=augment.scale,
+            ratio=augment.ratio, hflip=augment.hflip, color_jitter=augment.color_jitter,
         )
-    train, val = ImageFolder(os.path.join(root, "train")), ImageFolder(os.path.join(root, "val"))
-    if train.classes != val.classes:
-        raise ValueError(f"{root}: train/ and val/ hold different classes ({len(train.classes)} vs {len(val.classes)})")
-    return train, val
+        train = transforms.Compose([channels, timm_train])
+    return train, EvalTransform(data)
 
 
-def split_image_folder(root: str | os.PathLike, fraction: float, seed: int):
-    """(train, val) Subsets of the ImageFolder `root` (CLASS/*.jpg): `fraction` of every class, drawn once
-    from `seed`, held out for evaluation; each side has its own ImageFolder so its transform is its own."""
-    from torchvision.datasets import ImageFolder
+class ImageItems(torch.utils.data.Dataset):
+    """A split of encoded images (image files, or parquet rows) with their labels, each opened with PIL and
+    transformed by `transform` (set for the model by `TrainingData.set_model_input`)."""
 
-    root = os.fspath(root)
-    if not 0 < fraction < 1:
-        raise ValueError(f"--val-split must lie strictly between 0 and 1, got {fraction}")
-    if all(os.path.isdir(os.path.join(root, s)) for s in ("train", "val")):
-        raise ValueError(
-            f"{root} already holds train/ and val/: drop --val-split, or point --data at one class folder set"
-        )
-    train, val = ImageFolder(root), ImageFolder(root)
-    targets = np.asarray(train.targets)
-    generator = np.random.default_rng(seed)
-    held_out = []
-    for label, name in enumerate(train.classes):
-        members = np.flatnonzero(targets == label)
-        if len(members) < 2:
-            raise ValueError(
-                f"{root}: class {name!r} has {len(members)} image(s); --val-split needs 2 or more per class"
-            )
-        count = min(max(round(fraction * len(members)), 1), len(members) - 1)
-        held_out.extend(generator.permutation(members)[:count].tolist())
-    is_val = np.zeros(len(targets), dtype=bool)
-    is_val[held_out] = True
-    subset = torch.utils.data.Subset
-    return subset(train, np.flatnonzero(~is_val).tolist()), subset(val, np.flatnonzero(is_val).tolist())
+    def __init__(self, split: Split):
+        self.split = split
+        self.transform = None
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int):
+        import io
+
+        from PIL import Image
+
+        ref = self.split.refs[index]
+        with Image.open(ref.path if ref.data is None else io.BytesIO(ref.data)) as image:
+            image.load()
+            return self.transform(image), int(self.split.labels[index])
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -346,105 +333,102 @@ SYNTHETIC_SIZES = (1024, 256)
 
 
 class TrainingData:
-    """What a run trains and evaluates on (Fashion-MNIST, an image folder or synthetic images): training
-    batches per epoch (sharded, resumable mid-epoch) and this rank's evaluation batches."""
+    """What a run trains and evaluates on (Fashion-MNIST, an image folder, parquet files or synthetic images,
+    opened by `dvt_shared.data_sources`): training batches per epoch (sharded, resumable mid-epoch) and this
+    rank's evaluation batches."""
 
     def __init__(self, args, rank: int = 0, world_size: int = 1, pin_memory: bool = False):
         self.args, self.rank, self.world_size, self.pin_memory = args, rank, world_size, pin_memory
         self.train_loader = self.test_loader = None
-        if args.val_split is not None and args.data in ("fmnist", "synthetic"):
-            raise ValueError(f"--val-split splits an image folder; --data {args.data} has its own test set")
-        if args.data == "fmnist":
-            self.kind = "fmnist"
-            self.train_set, self.test_set = fashion_mnist_splits(args.data_dir)
-            self.classes = list(FASHION_MNIST_CLASSES)
-            self.augment = BatchAugment(crop_padding=args.crop_padding, flip=args.flip, erase_prob=args.random_erase)
-        elif args.data == "synthetic":
-            self.kind = "synthetic"
+        self.steps_per_epoch = None
+        if args.data == "synthetic":
+            if args.val_split is not None:
+                raise ValueError("--val-split splits an image folder or parquet files; --data synthetic has its own "
+                                 "test set")
+            self.kind, self.location = "synthetic", "synthetic"
             # the images are drawn once the model's input is known (set_model_input)
             self.sizes = (args.train_subset or SYNTHETIC_SIZES[0], args.test_subset or SYNTHETIC_SIZES[1])
             self.classes = [f"class{k}" for k in range(SYNTHETIC_CLASSES)]
             self.augment = None
-        else:
-            self.kind = "folder"
-            if args.val_split is not None:
-                self.train_set, self.test_set = split_image_folder(args.data, args.val_split, args.seed)
-                self.classes = list(self.train_set.dataset.classes)
-            else:
-                self.train_set, self.test_set = image_folder_splits(args.data)
-                self.classes = list(self.train_set.classes)
-        if self.kind != "synthetic":
-            self._take_subsets()
-        per_rank = self.train_size // world_size
-        self.steps_per_epoch = per_rank // args.batch_size
-        if self.steps_per_epoch < 1:
-            raise ValueError(
-                f"{self.train_size} training samples over {world_size} process(es) do not fill one "
-                f"batch of {args.batch_size}; lower --batch-size or enlarge --train-subset"
-            )
+            return
+        dataset = open_data(args.data, args.val_split, args.seed, args.data_dir, args.label_column)
+        self.kind, self.location, self.classes = dataset.kind, dataset.location, list(dataset.classes)
+        self.train_split, self.test_split = dataset.train, dataset.val
+        subsets = (("train_split", args.train_subset, args.seed), ("test_split", args.test_subset, args.seed + 1))
+        for name, size, seed in subsets:
+            split = getattr(self, name)
+            rows = seeded_subset(len(split), size, seed)
+            if rows is not None:
+                setattr(self, name, split.take(rows.numpy()))
 
     @property
     def train_size(self) -> int:
-        return self.sizes[0] if self.kind == "synthetic" else len(self.train_set)
+        return self.sizes[0] if self.kind == "synthetic" else len(self.train_split)
 
-    def _take_subsets(self) -> None:
+    def set_model_input(self, config, data: DataConfig) -> None:
+        """Fit the data to the model and its data config `data`: Fashion-MNIST must match it and is normalised by
+        it; synthetic images take its input shape; a folder's or parquet file's images are checked, read (grey or
+        RGB), cropped, augmented and normalised for it. The batch size must be set (`resolve_defaults`)."""
         args = self.args
-        subsets = (("train_set", args.train_subset, args.seed), ("test_set", args.test_subset, args.seed + 1))
-        for name, size, seed in subsets:
-            split = getattr(self, name)
-            subset = seeded_subset(len(split), size, seed)
-            if subset is None:
-                continue
-            if isinstance(split, TensorSplit):
-                setattr(self, name, split.subset(subset))
-            else:
-                setattr(self, name, torch.utils.data.Subset(split, subset.tolist()))
-
-    def set_model_input(self, config) -> None:
-        """Fit the data to the model: Fashion-MNIST must match it; synthetic images take its input shape;
-        a folder's images are read (grey or RGB), cropped, augmented and normalised for it."""
-        if self.kind == "fmnist" and (config.in_chans, config.img_size) != (1, FASHION_MNIST_IMAGE_SIZE):
-            raise ValueError(
-                f"{config.name} takes {config.in_chans}-channel {config.img_size}x{config.img_size} images; "
-                "Fashion-MNIST needs a 1-channel 28x28 config such as dvt_t2t_vit_fmnist "
-                "(other models train on --data DIR)"
-            )
-        if self.kind == "synthetic":
-            from dvt_shared.data_config import image_size
-
-            generator = torch.Generator().manual_seed(self.args.seed)
-            shape = (config.in_chans, *image_size(config))
+        if self.kind == FMNIST:
+            if (config.in_chans, config.img_size) != (1, FASHION_MNIST_IMAGE_SIZE):
+                raise ValueError(
+                    f"{config.name} takes {config.in_chans}-channel {config.img_size}x{config.img_size} images; "
+                    "Fashion-MNIST needs a 1-channel 28x28 config such as dvt_t2t_vit_fmnist "
+                    "(other models train on --data DIR)"
+                )
             self.train_set, self.test_set = (
-                TensorSplit(torch.randn(n, *shape, generator=generator),
+                TensorSplit(torch.from_numpy(normalise_pixels(split.pixels[:, None], data)),
+                            torch.as_tensor(split.labels).long())
+                for split in (self.train_split, self.test_split)
+            )
+            self.augment = BatchAugment(crop_padding=args.crop_padding, flip=args.flip, erase_prob=args.random_erase,
+                                        pad_value=-data.mean[0] / data.std[0])
+        elif self.kind == "synthetic":
+            generator = torch.Generator().manual_seed(args.seed)
+            self.train_set, self.test_set = (
+                TensorSplit(torch.randn(n, *data.input_size, generator=generator),
                             torch.randint(0, SYNTHETIC_CLASSES, (n,), generator=generator))
                 for n in self.sizes
             )
-        if self.kind != "folder":
-            return
-        loader = folder_loader(config)
-        transforms = folder_transforms(config, FolderAugment.from_args(self.args))
-        for split, transform in zip((self.train_set, self.test_set), transforms):
-            folder = split
-            while isinstance(folder, torch.utils.data.Subset):
-                folder = folder.dataset
-            folder.loader, folder.transform = loader, transform
-        workers = self.args.workers
+        else:
+            self._image_loaders(data)
+        per_rank = self.train_size // self.world_size
+        self.steps_per_epoch = per_rank // args.batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"{self.train_size} training samples over {self.world_size} process(es) do not fill one "
+                f"batch of {args.batch_size}; lower --batch-size or enlarge --train-subset"
+            )
+
+    def _image_loaders(self, data: DataConfig) -> None:
+        args = self.args
+        # unreadable images are left out (counted, the first named), the other kind of image said once
+        self.train_split = scan_images(self.train_split, data.channels, f"{self.location} (train)")
+        self.test_split = scan_images(self.test_split, data.channels, f"{self.location} (val)")
+        self.train_set, self.test_set = ImageItems(self.train_split), ImageItems(self.test_split)
+        transforms = folder_transforms(data, FolderAugment.from_args(args, max(data.image_size)))
+        self.train_set.transform, self.test_set.transform = transforms
+        workers = args.workers
         common = dict(num_workers=workers, pin_memory=self.pin_memory, persistent_workers=workers > 0)
-        self.train_sampler = EpochSampler(
-            len(self.train_set), self.args.batch_size, self.args.seed, self.rank, self.world_size,
-        )
+        self.train_sampler = EpochSampler(len(self.train_set), args.batch_size, args.seed, self.rank, self.world_size)
         self.train_loader = torch.utils.data.DataLoader(
-            SeededSamples(self.train_set), batch_size=self.args.batch_size, sampler=self.train_sampler, drop_last=True,
+            SeededSamples(self.train_set), batch_size=args.batch_size, sampler=self.train_sampler, drop_last=True,
             **common,
         )
         n = len(self.test_set)
         shard = list(range(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size))
         self.test_loader = torch.utils.data.DataLoader(
-            self.test_set, batch_size=self.args.eval_batch_size, sampler=shard, **common,
+            self.test_set, batch_size=args.eval_batch_size, sampler=shard, **common,
         )
 
+    @property
+    def images(self) -> bool:
+        """Whether the data are image files or parquet rows, read by loaders (not tensors in memory)."""
+        return self.kind in ("folder", "parquet")
+
     def train_batches(self, epoch: int, start_batch: int, augment_generator: torch.Generator):
-        if self.kind == "folder":
+        if self.images:
             self.train_sampler.set_epoch(epoch, start_batch)
             yield from self.train_loader
             return
@@ -453,15 +437,56 @@ class TrainingData:
             yield (images if self.augment is None else self.augment(images, augment_generator)), labels
 
     def test_batches(self):
-        if self.kind == "folder":
+        if self.images:
             yield from self.test_loader
             return
         yield from eval_batches(self.test_set, self.args.eval_batch_size, self.rank, self.world_size)
 
     def describe(self) -> dict:
         return {
-            "data": os.path.abspath(self.args.data) if self.kind == "folder" else self.kind,
+            "data": self.location if self.images else self.kind,
             "train_samples": self.train_size,
-            "test_samples": len(self.test_set) if self.kind != "synthetic" else self.sizes[1],
+            "test_samples": len(self.test_split) if self.kind != "synthetic" else self.sizes[1],
             "classes": self.classes,
         }
+
+
+def training_data_config(args, config, data: TrainingData, init: DataConfig | None) -> DataConfig:
+    """The data config a run trains with and records in its weights: the model's input size; class names from
+    the data; mean, std, interpolation and crop as given (`--mean auto`: computed from the training images),
+    else the --init-weights' (a grey model's statistics repeated for an RGB one), else the rule by channels."""
+    base = default_data_config(config)
+    channels = config.in_chans
+    if init is not None:
+        stats = {}
+        if init.channels == channels:
+            stats = dict(mean=init.mean, std=init.std)
+        elif init.channels == 1:
+            stats = dict(mean=init.mean * channels, std=init.std * channels)
+        base = base.replace(interpolation=init.interpolation, crop_pct=init.crop_pct, **stats)
+    if args.interpolation is not None:
+        base = base.replace(interpolation=args.interpolation)
+    if args.crop_pct is not None:
+        base = base.replace(crop_pct=args.crop_pct)
+    base = base.replace(class_names=tuple(data.classes))
+    wanted = {name: getattr(args, name) for name in ("mean", "std")}
+    if any(value == ["auto"] for value in wanted.values()):
+        if not data.images:
+            raise ValueError(f"--mean/--std auto computes the statistics of an image folder or parquet files, not "
+                             f"of --data {data.kind}")
+        mean, std = channel_statistics(data.train_split, base, f"{data.location} (train)")
+        wanted = {name: (dict(mean=mean, std=std)[name] if value == ["auto"] else value)
+                  for name, value in wanted.items()}
+    for name, value in wanted.items():
+        if value is None:
+            continue
+        try:
+            numbers = tuple(float(v) for v in value)
+        except ValueError:
+            raise ValueError(f"--{name} takes numbers, one per channel, or 'auto'; got {' '.join(value)}") from None
+        if len(numbers) == 1:
+            numbers *= channels
+        if len(numbers) != channels:
+            raise ValueError(f"--{name} has {len(numbers)} values; {config.name} takes {channels} channel(s)")
+        base = base.replace(**{name: numbers})
+    return base

@@ -4,7 +4,9 @@ Any weight file the project reads: canonical `.safetensors` (its config travels 
 release `.pth` / `.pth.tar` or a MindSpore `.ckpt` (the model named by `--model`). Every tensor
 whose key and shape fit the new model is loaded; the classifier heads, sized for the new data's
 classes, start afresh; a learned position embedding of another token grid (another image size) is
-interpolated, as timm does when it fine-tunes a ViT at another resolution.
+interpolated, as timm does when it fine-tunes a ViT at another resolution; the input layers of a grey
+model are adapted to RGB images (their input channels tiled, input weights divided by three, so that a grey
+image given as RGB computes what it did), as timm's `adapt_input_conv` adapts a first convolution.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dvt_shared.data_config import DataConfig
 from dvt_shared.models import ModelConfig
 from dvt_shared.weight_format import load_canonical, weight_format
 
@@ -29,6 +32,7 @@ class InitWeights:
     path: str
     tensors: dict[str, np.ndarray]
     config: ModelConfig | None
+    data_config: DataConfig | None = None  # the images and classes it was trained on, where it records them
 
 
 @dataclass
@@ -36,13 +40,15 @@ class InitReport:
     loaded: list[str] = field(default_factory=list)
     reinitialised: list[str] = field(default_factory=list)  # the new model's, not taken from the file
     interpolated: list[str] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)  # input layers of a grey model adapted to RGB
     ignored: list[str] = field(default_factory=list)  # the file's, which the new model has no place for
 
     def summary(self, path: str) -> str:
         lines = [f"initialised from {path}: {len(self.loaded)} tensors loaded, {len(self.interpolated)} interpolated, "
-                 f"{len(self.reinitialised)} re-initialised, {len(self.ignored)} ignored"]
-        for label, keys in (("interpolated", self.interpolated), ("re-initialised", self.reinitialised),
-                            ("ignored", self.ignored)):
+                 f"{len(self.adapted)} adapted from grey to RGB, {len(self.reinitialised)} re-initialised, "
+                 f"{len(self.ignored)} ignored"]
+        for label, keys in (("interpolated", self.interpolated), ("adapted", self.adapted),
+                            ("re-initialised", self.reinitialised), ("ignored", self.ignored)):
             if keys:
                 lines.append(f"  {label}: {', '.join(keys)}")
         return "\n".join(lines)
@@ -57,7 +63,7 @@ def read_init_weights(path: str) -> InitWeights:
     kind = weight_format(path)
     if kind == "safetensors":
         tensors, metadata = load_canonical(path)
-        return InitWeights(path, tensors, metadata.config)
+        return InitWeights(path, tensors, metadata.config, metadata.data_config)
     if kind == "pth":
         from .checkpoint import read_release_checkpoint
 
@@ -79,6 +85,19 @@ def recorded_config(init: InitWeights, model: str, model_given: bool, num_classe
     return init.config.replace(num_classes=num_classes)
 
 
+def _grey_to_rgb(stored: np.ndarray, shape: tuple[int, ...], channels: int) -> np.ndarray | None:
+    """A grey model's input-side tensor for `channels` input channels, where `shape` is `stored`'s with one axis
+    `channels` times as long: tiled along it (channel-major, as unfolded patches and convolutions lay them out),
+    a weight (2-D or more) divided by `channels`. None where the shapes differ otherwise."""
+    differ = [axis for axis, (a, b) in enumerate(zip(stored.shape, shape)) if a != b]
+    if len(stored.shape) != len(shape) or len(differ) != 1 or shape[differ[0]] != channels * stored.shape[differ[0]]:
+        return None
+    reps = [1] * stored.ndim
+    reps[differ[0]] = channels
+    tiled = np.tile(stored, reps)
+    return tiled / channels if stored.ndim >= 2 else tiled
+
+
 def _interpolated_pos_embed(stored: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """A (1, 1 + s*s, D) learned position embedding moved to (1, 1 + t*t, D): bicubic on the grid, the
     class token's row kept (timm's resample_abs_pos_embed)."""
@@ -88,28 +107,35 @@ def _interpolated_pos_embed(stored: torch.Tensor, shape: torch.Size) -> torch.Te
     return resample_abs_pos_embed(stored, new_size=(side, side), num_prefix_tokens=1)
 
 
-def load_init_weights(model: nn.Module, init: InitWeights) -> InitReport:
-    """Load what fits of `init` into `model` (in place) and say what was loaded, interpolated and left."""
+def load_init_weights(model: nn.Module, init: InitWeights, keep_heads: bool = True) -> InitReport:
+    """Load what fits of `init` into `model` (in place) and say what was loaded, interpolated, adapted and left.
+    `keep_heads=False` leaves the classifier heads as the model initialised them (other classes)."""
     report = InitReport()
     state = model.state_dict()
     updates = {}
+    grey_to_rgb = init.config is not None and init.config.in_chans == 1 and model.config.in_chans == 3
     for key, target in state.items():
-        if key not in init.tensors:
+        if key not in init.tensors or (not keep_heads and is_head(key)):
             report.reinitialised.append(key)
             continue
         stored = torch.from_numpy(np.asarray(init.tensors[key])).to(target.dtype)
+        adapted = _grey_to_rgb(stored.numpy(), tuple(target.shape), 3) if grey_to_rgb and not is_head(key) else None
         if stored.shape == target.shape:
             updates[key] = stored
             report.loaded.append(key)
         elif key.endswith("pos_embed") and stored.ndim == target.ndim == 3 and stored.shape[2] == target.shape[2]:
             updates[key] = _interpolated_pos_embed(stored, target.shape)
             report.interpolated.append(key)
+        elif adapted is not None:
+            updates[key] = torch.from_numpy(np.ascontiguousarray(adapted)).to(target.dtype)
+            report.adapted.append(key)
         elif is_head(key):
             report.reinitialised.append(key)
         else:
             raise ValueError(
                 f"--init-weights {init.path}: {key} has shape {tuple(stored.shape)}, the model needs "
-                f"{tuple(target.shape)}; only the heads and learned position embeddings may differ"
+                f"{tuple(target.shape)}; only the heads, learned position embeddings and a grey model's input layers "
+                "(for RGB) may differ"
             )
     report.ignored = sorted(set(init.tensors) - set(state))
     model.load_state_dict({**state, **updates}, strict=True)

@@ -31,10 +31,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from dvt_shared.data_config import apply_data_config, image_size
 from dvt_shared.models import ModelConfig, family_of, get_model_config
-from dvt_shared.train_options import MODEL_DEFAULT, add_train_arguments, parse_train_args
+from dvt_shared.train_options import MODEL_DEFAULT, add_train_arguments, parse_train_args, resolve_defaults
 
-from .data import TrainingData
+from .data import TrainingData, training_data_config
 from .dvt import multi_exit_loss
 from .finetune import InitWeights, freeze_stages, head_lr_groups, load_init_weights, read_init_weights, recorded_config
 from .models import build_model
@@ -153,6 +154,21 @@ def _parse_overrides(text: str | None) -> dict:
     return overrides
 
 
+def _input_overrides(args) -> dict:
+    """The config fields --input-size C H W and --img-size N set."""
+    overrides = {}
+    if args.input_size is not None:
+        channels, height, width = args.input_size
+        if height != width or min(args.input_size) < 1:
+            raise ValueError(f"--input-size {channels} {height} {width}: the models take square images (H = W >= 1)")
+        overrides.update(in_chans=channels, img_size=height)
+    if args.img_size is not None:
+        if overrides.get("img_size", args.img_size) != args.img_size:
+            raise ValueError(f"--img-size {args.img_size} disagrees with --input-size {args.input_size}")
+        overrides["img_size"] = args.img_size
+    return overrides
+
+
 def _build_config(args, num_classes: int, init: InitWeights | None = None) -> ModelConfig:
     """The registered config (or, fine-tuning, the --init-weights file's) with --model-overrides applied;
     `stages` (DVT) and `trunk`/`vt` (VT) may be given in to_dict's JSON form, the latter as partial objects
@@ -163,6 +179,10 @@ def _build_config(args, num_classes: int, init: InitWeights | None = None) -> Mo
         # a file's own config names its model; --model, where changed from its default, must agree with it
         config = recorded_config(init, args.model, args.model != MODEL_DEFAULT, num_classes)
     overrides = _parse_overrides(args.model_overrides)
+    for name, value in _input_overrides(args).items():
+        if overrides.get(name, value) != value:
+            raise ValueError(f"--model-overrides sets {name} {overrides[name]}, the input size options {value}")
+        overrides[name] = value
     if args.drop_path is not None:
         if "drop_path_rate" not in config.to_dict():
             raise ValueError(f"--drop-path: {config.name} has no stochastic depth (no drop_path_rate in its config)")
@@ -231,7 +251,10 @@ class TrainingRun:
             raise ValueError(
                 f"{config.name} is a segmentation model; this project has no segmentation data to train it on"
             )
-        self.data.set_model_input(config)
+        self.notes = resolve_defaults(args, self.data.kind, self.data.train_size, max(image_size(config)),
+                                      dist_ctx.world_size, fine_tuning=init is not None)
+        self.data_config = training_data_config(args, config, self.data, init.data_config if init else None)
+        self.data.set_model_input(config, self.data_config)
         if args.grad_accum < 1 or args.batch_size % args.grad_accum:
             raise ValueError(
                 f"--grad-accum {args.grad_accum} must be a positive divisor of --batch-size {args.batch_size}"
@@ -247,7 +270,13 @@ class TrainingRun:
         # The same seed on every rank gives every rank the same initial weights.
         torch.manual_seed(args.seed)
         self.model = build_model(config)
-        self.init_report = load_init_weights(self.model, init) if init is not None else None
+        # its pretrained_cfg says how it reads images and names its classes, for timm's resolve_data_config
+        apply_data_config(self.model, self.data_config)
+        self.init_report = None
+        if init is not None:
+            # heads trained on other classes start afresh; on the same classes (by name) they carry on
+            same_classes = init.data_config is not None and init.data_config.class_names == self.data_config.class_names
+            self.init_report = load_init_weights(self.model, init, keep_heads=same_classes)
         self.frozen = freeze_stages(self.model, args.freeze_stages) if args.freeze_stages else []
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.model.to(device, memory_format=self.memory_format)
@@ -582,6 +611,8 @@ def _announce(run: TrainingRun) -> None:
         f"{run.steps_per_epoch} steps/epoch x {run.total_epochs} epochs",
         flush=True,
     )
+    for note in run.notes:
+        print(note, flush=True)
     if run.init_report is not None and not run.args.resume:
         print(run.init_report.summary(run.args.init_weights), flush=True)
     if run.frozen:
@@ -595,23 +626,24 @@ def save_best(run: TrainingRun, out: str, record: dict) -> None:
         return
     model = run.ema.module if source == "ema" else run.model
     metrics = run_metrics(run.history, run.step, False, run.elapsed)
-    save_weights(os.path.join(out, BEST_NAME), model, run.config, run.recipe, metrics)
+    save_weights(os.path.join(out, BEST_NAME), model, run.config, run.recipe, metrics, run.data_config)
 
 
 def _save_final_weights(run: TrainingRun, out: str, metrics: dict) -> None:
     if run.dist.is_main:
-        save_weights(os.path.join(out, FINAL_NAME), run.model, run.config, run.recipe, metrics)
+        save_weights(os.path.join(out, FINAL_NAME), run.model, run.config, run.recipe, metrics, run.data_config)
         if run.ema is not None:
-            save_weights(os.path.join(out, FINAL_EMA_NAME), run.ema.module, run.config, run.recipe, metrics)
+            save_weights(os.path.join(out, FINAL_EMA_NAME), run.ema.module, run.config, run.recipe, metrics,
+                         run.data_config)
         print(f"wrote {os.path.join(out, FINAL_NAME)}", flush=True)
     elif run.args.dump_rank_weights:
         path = os.path.join(out, f"final.rank{run.dist.rank}.safetensors")
-        save_weights(path, run.model, run.config, run.recipe, metrics)
+        save_weights(path, run.model, run.config, run.recipe, metrics, run.data_config)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dvt_torch.train",
+        prog="python -m dvt_torch.train", allow_abbrev=False,
         description="Train a DVT cascade or a VT classifier (see the module docstring).",
     )
     add_train_arguments(parser)

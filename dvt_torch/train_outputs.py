@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from dvt_shared.data_config import DataConfig
 from dvt_shared.io_utils import atomic_write_png, atomic_writer
 from dvt_shared.models import ModelConfig, model_gflops
 from dvt_shared.weight_format import WeightMetadata, save_canonical
@@ -60,11 +61,13 @@ def plot_history(history: list[dict], path: str) -> None:
     atomic_write_png(path, history_figure(history))
 
 
-def save_weights(path: str, model: torch.nn.Module, config: ModelConfig, recipe: dict, metrics: dict) -> None:
-    """`model`'s weights in the canonical format, with its config, exit costs, recipe and `metrics`."""
+def save_weights(path: str, model: torch.nn.Module, config: ModelConfig, recipe: dict, metrics: dict,
+                 data_config: DataConfig | None = None) -> None:
+    """`model`'s weights in the canonical format, with its config, exit costs, recipe, `metrics` and the data
+    config it was trained with (class names, input size, normalisation)."""
     metadata = WeightMetadata(
         config=config, exit_flops=list(model_gflops(config)), provenance=json.dumps(recipe, sort_keys=True),
-        extra={k: json.dumps(v) for k, v in metrics.items()},
+        extra={k: json.dumps(v) for k, v in metrics.items()}, data_config=data_config,
     )
     save_canonical(path, to_canonical(model), metadata)
 

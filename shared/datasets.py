@@ -159,11 +159,6 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> dict[str, n
     return out
 
 
-def class_names(config) -> tuple[str, ...] | None:
-    """The names of a model's classes where they are known: Fashion-MNIST's for a grey 10-class model."""
-    return FASHION_MNIST_CLASSES if config.in_chans == 1 and config.num_classes == len(FASHION_MNIST_CLASSES) else None
-
-
 def normalise_fashion_mnist(images: np.ndarray) -> np.ndarray:
     """uint8 (N, H, W) grey images -> float32 (N, 1, H, W) model input: scaled to [0, 1], then standardised."""
     scaled = np.asarray(images).astype(np.float32)[:, None] / 255.0

@@ -1,24 +1,24 @@
-"""The evaluation input pipeline, defined once: an image (PIL) -> the float32 (C, H, W) array a model takes.
+"""The evaluation input pipeline, defined once: an image (PIL) -> the float32 (C, H, W) array a model takes,
+as its data config (`dvt_shared.data_config.DataConfig`) says.
 
-Three-channel models get the release's evaluation transform (bicubic resize of the short side
-to size / 0.875, centre crop, ImageNet mean and std), with torchvision's rounding so that
-training's evaluation (`dvt_torch.data`) and `dvt predict` see the same pixels. One-channel
-models get grey images resized to the model's size and Fashion-MNIST's normalisation.
-NumPy and Pillow only.
+The image is converted to the model's channels (grey or RGB), its short side resized to
+floor(size / crop_pct) with the config's interpolation, the centre cropped, scaled to [0, 1] and
+standardised by the config's mean and std: timm's evaluation transform, with torchvision's rounding,
+so that training's evaluation (`dvt_torch.data`) and `dvt predict` see the same pixels. NumPy and
+Pillow only.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from .datasets import normalise_fashion_mnist
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# The release evaluates at 224 after resizing the short side to 256.
-EVAL_CROP_RATIO = 224 / 256
+from .data_config import DataConfig
 
 # PIL modes of 16- and 32-bit grey images, whose convert("L") clips every value above 255.
 _WIDE_GREY_MODES = {"I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16, "I": 16}
+# The PIL mode an image is converted to for a model of this many channels.
+CHANNEL_MODES = {1: "L", 3: "RGB"}
 
 
 def eight_bit(image):
@@ -34,40 +34,57 @@ def eight_bit(image):
     return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), mode="L")
 
 
-def resize_and_centre_crop(image, img_size: int):
-    """The short side to int(img_size / 0.875) (bicubic), then the centre img_size x img_size, as torchvision rounds."""
+def image_channels(mode: str) -> int:
+    """How many channels an image of PIL `mode` has as the project reads it: 1 for grey, 3 for colour."""
+    return 1 if mode in ("1", "L", "LA", "I", "F") or mode in _WIDE_GREY_MODES else 3
+
+
+def to_channels(image, channels: int):
+    """`image` (loaded, 8-bit) as grey or RGB for a model of `channels` input channels."""
+    if channels not in CHANNEL_MODES:
+        raise ValueError(f"images are read as grey (1 channel) or RGB (3 channels), not {channels} channels")
+    return eight_bit(image).convert(CHANNEL_MODES[channels])
+
+
+def _pil_filter(name: str):
     from PIL import Image
 
-    short = int(img_size / EVAL_CROP_RATIO)
-    width, height = image.size
-    if width <= height:
-        size = (short, int(short * height / width))
+    return getattr(Image.Resampling, name.upper())
+
+
+def resize_and_centre_crop(image, size: tuple[int, int], crop_pct: float, interpolation: str):
+    """The short side to floor(size / crop_pct), then the centre `size` (height, width), as timm and torchvision
+    round (torchvision's Resize keeps the aspect ratio, truncating the long side)."""
+    height, width = size
+    scale = math.floor(min(height, width) / crop_pct)
+    w, h = image.size
+    if w <= h:
+        new = (scale, int(scale * h / w))
     else:
-        size = (int(short * width / height), short)
-    image = image.resize(size, Image.BICUBIC)
-    left, top = int(round((size[0] - img_size) / 2.0)), int(round((size[1] - img_size) / 2.0))
-    return image.crop((left, top, left + img_size, top + img_size))
+        new = (int(scale * w / h), scale)
+    if new != image.size:
+        image = image.resize(new, _pil_filter(interpolation))
+    left, top = int(round((new[0] - width) / 2.0)), int(round((new[1] - height) / 2.0))
+    return image.crop((left, top, left + width, top + height))
 
 
-def eval_array(image, in_chans: int, img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
-    """`image` as a model with `in_chans` channels and `img_size` inputs takes it: float32 (C, H, W)."""
-    from PIL import Image
-
-    image = eight_bit(image)
-    if in_chans == 1:
-        grey = image.convert("L").resize((img_size, img_size), Image.BILINEAR)
-        return normalise_fashion_mnist(np.asarray(grey)[None])[0]
-    rgb = resize_and_centre_crop(image.convert("RGB"), img_size)
-    return normalise_pixels(np.asarray(rgb).transpose(2, 0, 1)[None], mean, std)[0]
+def eval_array(image, data: DataConfig) -> np.ndarray:
+    """`image` as the model `data` describes takes it: float32 (C, H, W)."""
+    image = to_channels(image, data.channels)
+    image = resize_and_centre_crop(image, data.image_size, data.crop_pct, data.interpolation)
+    pixels = np.asarray(image)
+    pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    return normalise_pixels(pixels[None], data)[0]
 
 
-def normalise_pixels(pixels: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+def normalise_pixels(pixels: np.ndarray, data: DataConfig) -> np.ndarray:
     """8-bit images (N, C, H, W) already at the model's size -> its float32 input, as `eval_array` ends:
-    one channel by Fashion-MNIST's statistics, three by `mean` and `std` after scaling to [0, 1]."""
+    scaled to [0, 1], then standardised by the config's mean and std."""
     pixels = np.asarray(pixels)
-    if pixels.shape[1] == 1:
-        return normalise_fashion_mnist(pixels[:, 0])
+    if pixels.ndim != 4 or pixels.shape[1] != data.channels:
+        raise ValueError(f"pixels must be (N, {data.channels}, H, W), got {tuple(pixels.shape)}")
+    shape = (1, data.channels, 1, 1)
     array = pixels.astype(np.float32) / 255.0
-    array = (array - np.reshape(mean, (1, 3, 1, 1)).astype(np.float32)) / np.reshape(std, (1, 3, 1, 1)).astype(
-        np.float32)
-    return array.astype(np.float32)
+    mean = np.reshape(data.mean, shape).astype(np.float32)
+    std = np.reshape(data.std, shape).astype(np.float32)
+    return ((array - mean) / std).astype(np.float32)

@@ -18,6 +18,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from .data_config import DataConfig
 from .exit_policy import EXIT_POLICIES, MAX_SOFTMAX
 from .io_utils import atomic_write_bytes
 from .models import FAMILIES, MODEL_CONFIG_TYPES, ModelConfig, config_from_dict
@@ -30,6 +31,9 @@ THRESHOLDS_KEY = "dvt.thresholds"
 # The exit policy the thresholds were found for; files written before it existed hold max-softmax thresholds.
 EXIT_POLICY_KEY = "dvt.exit_policy"
 PROVENANCE_KEY = "dvt.provenance"
+# The data config (dvt_shared.data_config: class names, input size, normalisation); optional, files written
+# before it existed record none.
+DATA_CONFIG_KEY = "dvt.data_config"
 EXTRA_KEY = "dvt.extra"
 
 CONVERT_HINT = (
@@ -49,6 +53,7 @@ class WeightMetadata:
     exit_flops: cumulative GMACs of exiting at each exit (empty when unknown).
     thresholds: confidence thresholds of the exits, or None when not calibrated.
     exit_policy: the name of the exit policy (dvt_shared.exit_policy) the thresholds are for.
+    data_config: the images the model takes and the names of its classes, or None where not recorded.
     extra: any further strings, e.g. metrics serialised as JSON.
     """
 
@@ -58,6 +63,7 @@ class WeightMetadata:
     exit_policy: str = MAX_SOFTMAX.name
     provenance: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    data_config: DataConfig | None = None
 
     def __post_init__(self):
         if not isinstance(self.config, MODEL_CONFIG_TYPES):
@@ -78,6 +84,10 @@ class WeightMetadata:
         if bad:
             raise TypeError(f"extra must map str to str; offending keys: {bad}")
         self.extra = dict(self.extra)
+        if self.data_config is not None:
+            if not isinstance(self.data_config, DataConfig):
+                raise TypeError(f"data_config must be a DataConfig, got {type(self.data_config).__name__}")
+            self.data_config.check_model(self.config)
 
     @property
     def config_name(self) -> str:
@@ -97,6 +107,7 @@ class WeightMetadata:
             EXIT_POLICY_KEY: json.dumps(self.exit_policy),
             PROVENANCE_KEY: json.dumps(self.provenance),
             EXTRA_KEY: json.dumps(self.extra, sort_keys=True),
+            **({DATA_CONFIG_KEY: json.dumps(self.data_config.to_dict())} if self.data_config is not None else {}),
         }
 
     @classmethod
@@ -127,9 +138,16 @@ class WeightMetadata:
             config = config_from_dict(stored)
         except (TypeError, KeyError, ValueError, AttributeError) as exc:
             raise ValueError(f"{source}: metadata {CONFIG_KEY} is not a valid {kind} ({exc})") from exc
+        data = None
+        if DATA_CONFIG_KEY in strings:
+            try:
+                data = DataConfig.from_dict(json.loads(strings[DATA_CONFIG_KEY]))
+            except ValueError as exc:  # JSONDecodeError included
+                raise ValueError(f"{source}: metadata {DATA_CONFIG_KEY} is not a valid data config ({exc})") from exc
         try:
             return cls(
                 config=config,
+                data_config=data,
                 exit_flops=values[EXIT_FLOPS_KEY],
                 thresholds=values[THRESHOLDS_KEY],
                 exit_policy=json.loads(strings.get(EXIT_POLICY_KEY, json.dumps(MAX_SOFTMAX.name))),

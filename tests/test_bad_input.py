@@ -442,7 +442,7 @@ def test_calibrate_missing_weights(tmp_path, capsys):
     ("--limit", "0", "argument --limit: must be a positive integer, got '0'"),
     ("--p", "-1", "argument --p: must be a finite number > 0, got '-1'"),
     ("--budget", "nan", "argument --budget: must be a finite number > 0, got 'nan'"),
-    ("--split", "val", "argument --split: invalid choice: 'val'"),
+    ("--split", "all", "argument --split: invalid choice: 'all'"),
 ], ids=["limit", "p", "budget", "split"])
 def test_calibrate_bad_option_value(weights, capsys, option, value, message):
     assert message in fails(capsys, ["calibrate", "--weights", weights, option, value], code=2)
@@ -590,5 +590,8 @@ def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
     Image.fromarray(pixels).save(tmp_path / "eight.png")
     Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")
     assert Image.open(tmp_path / "sixteen.png").mode.startswith("I")
-    eight, sixteen = load_images([str(tmp_path / "eight.png"), str(tmp_path / "sixteen.png")], CONFIG)
+    from dvt_shared.data_config import default_data_config
+
+    paths = [str(tmp_path / "eight.png"), str(tmp_path / "sixteen.png")]
+    eight, sixteen = load_images(paths, default_data_config(CONFIG))
     np.testing.assert_array_equal(sixteen, eight)

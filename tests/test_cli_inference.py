@@ -9,6 +9,7 @@ from PIL import Image
 
 from dvt_cli import backends, main
 from dvt_shared import get_model_config
+from dvt_shared.data_config import default_data_config
 from dvt_shared.datasets import DEFAULT_FASHION_MNIST_DIR
 from dvt_shared.flops import cumulative_flops, exit_gflops
 from dvt_shared.weight_format import WeightMetadata, load_canonical, save_canonical
@@ -79,7 +80,9 @@ def test_calibrate_and_predict_with_the_entropy_policy(weights, images, tmp_path
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1].endswith("entropy confidence")
     exits = [int(line.split()[2]) for line in printed[1:-1]]
-    logits = all_exit_logits(metadata.config, tensors, load_images(images, metadata.config))
+    # calibrate recorded the data config these weights were read with: the default rule's, named by Fashion-MNIST
+    assert metadata.data_config == default_data_config(metadata.config)
+    logits = all_exit_logits(metadata.config, tensors, load_images(images, metadata.data_config))
     margins = ENTROPY.margin(FP32.exit_bounds(metadata.config.depth, logits))
     agreement = decision_agreement(ENTROPY.scores(softmax(logits)), np.array(exits), metadata.thresholds, margins)
     assert agreement.unexplained.size == 0, f"images {agreement.unexplained} exit elsewhere than the policy says"
@@ -97,7 +100,7 @@ def spread_thresholds(weights, images) -> str:
     tensors, metadata = load_canonical(weights)
     model = from_canonical(DVT(metadata.config), tensors).eval()
     with torch.inference_mode():
-        logits = model.forward_exits(torch.from_numpy(load_images(images, metadata.config)))
+        logits = model.forward_exits(torch.from_numpy(load_images(images, default_data_config(metadata.config))))
     conf = confidences(softmax(np.stack([o.numpy() for o in logits])))
     first = np.sort(conf[0])[::-1]
     half = len(first) // 2

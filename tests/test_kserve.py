@@ -18,11 +18,13 @@ from dvt_cli.kserve import (
 )
 from dvt_shared import get_model_config
 from dvt_shared.adaptive import Prediction
+from dvt_shared.data_config import default_data_config
 from dvt_shared.transforms import eval_array, normalise_pixels
 
 http = pytest.importorskip("tritonclient.http")
 
 CONFIG = get_model_config("dvt_t2t_vit_fmnist")
+DATA = default_data_config(CONFIG).replace(class_names=tuple(f"class {k}" for k in range(CONFIG.num_classes)))
 
 
 def triton_body(array, datatype, binary=True, outputs=None, name="images", request_id=""):
@@ -43,19 +45,19 @@ def test_uint8_pixels_are_normalised_as_the_eval_transform(binary):
     from PIL import Image
 
     raw = pixels(3)
-    parsed = parse_infer_request(*triton_body(raw, "UINT8", binary), CONFIG)
-    want = np.stack([eval_array(Image.fromarray(p), 1, 28) for p in raw])
+    parsed = parse_infer_request(*triton_body(raw, "UINT8", binary), CONFIG, DATA)
+    want = np.stack([eval_array(Image.fromarray(p), DATA) for p in raw])
     np.testing.assert_array_equal(parsed.images, want)
     # naming no outputs, tritonclient asks for all of them as binary data (binary_data_output)
     assert parsed.outputs == tuple((name, True) for name in DEFAULT_OUTPUTS)
     # (n, C, H, W) pixels are the same images
-    np.testing.assert_array_equal(parse_infer_request(*triton_body(raw[:, None], "UINT8"), CONFIG).images, want)
+    np.testing.assert_array_equal(parse_infer_request(*triton_body(raw[:, None], "UINT8"), CONFIG, DATA).images, want)
 
 
 @pytest.mark.parametrize("binary", [True, False])
 def test_fp32_input_passes_through(binary):
     array = np.random.default_rng(1).standard_normal((2, 1, 28, 28)).astype(np.float32)
-    parsed = parse_infer_request(*triton_body(array, "FP32", binary, request_id="r7"), CONFIG)
+    parsed = parse_infer_request(*triton_body(array, "FP32", binary, request_id="r7"), CONFIG, DATA)
     np.testing.assert_array_equal(parsed.images, array)
     assert parsed.id == "r7"
 
@@ -64,7 +66,8 @@ def test_nested_json_data_is_accepted():
     raw = pixels(1)
     body = json.dumps({"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 28, 28],
                                    "data": raw.tolist()}]}).encode()
-    np.testing.assert_array_equal(parse_infer_request(body, None, CONFIG).images, normalise_pixels(raw[:, None]))
+    want = normalise_pixels(raw[:, None], DATA)
+    np.testing.assert_array_equal(parse_infer_request(body, None, CONFIG, DATA).images, want)
 
 
 @pytest.mark.parametrize("binary", [True, False])
@@ -72,15 +75,18 @@ def test_responses_parse_in_tritonclient(binary):
     rng = np.random.default_rng(2)
     prediction = Prediction(rng.standard_normal((4, 10)).astype(np.float32), np.array([0, 2, 1, -1]),
                             rng.random(4).astype(np.float32), np.array([5, 9, 7, 9]))
-    outputs = [(name, binary) for name in ("logits", "exit", "class_index", "confidence", "macs")]
-    parsed = parse_infer_request(*triton_body(pixels(4), "UINT8", outputs=outputs, request_id="abc"), CONFIG)
-    body, headers = encode_infer_response(CONFIG.name, parsed, prediction)
+    outputs = [(name, binary) for name in ("logits", "exit", "class_index", "label", "confidence", "macs")]
+    parsed = parse_infer_request(*triton_body(pixels(4), "UINT8", outputs=outputs, request_id="abc"), CONFIG, DATA)
+    body, headers = encode_infer_response(CONFIG.name, parsed, prediction, DATA)
     header = headers.get(HEADER_LENGTH)
     result = http.InferenceServerClient.parse_response_body(body, header_length=None if header is None else
                                                             int(header))
     assert (header is not None) == binary
     np.testing.assert_array_equal(result.as_numpy("logits"), prediction.logits)
     np.testing.assert_array_equal(result.as_numpy("class_index"), prediction.classes)
+    # BYTES in both encodings: the class names the data config records, decoded by tritonclient
+    assert [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("label")] == [
+        DATA.class_names[c] for c in prediction.classes]
     np.testing.assert_array_equal(result.as_numpy("exit"), prediction.exit_index)
     np.testing.assert_array_equal(result.as_numpy("confidence"), prediction.confidence)
     np.testing.assert_array_equal(result.as_numpy("macs"), prediction.macs)
@@ -89,8 +95,11 @@ def test_responses_parse_in_tritonclient(binary):
 
 
 def test_metadata_describes_the_model():
-    meta = model_metadata(CONFIG, "dvt_torch")
+    meta = model_metadata(CONFIG, "dvt_torch", DATA)
     assert meta["name"] == CONFIG.name and meta["inputs"][0]["shape"] == [-1, 1, 28, 28]
+    assert meta["inputs"][0]["parameters"]["datatypes"] == ["UINT8", "FP32"]
+    assert meta["parameters"]["data_config"]["class_names"] == list(DATA.class_names)
+    assert {o["name"]: o["datatype"] for o in meta["outputs"]}["label"] == "BYTES"
     assert {o["name"]: o["shape"] for o in meta["outputs"]}["logits"] == [-1, CONFIG.num_classes]
 
 
@@ -130,21 +139,21 @@ BAD = {
 def test_bad_requests_name_their_problem(case):
     (body, header), expected = BAD[case]
     with pytest.raises(ProtocolError, match=re.escape(expected)) as error:
-        parse_infer_request(body, header, CONFIG)
+        parse_infer_request(body, header, CONFIG, DATA)
     assert error.value.status == 400
 
 
 def test_binary_data_must_match_its_declared_size():
     body, header = triton_body(pixels(2), "UINT8")
     with pytest.raises(ProtocolError, match="bytes of binary data follow the JSON header that no input declares"):
-        parse_infer_request(body + b"\0", header, CONFIG)
+        parse_infer_request(body + b"\0", header, CONFIG, DATA)
     with pytest.raises(ProtocolError, match="declares binary_data_size 1568, but 1567 bytes"):
-        parse_infer_request(body[:-1], header, CONFIG)
+        parse_infer_request(body[:-1], header, CONFIG, DATA)
     spec = json.loads(body[: int(header)])
     spec["inputs"][0]["shape"] = [1, 28, 28]
     text = json.dumps(spec).encode()
     with pytest.raises(ProtocolError, match="1568 bytes of binary data; shape \\[1, 28, 28\\] of UINT8 takes 784"):
-        parse_infer_request(text + body[int(header):], str(len(text)), CONFIG)
+        parse_infer_request(text + body[int(header):], str(len(text)), CONFIG, DATA)
 
 
 def test_image_bodies(tmp_path):
@@ -154,11 +163,11 @@ def test_image_bodies(tmp_path):
     for fmt in ("PNG", "JPEG"):
         Image.fromarray(raw).save(tmp_path / f"x.{fmt}", format=fmt)
         with Image.open(tmp_path / f"x.{fmt}") as image:
-            want = eval_array(image, 1, 28)
-        np.testing.assert_array_equal(decode_image((tmp_path / f"x.{fmt}").read_bytes(), CONFIG)[0], want)
+            want = eval_array(image, DATA)
+        np.testing.assert_array_equal(decode_image((tmp_path / f"x.{fmt}").read_bytes(), DATA)[0], want)
     with pytest.raises(ProtocolError, match="not a PNG or JPEG image") as error:
-        decode_image(b"hello", CONFIG)
+        decode_image(b"hello", DATA)
     assert error.value.status == 415
     Image.fromarray(raw).save(tmp_path / "x.bmp")
     with pytest.raises(ProtocolError, match="a BMP image; send PNG or JPEG"):
-        decode_image((tmp_path / "x.bmp").read_bytes(), CONFIG)
+        decode_image((tmp_path / "x.bmp").read_bytes(), DATA)

@@ -176,15 +176,20 @@ def test_ray_options_are_checked_first(weights, tmp_path, capsys, argv, message)
     assert message in capsys.readouterr().err
 
 
-def test_decode_is_shared(folder):
-    """Both paths decode with `decode_image`: the bytes of a file give what `load_images` gives."""
-    from dvt_cli.inference import decode_image, load_images
-    from dvt_shared import get_model_config
+def test_decode_reads_pixels_by_the_data_config(folder):
+    """`decode_image` (both paths' decoder) against PIL and the formula: pixels / 255, less the data config's mean,
+    over its std; an unreadable body is named."""
+    from PIL import Image
 
-    config = get_model_config("dvt_t2t_vit_fmnist")
+    from dvt_cli.inference import decode_image, load_images
+    from dvt_shared.data_config import DataConfig
+
+    data = DataConfig((1, 28, 28), (0.25,), (0.5,))
     path = walked(folder)[0]
     with open(path, "rb") as handle:
-        data = handle.read()
-    np.testing.assert_array_equal(decode_image(data, config, path), load_images([path], config)[0])
+        encoded = handle.read()
+    want = (np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255 - np.float32(0.25)) / np.float32(0.5)
+    np.testing.assert_allclose(decode_image(encoded, data, path)[0], want, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(load_images([path], data)[0], decode_image(encoded, data, path))
     with pytest.raises(Exception, match="x: cannot read it as an image"):
-        decode_image(io.BytesIO(b"junk").getvalue(), config, "x")
+        decode_image(io.BytesIO(b"junk").getvalue(), data, "x")

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from dvt_cli import backends, read_weights
-from dvt_shared.datasets import load_fashion_mnist
+from dvt_shared.data_config import default_data_config
+from dvt_shared.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
 from dvt_shared.error_bounds import FP32, decision_agreement
 from dvt_shared.exit_policy import MAX_SOFTMAX, softmax
 
@@ -109,7 +110,8 @@ def test_health_and_metadata(server, offline):
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(config.name)
     meta = client.get_model_metadata(config.name)
     assert meta["inputs"][0]["name"] == "images" and meta["inputs"][0]["shape"] == [-1, 1, 28, 28]
-    assert [o["name"] for o in meta["outputs"]] == ["class_index", "exit", "confidence", "macs", "logits"]
+    assert [o["name"] for o in meta["outputs"]] == ["class_index", "label", "exit", "confidence", "macs", "logits"]
+    assert meta["parameters"]["data_config"]["class_names"] == list(FASHION_MNIST_CLASSES)
     with pytest.raises(Exception, match="unknown model 'resnet50'"):
         client.get_model_metadata("resnet50")
 
@@ -134,7 +136,7 @@ def test_concurrent_answers_equal_the_offline_engine_alone(server, offline, data
 
     from dvt_shared.transforms import normalise_pixels
 
-    images = normalise_pixels(pixels[:n, None])
+    images = normalise_pixels(pixels[:n, None], default_data_config(config))
     alone = [engine.predict(images[i:i + 1]) for i in range(n)]
     alone_exit = np.array([p.exit_index[0] for p in alone])
     all_exit = engine.all_exit_logits(images)
@@ -155,7 +157,6 @@ def test_concurrent_answers_equal_the_offline_engine_alone(server, offline, data
 def test_fp32_input_and_one_image_file(server, offline, data, tmp_path):
     from PIL import Image
 
-    from dvt_shared.datasets import FASHION_MNIST_CLASSES
     from dvt_shared.transforms import eval_array
 
     _, url = server
@@ -163,14 +164,14 @@ def test_fp32_input_and_one_image_file(server, offline, data, tmp_path):
     pixels, _ = data
     Image.fromarray(pixels[0]).save(tmp_path / "image.png")
     with Image.open(tmp_path / "image.png") as image:
-        want = engine.predict(eval_array(image, 1, 28)[None])
+        want = engine.predict(eval_array(image, default_data_config(config))[None])
     status, _, answer = raw_post(f"{url}/v1/predict", (tmp_path / "image.png").read_bytes(),
                                  {"Content-Type": "image/png"})
     assert status == 200, answer
     assert answer["class_index"] == int(want.classes[0]) and answer["exit"] == int(want.exit_index[0])
     assert answer["label"] == FASHION_MNIST_CLASSES[answer["class_index"]] and answer["macs"] == int(want.macs[0])
     tensor = http.InferInput("images", [1, 1, 28, 28], "FP32")
-    tensor.set_data_from_numpy(eval_array(Image.fromarray(pixels[0]), 1, 28)[None])
+    tensor.set_data_from_numpy(eval_array(Image.fromarray(pixels[0]), default_data_config(config))[None])
     result = http.InferenceServerClient(url).infer(config.name, [tensor])
     assert result.as_numpy("class_index")[0] == want.classes[0] and result.as_numpy("exit")[0] == want.exit_index[0]
 

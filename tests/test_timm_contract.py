@@ -397,6 +397,7 @@ def test_fashion_mnist_models_get_its_transform(name):
 
 @pytest.mark.parametrize("name", [n for n in ALL_NAMES if "fmnist" not in n and n != "vt_fpn_r50"])
 def test_imagenet_models_get_the_release_eval_transform(name):
+    from dvt_shared.data_config import default_data_config
     from dvt_shared.transforms import eval_array
 
     model = timm.create_model(name, **({"depth": 1} if name in list_model_names(cascade=True) else {}))
@@ -404,7 +405,8 @@ def test_imagenet_models_get_the_release_eval_transform(name):
     assert config["input_size"] == (3, 224, 224)
     rgb = Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8))
     got = create_transform(**config)(rgb)
-    torch.testing.assert_close(got, torch.from_numpy(eval_array(rgb, 3, 224)), rtol=0, atol=0)
+    data = default_data_config(model.config)
+    torch.testing.assert_close(got, torch.from_numpy(eval_array(rgb, data)), rtol=0, atol=0)
 
 
 def test_contract_in_both_backends(backend):

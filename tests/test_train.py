@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from dvt_shared.configs import static_baseline
-from dvt_shared.datasets import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_FILES, write_idx
+from dvt_shared.datasets import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_FILES, normalise_fashion_mnist, write_idx
 from dvt_shared.flops import exit_gflops
 from dvt_shared.models import get_model_config
 from dvt_shared.weight_format import load_canonical
@@ -26,7 +26,6 @@ from dvt_torch import train as train_module
 from dvt_torch.data import (
     BatchAugment,
     epoch_indices,
-    normalise_uint8,
     random_crop,
     random_erase,
     seeded_subset,
@@ -96,7 +95,7 @@ def test_random_crop_is_a_window_of_the_padded_image():
 
 
 def test_augmentation_replays_from_generator_state():
-    x = normalise_uint8(np.random.default_rng(0).integers(0, 256, (8, 28, 28), dtype=np.uint8))
+    x = torch.from_numpy(normalise_fashion_mnist(np.random.default_rng(0).integers(0, 256, (8, 28, 28), np.uint8)))
     augment = BatchAugment(erase_prob=0.5)
     generator = torch.Generator().manual_seed(3)
     state = generator.get_state()
@@ -362,7 +361,7 @@ def test_grey_image_folder_feeds_a_one_channel_model(tmp_path, data_dir):
     assert run.config.in_chans == 1 and run.config.num_classes == 2
     image, _ = run.data.test_set[0]
     assert tuple(image.shape) == (1, 28, 28)
-    path = run.data.test_set.samples[0][0]
+    path = run.data.test_split.refs[0].path
     expected = (np.asarray(Image.open(path), dtype=np.float32) / 255 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
     np.testing.assert_allclose(image[0].numpy(), expected, rtol=0, atol=1e-6)
     batch, _ = next(run.data.train_batches(0, 0, run.augment_generator))
@@ -397,12 +396,13 @@ def test_one_folder_split_by_val_split_trains_with_the_release_augmentation(tmp_
                           "--epochs", "1", *RELEASE_AUGMENTATION))
     assert metrics["completed"] and np.isfinite(metrics["train_loss"])
     run = _tiny_run(data_dir, tmp_path / "again", "--data", str(folder), "--val-split", "0.25", "--workers", "0")
-    train_set, val_set = run.data.train_set, run.data.test_set
-    assert not set(train_set.indices) & set(val_set.indices) and len(train_set) + len(val_set) == 40
-    targets = np.asarray(train_set.dataset.targets)
+    train_split, val_split = run.data.train_split, run.data.test_split
+    train_paths, val_paths = {r.path for r in train_split.refs}, {r.path for r in val_split.refs}
+    assert not train_paths & val_paths and len(train_paths) + len(val_paths) == 40
+    labels = np.concatenate([train_split.labels, val_split.labels])
     for label in range(2):
-        members = int((targets == label).sum())
-        assert int((targets[val_set.indices] == label).sum()) == round(0.25 * members)  # stratified
+        members = int((labels == label).sum())
+        assert int((val_split.labels == label).sum()) == round(0.25 * members)  # stratified
     best = load_canonical(out / "best.safetensors")[1]
     assert json.loads(best.extra["best"])["epoch"] == 1
     with pytest.raises(ValueError, match="drop --val-split"):
@@ -502,7 +502,7 @@ def test_fine_tuning_interpolates_learned_positions_and_reads_release_files(tmp_
     report = load_init_weights(larger, init)
     assert report.interpolated == [f"{s}.pos_embed" for s in ("less_less_token", "less_token", "normal_token")]
     assert len(report.reinitialised) == 6
-    with pytest.raises(ValueError, match="only the heads and learned position embeddings may differ"):
+    with pytest.raises(ValueError, match="only the heads, learned position embeddings and a grey model's input layers"):
         load_init_weights(DVT(small.replace(embed_dim=32, num_heads=2)), init)
     with pytest.raises(ValueError, match="is a directory"):
         read_init_weights(str(tmp_path))

@@ -9,6 +9,7 @@ import pytest
 
 from dvt_shared.models import list_model_names
 from dvt_shared.train_options import (
+    SCRATCH_LR,
     add_train_arguments,
     parse_train_args,
     read_recipe,
@@ -45,7 +46,7 @@ def test_shipped_recipes_hold_the_release_values():
 
 
 def test_the_command_line_wins_over_the_recipe_even_at_the_parser_default():
-    default_lr = _parser().parse_args([]).lr
+    default_lr = SCRATCH_LR  # what a run without --lr trains at (resolve_defaults)
     args = parse_train_args(_parser(), ["--lr", str(default_lr), "--config", "release_t2t_vit_14", "--epochs", "3"])
     assert args.lr == default_lr and args.epochs == 3  # given on the command line
     assert args.weight_decay == 0.05 and args.cooldown_epochs == 10  # from the recipe
