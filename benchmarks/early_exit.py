@@ -143,7 +143,7 @@ def stage_times(engine, images, repeats: int) -> list[float]:
     images = images[: engine.max_batch]
     times, state = [], None
     for k in range(engine.config.num_exits):
-        run = lambda k=k, state=state: engine._run_stage(k, images, state)  # noqa: E731
+        run = lambda k=k, state=state: engine.run_stage(k, images, state)  # noqa: E731
         _, next_state = run()
         times.append(best_time(run, repeats))
         state = next_state

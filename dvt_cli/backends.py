@@ -80,9 +80,11 @@ def check_precision(precision: str, name: str) -> None:
 
 def engine(
     name: str, config, tensors, thresholds, graphs_dir: str | None = None, precision: str = "fp32", exit_policy=None,
+    max_batch: int | None = None,
 ):
     """Backend `name`'s early-exit engine at `precision` over the model `config` and `tensors` describe,
-    deciding by `exit_policy` (a dvt_shared.exit_policy.ExitPolicy; None: the release's max-softmax).
+    deciding by `exit_policy` (a dvt_shared.exit_policy.ExitPolicy; None: the release's max-softmax), running
+    at most `max_batch` images at once (None: the engines' default; MindSpore's gears go up to it).
 
     A backend that runs exported graphs takes them from `graphs_dir`, or from a temporary folder that the
     exporting backend fills and the engine is built from; the folder is removed once the engine holds them.
@@ -92,13 +94,13 @@ def engine(
     check_precision(precision, name)
     facade = load(name)
     policy = exit_policy or MAX_SOFTMAX
+    options = {"exit_policy": policy, **({"max_batch": max_batch} if max_batch is not None else {})}
     source = BACKENDS[name].graphs_from
     if source is None:
-        return facade.AdaptiveDVT(facade.inference_model(config, tensors), thresholds, precision=precision,
-                                  exit_policy=policy)
+        return facade.AdaptiveDVT(facade.inference_model(config, tensors), thresholds, precision=precision, **options)
     if graphs_dir is not None:
-        return facade.AdaptiveDVT(graphs_dir, thresholds, exit_policy=policy)
+        return facade.AdaptiveDVT(graphs_dir, thresholds, **options)
     exporter = load(source)
     with tempfile.TemporaryDirectory(prefix=f"dvt_{name}_") as exported:
         exporter.export(exporter.inference_model(config, tensors), exported)
-        return facade.AdaptiveDVT(exported, thresholds, exit_policy=policy)
+        return facade.AdaptiveDVT(exported, thresholds, **options)

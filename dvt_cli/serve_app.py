@@ -130,8 +130,10 @@ class DVTServer:
         _count_requests_with(spec.request_counter)
         self.spec, self.config = spec, spec.config
         self.data = spec.data or default_data_config(spec.config)
+        # the engine runs the batcher's batches: built for its max_batch (MindSpore's gears go up to it)
         engine = backends.engine(spec.backend, spec.config, spec.tensors, spec.thresholds,
-                                 precision=spec.precision, exit_policy=exit_policy(spec.exit_policy))
+                                 precision=spec.precision, exit_policy=exit_policy(spec.exit_policy),
+                                 max_batch=spec.max_batch)
         self.metrics = _Metrics(spec.config.num_exits, spec.config.num_exits)
         self.batcher = StageBatcher(engine, spec.max_batch, spec.max_wait_ms / 1e3, spec.max_queue, spec.batching,
                                     observer=self.metrics.observe)

@@ -164,33 +164,49 @@ class MindSporeEngine(AdaptiveEngine):
     gears: tuple[int, ...] | None = None
     graphs: list
 
-    def _from_numpy(self, images: np.ndarray) -> ms.Tensor:
+    def to_backend(self, images: np.ndarray) -> ms.Tensor:
         return ms.Tensor(images)
 
-    def _num_images(self, images) -> int:
+    def to_numpy(self, images) -> np.ndarray:
+        if isinstance(images, SelectedRows):
+            return images.gathered(np.arange(images.index.size))[0].asnumpy()
+        return images.asnumpy()
+
+    def num_images(self, images) -> int:
         if isinstance(images, SelectedRows):
             return images.index.size
         check_images(images, self.config, self.input_dtype)
         return images.shape[0]
 
-    def _take(self, images, rows: np.ndarray) -> SelectedRows:
+    def take(self, images, rows: np.ndarray) -> SelectedRows:
         if isinstance(images, SelectedRows):
             return images.take(rows)
         return SelectedRows((images,), rows)
 
-    def _take_state(self, state: SelectedRows, rows: np.ndarray) -> SelectedRows:
+    def take_state(self, state: SelectedRows, rows: np.ndarray) -> SelectedRows:
         return state.take(rows)
 
-    def _concat_states(self, states: list[SelectedRows]) -> SelectedRows:
+    @staticmethod
+    def _joined(groups: list[SelectedRows]) -> tuple:
+        """The tensors of several groups' selected rows, gathered once per group, then joined."""
+        held = [g.gathered(np.arange(g.index.size)) for g in groups]
+        return tuple(ops.cat(parts, axis=0) for parts in zip(*held))
+
+    def concat(self, batches: list) -> SelectedRows:
+        groups = [b if isinstance(b, SelectedRows) else SelectedRows((b,), np.arange(b.shape[0])) for b in batches]
+        if len(groups) == 1:
+            return groups[0]
+        return SelectedRows(self._joined(groups), np.arange(sum(g.index.size for g in groups)))
+
+    def concat_states(self, states: list[SelectedRows]) -> SelectedRows:
         if len(states) == 1:
             return states[0]
-        # gathered once per state, then joined: one batch of rows from several requests
-        held = [s.gathered(np.arange(s.index.size)) for s in states]
+        # one batch of rows from several requests
         names = [name for name, t in zip(ReuseState._fields, states[0].tensors) if t is not None]
-        joined = ReuseState.from_positional([ops.cat(parts, axis=0) for parts in zip(*held)], names)
+        joined = ReuseState.from_positional(list(self._joined(states)), names)
         return SelectedRows(joined, np.arange(sum(s.index.size for s in states)))
 
-    def _run_stage(self, index: int, images, state: SelectedRows | None):
+    def run_stage(self, index: int, images, state: SelectedRows | None):
         if not isinstance(images, SelectedRows):  # a whole chunk, checked by `predict`
             images = SelectedRows((images,), np.arange(images.shape[0]))
         batch = images.index.size

@@ -36,7 +36,7 @@ class OnnxAdaptiveDVT(AdaptiveEngine):
             for stage in self.stages
         ]
 
-    def _num_images(self, images: np.ndarray) -> int:
+    def num_images(self, images: np.ndarray) -> int:
         if not isinstance(images, np.ndarray):
             raise TypeError(f"images must be a numpy array, got {type(images).__name__}")
         check_image_shape(images.shape, self.config)
@@ -44,17 +44,20 @@ class OnnxAdaptiveDVT(AdaptiveEngine):
         check_finite(np.isfinite(images).reshape(len(images), -1).all(axis=1))
         return images.shape[0]
 
-    def _run_stage(self, index: int, images: np.ndarray, state: ReuseState | None):
+    def run_stage(self, index: int, images: np.ndarray, state: ReuseState | None):
         # ONNX Runtime reads a dense buffer: strided views (channels-last) are copied once here.
         feeds = {"images": np.ascontiguousarray(images), **(state.feeds() if state is not None else {})}
         outputs = self.sessions[index].run(None, feeds)
         return outputs[0], ReuseState.from_positional(outputs[1:], self.stages[index]["outputs"][1:])
 
-    def _take(self, images: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    def take(self, images: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return images[rows]
 
-    def _take_state(self, state: ReuseState, rows: np.ndarray) -> ReuseState:
+    def take_state(self, state: ReuseState, rows: np.ndarray) -> ReuseState:
         return state.map(lambda t: t[rows])
 
-    def _concat_states(self, states: list[ReuseState]) -> ReuseState:
+    def concat(self, batches: list[np.ndarray]) -> np.ndarray:
+        return batches[0] if len(batches) == 1 else np.concatenate(batches)
+
+    def concat_states(self, states: list[ReuseState]) -> ReuseState:
         return ReuseState(*(None if parts[0] is None else np.concatenate(parts) for parts in zip(*states)))

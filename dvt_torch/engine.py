@@ -47,25 +47,33 @@ class AdaptiveDVT(AdaptiveEngine):
         autocast_for(self.device, precision)  # checks the name
         self.precision = precision
 
-    def _from_numpy(self, images: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(images)
+    def to_backend(self, images: np.ndarray) -> torch.Tensor:
+        """The batch on the model's device: it stays there through every stage."""
+        return torch.from_numpy(images).to(self.device)
 
-    def _num_images(self, images: torch.Tensor) -> int:
+    def to_numpy(self, images: torch.Tensor) -> np.ndarray:
+        return images.cpu().numpy()
+
+    def num_images(self, images: torch.Tensor) -> int:
         check_images(images, self.config, self.model.dtype)
         return images.shape[0]
 
     @torch.inference_mode()
-    def _run_stage(self, index: int, images: torch.Tensor, state: ReuseState | None):
+    def run_stage(self, index: int, images: torch.Tensor, state: ReuseState | None):
         with autocast_for(self.device, self.precision):
             logits, state = self.model.run_stage(index, images.to(self.device), state)
+        # only the logits leave the device: the decision reads them
         return logits.float().cpu().numpy(), state
 
-    def _take(self, images: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
-        return images[torch.from_numpy(rows).to(images.device)]
+    def take(self, images: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        return images.index_select(0, torch.from_numpy(rows).to(images.device))
 
-    def _take_state(self, state: ReuseState, rows: np.ndarray) -> ReuseState:
+    def take_state(self, state: ReuseState, rows: np.ndarray) -> ReuseState:
         index = torch.from_numpy(rows).to(self.device)
         return state.map(lambda t: t.index_select(0, index))
 
-    def _concat_states(self, states: list[ReuseState]) -> ReuseState:
+    def concat(self, batches: list[torch.Tensor]) -> torch.Tensor:
+        return batches[0] if len(batches) == 1 else torch.cat([b.to(self.device) for b in batches])
+
+    def concat_states(self, states: list[ReuseState]) -> ReuseState:
         return ReuseState(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*states)))

@@ -1,10 +1,15 @@
-"""Real early exit, framework-neutral: the compaction loop every backend runs.
+"""Real early exit, framework-neutral: the stage contract every backend's engine keeps, and the compaction
+loop written once over it.
 
-A backend supplies a few small operations (run one stage on a batch, take rows of the
-images, take rows of the reuse state, make its tensor of a NumPy batch); this core decides
-with the engine's exit policy (dvt_shared.exit_policy) which images leave at each exit, runs the
-next stage on the others only, and scatters results back to input order. So every backend
-(PyTorch, MindSpore, ONNX Runtime) exits the same images at the same exits by construction.
+The contract (public, as einops' backends and Keras 3's `backend/` modules are): `to_backend` (a NumPy batch
+as the backend's tensor), `run_stage` (one stage on a batch and its reuse state: the exit's logits as NumPy,
+the only thing a decision needs, and the next state, kept as the backend's tensors), `take` and `take_state`
+(rows of a batch and of a state), `concat` and `concat_states` (one batch of several groups' rows) and
+`to_numpy`. On it, `step` runs a stage, decides with the engine's exit policy (dvt_shared.exit_policy) which
+images leave and splits off the survivors with their state, still backend tensors; `predict` loops it and
+scatters results back to input order, and the stage-level batcher (`dvt_shared.stage_batching`) runs it on
+batches of several requests. So every backend (PyTorch, MindSpore, ONNX Runtime) exits the same images at the
+same exits by construction, and images never go back to NumPy between stages.
 """
 from __future__ import annotations
 
@@ -87,6 +92,24 @@ def gear_pieces(batch: int, gears: tuple[int, ...]) -> list[tuple[int, int]]:
 
 
 @dataclass(frozen=True, eq=False)
+class StageStep:
+    """What one stage decided for a batch (`AdaptiveEngine.step`), per row of that batch.
+
+    logits, stops, exits, confidence: the exit's logits, whether each row stops there, the exit it is reported
+    at (-1: undecided) and its confidence. survivors: the rows going on; images, state: theirs, as the backend's
+    tensors (the batch itself where every row goes on; None where none does).
+    """
+
+    logits: np.ndarray
+    stops: np.ndarray
+    exits: np.ndarray
+    confidence: np.ndarray
+    survivors: np.ndarray
+    images: Any = None
+    state: Any = None
+
+
+@dataclass(frozen=True, eq=False)
 class Prediction:
     """Per image, in input order.
 
@@ -150,46 +173,68 @@ class AdaptiveEngine(ABC):
         """
         self.thresholds = check_thresholds(thresholds, self.config.num_exits)
 
-    @abstractmethod
-    def _num_images(self, images: Any) -> int:
-        """Validate the batch and return its size."""
+    # --- the stage contract: what a backend implements -------------------------------------------------
 
     @abstractmethod
-    def _run_stage(self, index: int, images: Any, state: Any) -> tuple[np.ndarray, Any]:
-        """Logits of exit `index` as a float32 numpy array, and the state for the next exit."""
+    def num_images(self, images: Any) -> int:
+        """Check a batch (the backend's tensor) as the model checks its input, and return its size."""
 
     @abstractmethod
-    def _take(self, images: Any, rows: np.ndarray) -> Any:
+    def run_stage(self, index: int, images: Any, state: Any) -> tuple[np.ndarray, Any]:
+        """Logits of exit `index` as a float32 NumPy array (what the decision reads), and the reuse state for
+        the next exit, kept as the backend's tensors."""
+
+    @abstractmethod
+    def take(self, images: Any, rows: np.ndarray) -> Any:
         """Rows `rows` of a batch of images."""
 
     @abstractmethod
-    def _take_state(self, state: Any, rows: np.ndarray) -> Any:
+    def take_state(self, state: Any, rows: np.ndarray) -> Any:
         """Rows `rows` of a reuse state."""
 
     @abstractmethod
-    def _concat_states(self, states: list) -> Any:
-        """One reuse state holding the rows of `states` in order: the stage-level batcher
-        (dvt_shared.stage_batching) joins different requests' survivors into one batch."""
+    def concat(self, batches: list) -> Any:
+        """One batch holding the rows of `batches` in order (the stage-level batcher joins requests)."""
 
-    def _from_numpy(self, images: np.ndarray) -> Any:
+    @abstractmethod
+    def concat_states(self, states: list) -> Any:
+        """One reuse state holding the rows of `states` in order."""
+
+    def to_backend(self, images: np.ndarray) -> Any:
         """The backend's tensor of a NumPy batch (the batch itself where the backend runs on NumPy)."""
         return images
 
-    def _slice(self, images: Any, start: int, stop: int) -> Any:
-        return self._take(images, np.arange(start, stop))
+    def to_numpy(self, images: Any) -> np.ndarray:
+        """A batch of the backend's as a NumPy array."""
+        return np.asarray(images)
+
+    # --- written once over the contract -----------------------------------------------------------------
+
+    def step(self, index: int, images: Any, state: Any) -> StageStep:
+        """Stage `index` on a batch: its logits, each row's decision, and the rows going on with their images
+        and state (backend tensors; the batch as it is where every row goes on)."""
+        logits, state = self.run_stage(index, images, state)
+        stops, exits, conf = self.decide(index, logits)
+        survivors = np.flatnonzero(~stops)
+        if survivors.size == 0:
+            images = state = None
+        elif survivors.size < stops.size:
+            images, state = self.take(images, survivors), self.take_state(state, survivors)
+        return StageStep(logits, stops, exits, conf, survivors, images, state)
 
     def _chunks(self, images) -> tuple[Any, list[tuple[int, int]]]:
         """The batch as the backend's tensor, checked, and its `even_chunks` of at most max_batch rows."""
         if isinstance(images, np.ndarray):
-            images = self._from_numpy(images)
-        return images, even_chunks(self._num_images(images), self.max_batch)
+            images = self.to_backend(images)
+        return images, even_chunks(self.num_images(images), self.max_batch)
 
     def predict(self, images) -> Prediction:
         # bounded memory: big batches go through in even chunks of at most max_batch images
         images, chunks = self._chunks(images)
         if len(chunks) == 1:
             return self._predict_chunk(images, chunks[0][1])
-        parts = [self._predict_chunk(self._slice(images, start, stop), stop - start) for start, stop in chunks]
+        parts = [self._predict_chunk(self.take(images, np.arange(start, stop)), stop - start)
+                 for start, stop in chunks]
         return Prediction(
             *(np.concatenate([getattr(p, f) for p in parts]) for f in ("logits", "exit_index", "confidence", "macs"))
         )
@@ -201,10 +246,10 @@ class AdaptiveEngine(ABC):
         n = chunks[-1][1]
         parts = []
         for start, stop in chunks:
-            chunk = images if stop - start == n else self._slice(images, start, stop)
+            chunk = images if stop - start == n else self.take(images, np.arange(start, stop))
             logits, state = [], None
             for k in range(self.config.num_exits):
-                exit_logits, state = self._run_stage(k, chunk, state)
+                exit_logits, state = self.run_stage(k, chunk, state)
                 logits.append(exit_logits)
             parts.append(np.stack(logits))
         return np.concatenate(parts, axis=1)
@@ -228,19 +273,13 @@ class AdaptiveEngine(ABC):
         macs = np.zeros(n, dtype=np.int64)
         active, state = np.arange(n), None
         for k in range(last + 1):
-            logits, state = self._run_stage(k, images, state)
-            stops, exits, conf = self.decide(k, logits)
-            rows = active[stops]
-            logits_out[rows] = logits[stops]
-            exit_index[rows] = exits[stops]
-            confidence[rows] = conf[stops]
+            step = self.step(k, images, state)
+            rows = active[step.stops]
+            logits_out[rows] = step.logits[step.stops]
+            exit_index[rows] = step.exits[step.stops]
+            confidence[rows] = step.confidence[step.stops]
             macs[rows] = self.exit_macs[k]
-            going_on = np.flatnonzero(~stops)
-            if going_on.size == 0:
+            if step.survivors.size == 0:
                 break
-            # when nobody left, the batch goes on as it is; otherwise the rows going on are taken (a copy)
-            if going_on.size < stops.size:
-                active = active[going_on]
-                images = self._take(images, going_on)
-                state = self._take_state(state, going_on)
+            active, images, state = active[step.survivors], step.images, step.state
         return Prediction(logits_out, exit_index, confidence, macs)

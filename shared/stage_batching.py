@@ -7,10 +7,13 @@ later stage, which sees only the survivors, keeps filling while earlier stages r
 with the load instead of running nearly empty (with the deepest ready stage first, the shipped
 Fashion-MNIST DVT served 1241 images/s with mean batches [32, 11.6, 3.1]; with this rule 1450 images/s
 with [32, 26.5, 12.3], benchmarks/serve_load.py, 32 images per request; measured before later stages
-stopped waiting max_wait_s). After a stage, the images that stop answer at once and the others, with
-their reuse state, join the next stage's queue beside other requests' survivors. Each
-image's decision is the exit policy on its own logits (`AdaptiveEngine.decide`), so whatever shares its
-batch changes its logits by rounding only, never its rule.
+stopped waiting max_wait_s). After a stage (`AdaptiveEngine.step`, the step `predict` loops too), the
+images that stop answer at once and the others, with their reuse state, join the next stage's queue beside
+other requests' survivors, kept as the backend's tensors (images enter the backend once, at their first
+stage). Each image's decision is the exit policy on its own logits (`AdaptiveEngine.decide`), so whatever
+shares its batch changes its logits by rounding only, never its rule. The batcher only calls the engine's
+public stage contract and never changes its settings: an engine for it is built with max_batch >= the
+batcher's.
 
 `batching="cascade"` is the simpler scheme, for comparison: the requests queued together run the whole
 cascade as one batch (`AdaptiveEngine.predict`), whose later stages get only that batch's survivors.
@@ -53,17 +56,21 @@ class _Request:
 class _Group:
     """Rows waiting at one stage together: one request's images, or the survivors of one batch."""
 
-    images: np.ndarray  # (m, C, H, W) float32
+    images: Any  # (m, C, H, W) float32: NumPy at the first stage, then the engine's tensors
     state: Any  # the engine's reuse state of these rows; None at the first stage
     owners: list[tuple[_Request, int]]  # (request, its row) of every row
     since: np.ndarray  # (m,) monotonic time each row joined this queue
 
     def split(self, engine: AdaptiveEngine, rows: int) -> tuple[_Group, _Group]:
         head, tail = np.arange(rows), np.arange(rows, len(self.owners))
+        if isinstance(self.images, np.ndarray):
+            images = self.images[:rows], self.images[rows:]
+        else:
+            images = engine.take(self.images, head), engine.take(self.images, tail)
         state = (None, None) if self.state is None else (
-            engine._take_state(self.state, head), engine._take_state(self.state, tail))
-        return (_Group(self.images[:rows], state[0], self.owners[:rows], self.since[:rows]),
-                _Group(self.images[rows:], state[1], self.owners[rows:], self.since[rows:]))
+            engine.take_state(self.state, head), engine.take_state(self.state, tail))
+        return (_Group(images[0], state[0], self.owners[:rows], self.since[:rows]),
+                _Group(images[1], state[1], self.owners[rows:], self.since[rows:]))
 
 
 @dataclass
@@ -100,7 +107,6 @@ class _Step:
     exits: np.ndarray
     confidence: np.ndarray
     macs: np.ndarray
-    state: Any = None
     error: BaseException | None = None
     survivors: _Group | None = field(default=None)
 
@@ -108,7 +114,8 @@ class _Step:
 class StageBatcher:
     """`await StageBatcher(engine, ...).submit(images)` -> the `Prediction` of those images.
 
-    engine: an `AdaptiveEngine` of any backend (its gears, if any, pad each stage's batch).
+    engine: an `AdaptiveEngine` of any backend (its gears, if any, pad each stage's batch), built with a
+        max_batch of at least the batcher's (its settings are never changed here).
     max_batch: the most images a stage runs at once.
     max_wait_s: how long the oldest image of a stage's queue waits for a fuller batch.
     max_queue: the most images held (queued or running, all stages); beyond it `submit` raises QueueFull.
@@ -126,9 +133,11 @@ class StageBatcher:
         if max_batch < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError(f"need max_batch >= 1, max_queue >= 1, max_wait_s >= 0; "
                              f"got {max_batch}, {max_queue}, {max_wait_s}")
+        if engine.max_batch < max_batch:
+            raise ValueError(f"the engine runs at most {engine.max_batch} images at once, fewer than the batcher's "
+                             f"max_batch {max_batch}: build the engine with max_batch={max_batch}")
         self.engine, self.max_batch, self.max_wait_s, self.max_queue = engine, max_batch, max_wait_s, max_queue
         self.batching, self.observer = batching, observer
-        self.engine.max_batch = max_batch
         stages = engine.config.num_exits if batching == "stage" else 1
         self._queues: list[deque[_Group]] = [deque() for _ in range(stages)]
         self._queued = [0] * stages
@@ -224,10 +233,11 @@ class StageBatcher:
         self._queued[k] -= rows
         if len(parts) == 1:
             return parts[0]
-        states = [p.state for p in parts]
+        images = [p.images for p in parts]
+        numpy = all(isinstance(i, np.ndarray) for i in images)
         return _Group(
-            np.concatenate([p.images for p in parts]),
-            None if states[0] is None else self.engine._concat_states(states),
+            np.concatenate(images) if numpy else self.engine.concat(images),
+            None if parts[0].state is None else self.engine.concat_states([p.state for p in parts]),
             [o for p in parts for o in p.owners], np.concatenate([p.since for p in parts]),
         )
 
@@ -238,16 +248,14 @@ class StageBatcher:
             if self.batching == "cascade":
                 p = engine.predict(group.images)
                 return _Step(group, p.logits, np.ones(len(p.logits), bool), p.exit_index, p.confidence, p.macs)
-            images = engine._from_numpy(group.images)
-            logits, state = engine._run_stage(k, images, group.state)
-            stops, exits, conf = engine.decide(k, logits)
-            step = _Step(group, logits, stops, exits, conf, np.full(len(logits), engine.exit_macs[k]), state)
-            going_on = np.flatnonzero(~stops)
-            if going_on.size:
-                state = state if going_on.size == stops.size else engine._take_state(state, going_on)
-                step.survivors = _Group(
-                    group.images[going_on], state, [group.owners[i] for i in going_on], np.empty(going_on.size)
-                )
+            # images enter the backend at their first stage and stay there
+            images = engine.to_backend(group.images) if k == 0 else group.images
+            done = engine.step(k, images, group.state)
+            step = _Step(group, done.logits, done.stops, done.exits, done.confidence,
+                         np.full(len(done.logits), engine.exit_macs[k]))
+            if done.survivors.size:
+                step.survivors = _Group(done.images, done.state, [group.owners[i] for i in done.survivors],
+                                        np.empty(done.survivors.size))
             return step
         except Exception as exc:  # the batch's requests get the error; the batcher goes on
             return _Step(group, None, None, None, None, None, error=exc)

@@ -139,13 +139,13 @@ def test_a_batch_larger_than_max_batch_goes_through_in_chunks(backend, model):
     x = backend.tensor(images(37, seed=2))
     engine = backend.engine(model, [0.5, 0.5, -1e8], max_batch=8)
     seen = []
-    run_stage = engine._run_stage
+    run_stage = engine.run_stage
 
     def counting(index, batch, state):
         seen.append(batch.shape[0])
         return run_stage(index, batch, state)
 
-    engine._run_stage = counting
+    engine.run_stage = counting
     chunked = engine.predict(x)
     assert seen and max(seen) <= 8
     whole = backend.engine(model, [0.5, 0.5, -1e8], max_batch=64).predict(x)

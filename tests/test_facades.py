@@ -26,6 +26,48 @@ def test_both_facades_have_every_name(backend):
     assert [name for name in FACADE if not hasattr(facade, name)] == []
 
 
+# The stage contract every engine keeps (dvt_shared.adaptive.AdaptiveEngine), with its parameters written by hand.
+STAGE_CONTRACT = {"to_backend": ["images"], "to_numpy": ["images"], "num_images": ["images"],
+                  "run_stage": ["index", "images", "state"], "take": ["images", "rows"],
+                  "take_state": ["state", "rows"], "concat": ["batches"], "concat_states": ["states"],
+                  "step": ["index", "images", "state"]}
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_every_engine_keeps_the_public_stage_contract(name):
+    """Every backend's engine, the ONNX Runtime one included, implements the contract with its signatures
+    (nothing abstract left), and a step's survivors are the rows the decision kept, as the backend's tensors."""
+    import inspect
+
+    engine_class = importlib.import_module(BACKENDS[name].package).AdaptiveDVT
+    assert not inspect.isabstract(engine_class)
+    for method, parameters in STAGE_CONTRACT.items():
+        signature = inspect.signature(getattr(engine_class, method))
+        assert list(signature.parameters)[1:] == parameters, (name, method)
+
+
+def test_a_step_splits_off_the_survivors_as_backend_tensors():
+    import torch
+
+    import dvt_torch
+
+    model = dvt_torch.create_model("dvt_t2t_vit_fmnist", **TINY).eval()
+    images = np.random.default_rng(0).standard_normal((6, 1, 28, 28)).astype(np.float32)
+    engine = dvt_torch.AdaptiveDVT(model, [0.5, 0.5, -1e8])
+    batch = engine.to_backend(images)
+    logits, _ = engine.run_stage(0, batch, None)
+    threshold = float(np.median(engine.exit_policy.scores_from_logits(logits)))
+    engine = dvt_torch.AdaptiveDVT(model, [threshold, threshold, -1e8])
+    step = engine.step(0, batch, None)
+    kept = np.flatnonzero(~step.stops)
+    assert 0 < kept.size < 6 and np.array_equal(step.survivors, kept)
+    assert isinstance(step.images, torch.Tensor) and isinstance(step.state.features, torch.Tensor)
+    np.testing.assert_array_equal(engine.to_numpy(step.images), images[kept])
+    following, _ = engine.run_stage(1, step.images, step.state)
+    alone, _ = engine.run_stage(1, batch, engine.run_stage(0, batch, None)[1])
+    np.testing.assert_allclose(following, alone[kept], rtol=0, atol=1e-5)
+
+
 def test_create_model_keeps_the_configs_class_count_unless_overridden(backend):
     _, facade = backend
     assert facade.create_model("dvt_t2t_vit_fmnist", **TINY).config.num_classes == 10

@@ -130,7 +130,7 @@ def test_a_failing_batch_fails_its_requests_only(case):  # noqa: F811
     model, images, _, _, thresholds = case
     images = images.numpy()
     stage_engine = engine(adapter("torch"), model, thresholds)
-    run_stage = stage_engine._run_stage
+    run_stage = stage_engine.run_stage
     calls = []
 
     def flaky(index, batch, state):
@@ -139,7 +139,7 @@ def test_a_failing_batch_fails_its_requests_only(case):  # noqa: F811
             raise RuntimeError("device lost")
         return run_stage(index, batch, state)
 
-    stage_engine._run_stage = flaky
+    stage_engine.run_stage = flaky
     batcher = StageBatcher(stage_engine, max_batch=4, max_wait_s=0.0)
 
     async def scenario():
