@@ -47,9 +47,12 @@ test: setup lint
 test-slow: setup
 	$(PYTEST) -m slow tests parity_tests
 
-# Style and static checks (pyflakes, pycodestyle, import order, bugbear; pyproject.toml's [tool.ruff]).
+# Style and static checks (pyflakes, pycodestyle, import order, bugbear; pyproject.toml's [tool.ruff]), and the
+# architecture's import contracts (pyproject.toml's [tool.importlinter]: layers, no framework in dvt_shared and
+# dvt_onnx, independent backends, no import circles).
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 # Property tests with fresh random examples (make test replays a fixed set).
 test-explore: setup

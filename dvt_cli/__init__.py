@@ -70,7 +70,11 @@ def _add_convert(subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    backends.load("torch").run_training(args)
+    def read_checkpoint(path: str):
+        """Another backend's weight file (a MindSpore .ckpt), read by the backend the table names for it."""
+        return backends.for_weights(weight_format(path)).read_checkpoint(path)[0]
+
+    backends.load("torch").run_training(args, read_checkpoint)
 
 
 def _add_train(subparsers, common: argparse.ArgumentParser) -> None:

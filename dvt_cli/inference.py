@@ -2,63 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
 
-from dvt_shared.data_config import DataConfig
 from dvt_shared.exit_policy import EXIT_POLICIES, MAX_SOFTMAX
 
 from . import CommandError, backends, positive_float, positive_int, read_weights
+from .images import image_paths, load_images
 
 # The backend that scores data sets (calibrate, evaluate); predict takes --backend.
 SCORING_BACKEND = "torch"
-
-
-def decode_image(data: bytes, model_data: DataConfig, name: str) -> np.ndarray:
-    """Encoded image bytes (PNG, JPEG, ... anything PIL reads) as the model's float32 (C, H, W) input, as its
-    data config says (see `dvt_shared.transforms.eval_array`); `name` names the image in the error. The one
-    decoder of `dvt predict`, single-process (`load_images`) and on Ray Data (`dvt_cli.ray_predict`)."""
-    from dvt_shared.data_sources import ImageRef, decode
-
-    try:
-        return decode(ImageRef(name, data=data), model_data)[0]
-    except ValueError as exc:
-        raise CommandError(str(exc)) from None
-
-
-def folder_images(folder: str) -> list[str]:
-    """The images under `folder` (recursive, by extension, hidden files and folders left out), sorted."""
-    from dvt_shared.data_sources import IMAGE_EXTENSIONS
-    from dvt_shared.data_sources import folder_images as found
-
-    images = found(folder)
-    if not images:
-        raise CommandError(f"{folder} is a folder without images ({', '.join(IMAGE_EXTENSIONS)}, in any subfolder)")
-    return images
-
-
-def image_paths(inputs: list[str]) -> list[str]:
-    """The image files `inputs` name, in order: a file as it is, a folder as its `folder_images`."""
-    return [path for item in inputs for path in (folder_images(item) if os.path.isdir(item) else [item])]
-
-
-def load_images(paths: list[str], model_data: DataConfig) -> np.ndarray:
-    """Image files as the model's float32 input batch (each as `decode_image` decodes it)."""
-    batch = []
-    for path in paths:
-        if path.lower().endswith(".parquet"):
-            raise CommandError(f"{path}: parquet inputs are read by Ray Data: pass --ray (and --out FILE.parquet)")
-        if not os.path.isfile(path):
-            raise CommandError(f"{path} is not an image file")
-        try:
-            with open(path, "rb") as handle:
-                data = handle.read()
-        except OSError as exc:
-            raise CommandError(f"{path}: cannot read it as an image ({exc})") from exc
-        batch.append(decode_image(data, model_data, path))
-    return np.stack(batch)
 
 
 def parse_thresholds(text: str) -> list[float]:
@@ -214,7 +168,7 @@ def _predict(args: argparse.Namespace) -> None:
     print(f"average {prediction.gflops.mean():.4f} GFLOPs per image (every exit: {exit_gflops(config)[-1]:.4f}), "
           f"{policy.name} confidence")
     if args.out:
-        from .ray_predict import result_columns, write_results
+        from .results import result_columns, write_results
 
         write_results(args.out, result_columns(paths, prediction, names))
 

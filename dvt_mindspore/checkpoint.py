@@ -12,8 +12,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn
 
+from dvt_shared.data_config import apply_data_config
 from dvt_shared.io_utils import atomic_path
-from dvt_shared.weight_format import read_weight_tensors, write_weight_tensors
+from dvt_shared.weight_format import read_weight_tensors, recorded_data_config, write_weight_tensors
 
 from .convert import from_canonical, mindspore_names, release_key, to_canonical
 
@@ -100,8 +101,13 @@ def write_checkpoint(
 
 def load_weights(model: nn.Cell, path: str | os.PathLike) -> nn.Cell:
     """Load canonical `.safetensors` or MindSpore `.ckpt` weights into `model`, every tensor checked
-    first (see `from_canonical`); returns the model."""
-    return from_canonical(model, read_weight_tensors(path, CHECKPOINT_FORMAT, load_ckpt), source=os.fspath(path))
+    first (see `from_canonical`), with the data config a canonical file records as the model's `pretrained_cfg`;
+    returns the model."""
+    from_canonical(model, read_weight_tensors(path, CHECKPOINT_FORMAT, load_ckpt), source=os.fspath(path))
+    recorded = recorded_data_config(path)
+    if recorded is not None:
+        apply_data_config(model, recorded)
+    return model
 
 
 def save_weights(model: nn.Cell, path: str | os.PathLike) -> None:

@@ -8,12 +8,11 @@ import numpy as np
 from dvt_shared.adaptive import DEFAULT_MAX_BATCH, AdaptiveEngine
 from dvt_shared.cascade import ReuseState
 from dvt_shared.exit_policy import MAX_SOFTMAX, ExitPolicy
-from dvt_shared.export_manifest import read_manifest
+from dvt_shared.export_manifest import ONNX_FORMAT, ONNX_MANIFEST, read_manifest
 from dvt_shared.image_checks import check_finite, check_image_dtype, check_image_shape
 
 # The manifest `dvt_torch.export.export_onnx` writes beside the graphs, and its format tag.
-MANIFEST = "dvt_onnx.json"
-FORMAT = "dvt-onnx-v1"
+MANIFEST, FORMAT = ONNX_MANIFEST, ONNX_FORMAT
 
 
 class OnnxAdaptiveDVT(AdaptiveEngine):

@@ -27,12 +27,12 @@ from .models import (
 from .vt import VTFPN, FilterTokenizer, Projector, RecurrentTokenizer, ResNet, VTModule, VTResNet, VTTransformer
 
 
-def run_training(args) -> dict:
+def run_training(args, read_checkpoint=None) -> dict:
     """`dvt train`: the training loop of `dvt_torch.train` (a submodule of that name, so this one has
-    another), imported only when used."""
+    another), imported only when used; `read_checkpoint(path)` reads another backend's weight files."""
     from .train import train
 
-    return train(args)
+    return train(args, read_checkpoint)
 
 
 __all__ = [

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from dvt_shared.data_config import apply_data_config
 from dvt_shared.io_utils import atomic_writer
-from dvt_shared.weight_format import read_weight_tensors, write_weight_tensors
+from dvt_shared.weight_format import read_weight_tensors, recorded_data_config, write_weight_tensors
 
 from .convert import from_canonical, to_canonical
 
@@ -266,9 +267,14 @@ def write_checkpoint(
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load canonical `.safetensors` or release `.pth` / `.pth.tar` weights into `model`, every tensor
-    checked first (see `from_canonical`); returns the model."""
+    checked first (see `from_canonical`), with the data config a canonical file records as the model's
+    `pretrained_cfg` (normalisation and class names for timm's `resolve_data_config`); returns the model."""
     tensors = read_weight_tensors(path, CHECKPOINT_FORMAT, lambda p: read_checkpoint(p)[0])
-    return from_canonical(model, tensors, source=os.fspath(path))
+    from_canonical(model, tensors, source=os.fspath(path))
+    recorded = recorded_data_config(path)
+    if recorded is not None:
+        apply_data_config(model, recorded)
+    return model
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike) -> None:

@@ -12,10 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dvt_onnx import FORMAT, MANIFEST
 from dvt_shared.adaptive import reuse_tensor_names
 from dvt_shared.data_config import model_data_config
-from dvt_shared.export_manifest import stage_entry, write_manifest
+from dvt_shared.export_manifest import ONNX_FORMAT, ONNX_MANIFEST, stage_entry, write_manifest
 from dvt_shared.io_utils import atomic_path, check_writable_dir
 
 from .dvt import DVT, ReuseState
@@ -67,6 +66,6 @@ def export_onnx(model: DVT, out_dir, opset: int = OPSET) -> Path:
         stages.append(stage_entry(path, graph.inputs, graph.outputs))
         with torch.no_grad():
             _, state = model.run_stage(index, images, state)
-    manifest = {"format": FORMAT, "opset": opset, "config": config.to_dict(), "stages": stages,
+    manifest = {"format": ONNX_FORMAT, "opset": opset, "config": config.to_dict(), "stages": stages,
                 "data_config": model_data_config(model).to_dict()}
-    return write_manifest(out_dir, MANIFEST, manifest)
+    return write_manifest(out_dir, ONNX_MANIFEST, manifest)

@@ -1,7 +1,8 @@
 """Starting a training run from trained weights: `dvt train --init-weights PATH`.
 
 Any weight file the project reads: canonical `.safetensors` (its config travels with it), a
-release `.pth` / `.pth.tar` or a MindSpore `.ckpt` (the model named by `--model`). Every tensor
+release `.pth` / `.pth.tar`, or another backend's format (a MindSpore `.ckpt`) through the reader the
+command passes (`dvt train` reads it through the backend table; the model named by `--model`). Every tensor
 whose key and shape fit the new model is loaded; the classifier heads, sized for the new data's
 classes, start afresh; a learned position embedding of another token grid (another image size) is
 interpolated, as timm does when it fine-tunes a ViT at another resolution; the input layers of a grey
@@ -19,7 +20,7 @@ from torch import nn
 
 from dvt_shared.data_config import DataConfig
 from dvt_shared.models import ModelConfig
-from dvt_shared.weight_format import load_canonical, weight_format
+from dvt_shared.weight_format import FORMAT_NAMES, load_canonical, weight_format
 
 # Parameters of the classifier heads: replaced when the class count changes, scaled by --head-lr-scale.
 HEAD_KEYS = ("head.", "fc.", "classifier.")
@@ -54,8 +55,9 @@ class InitReport:
         return "\n".join(lines)
 
 
-def read_init_weights(path: str) -> InitWeights:
-    """The tensors (and config, where recorded) of any weight format the project reads."""
+def read_init_weights(path: str, read_checkpoint=None) -> InitWeights:
+    """The tensors (and config, where recorded) of any weight format the project reads: canonical and release
+    files here, another backend's format by `read_checkpoint(path)` -> tensors (this backend imports no other)."""
     if os.path.isdir(path):
         raise ValueError(f"--init-weights {path} is a directory, not a weight file")
     if not os.path.isfile(path):
@@ -68,13 +70,10 @@ def read_init_weights(path: str) -> InitWeights:
         from .checkpoint import read_release_checkpoint
 
         return InitWeights(path, read_release_checkpoint(path).state_dict, None)
-    try:
-        from dvt_mindspore.checkpoint import load_ckpt
-    except ModuleNotFoundError as exc:
-        raise ValueError(
-            f"--init-weights {path}: reading a MindSpore .ckpt needs MindSpore ({exc.name} is missing)"
-        ) from exc
-    return InitWeights(path, load_ckpt(path), None)
+    if read_checkpoint is None:
+        raise ValueError(f"--init-weights {path} is a {FORMAT_NAMES[kind]}: `dvt train` reads it, or convert it "
+                         f"first (dvt convert {path} {os.path.splitext(path)[0]}.safetensors)")
+    return InitWeights(path, read_checkpoint(path), None)
 
 
 def recorded_config(init: InitWeights, model: str, model_given: bool, num_classes: int) -> ModelConfig:

@@ -235,7 +235,7 @@ class TrainingRun:
     """One run: its set-up (data, model, optimisation, randomness), its state (counters, running
     sums, history) with checkpoint save and restore, and its optimisation step."""
 
-    def __init__(self, args: argparse.Namespace, dist_ctx: Dist):
+    def __init__(self, args: argparse.Namespace, dist_ctx: Dist, read_checkpoint=None):
         from timm.data import Mixup
         from timm.optim import create_optimizer_v2, param_groups_weight_decay
         from timm.scheduler import create_scheduler_v2
@@ -245,7 +245,7 @@ class TrainingRun:
         device = self.device = dist_ctx.device
         self.amp_dtype = _amp_dtype(args.amp, device)
         self.data = TrainingData(args, dist_ctx.rank, dist_ctx.world_size, pin_memory=device.type == "cuda")
-        init = read_init_weights(args.init_weights) if args.init_weights else None
+        init = read_init_weights(args.init_weights, read_checkpoint) if args.init_weights else None
         config = self.config = _build_config(args, num_classes=len(self.data.classes), init=init)
         if family_of(config).task != "classification":
             raise ValueError(
@@ -537,17 +537,18 @@ class _LastExit(torch.nn.Module):
         return exit_logits(self.model(x))[-1]
 
 
-def train(args: argparse.Namespace) -> dict:
-    """Train as `args` says (see add_train_arguments); returns the run's metrics."""
+def train(args: argparse.Namespace, read_checkpoint=None) -> dict:
+    """Train as `args` says (see add_train_arguments); returns the run's metrics. `read_checkpoint(path)` reads
+    --init-weights of another backend's format (`dvt train` passes the backend table's readers)."""
     dist_ctx = setup_distributed(args.device, args.local_rank)
     try:
-        return _train(args, dist_ctx)
+        return _train(args, dist_ctx, read_checkpoint)
     finally:
         if dist_ctx.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(args: argparse.Namespace, dist_ctx: Dist) -> dict:
+def _train(args: argparse.Namespace, dist_ctx: Dist, read_checkpoint=None) -> dict:
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local_procs))
     out = args.out or os.path.join("out", "train", args.model)
@@ -560,7 +561,7 @@ def _train(args: argparse.Namespace, dist_ctx: Dist) -> dict:
     if dist_ctx.is_main:
         os.makedirs(out, exist_ok=True)
 
-    run = TrainingRun(args, dist_ctx)
+    run = TrainingRun(args, dist_ctx, read_checkpoint)
     if args.resume:
         run.restore(checkpoint_path)
     if dist_ctx.is_main:

@@ -12,6 +12,11 @@ from pathlib import Path
 from .configs import DVTConfig
 from .io_utils import atomic_write_bytes, sha256_file
 
+# The manifest `dvt export --format onnx` writes beside the graphs, and its format tag (written by the PyTorch
+# backend's exporter, read by the ONNX Runtime engine).
+ONNX_MANIFEST = "dvt_onnx.json"
+ONNX_FORMAT = "dvt-onnx-v1"
+
 
 def write_manifest(out_dir: str | os.PathLike, name: str, manifest: dict) -> Path:
     """Write `manifest` as out_dir/name, atomically, after every graph it lists."""

@@ -96,18 +96,10 @@ def create(build_model: Callable[[ModelConfig], Any], name: str, num_classes: in
     """The registered model `name`, built by a backend's `build_model` (timm's and mindcv's `create_model`):
     its config's class count stands unless `num_classes` (or any other field) is overridden, and
     `num_classes=0` removes the heads. With `checkpoint_path`, the backend's `load_weights(model, path)`
-    loads its weights first, and a canonical file's recorded data config becomes the model's `pretrained_cfg`
-    (normalisation and class names for timm's `resolve_data_config`)."""
+    loads its weights first (and, from a canonical file, the data config it records: see `load_weights`)."""
     model = build_model(get_model_config(name, num_classes=num_classes or None, **overrides))
     if checkpoint_path is not None:
         load_weights(model, checkpoint_path)
-        if str(checkpoint_path).endswith(".safetensors"):
-            from .data_config import apply_data_config
-            from .weight_format import read_canonical_metadata
-
-            recorded = read_canonical_metadata(checkpoint_path).data_config
-            if recorded is not None:
-                apply_data_config(model, recorded)
     if num_classes == 0:
         model.reset_classifier(0)
     return model

@@ -308,6 +308,11 @@ def _foreign(path, kind: str, own_format: str) -> ValueError:
     )
 
 
+def recorded_data_config(path) -> DataConfig | None:
+    """The data config a weight file records: a canonical file's, where it has one (other formats hold none)."""
+    return read_canonical_metadata(path).data_config if weight_format(path) == "safetensors" else None
+
+
 def read_weight_tensors(path, own_format: str, read_own) -> dict[str, np.ndarray]:
     """Tensors by release key of a canonical file, or of a file in the backend's own format (`read_own(path)`)."""
     kind = weight_format(path)

@@ -584,7 +584,7 @@ def test_unwritable_outputs_are_found_before_any_work(weights, tmp_path, capsys,
 
 
 def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
-    from dvt_cli.inference import load_images
+    from dvt_cli.images import load_images
 
     pixels = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "eight.png")

@@ -66,7 +66,8 @@ def test_calibrate_and_predict_with_the_entropy_policy(weights, images, tmp_path
     them under another policy."""
     if not (DEFAULT_FASHION_MNIST_DIR and os.path.isdir(DEFAULT_FASHION_MNIST_DIR)):
         pytest.skip("Fashion-MNIST (Debian package dataset-fashion-mnist) is not installed")
-    from dvt_cli.inference import all_exit_logits, load_images
+    from dvt_cli.images import load_images
+    from dvt_cli.inference import all_exit_logits
     from dvt_shared.error_bounds import FP32, decision_agreement
     from dvt_shared.exit_policy import ENTROPY, softmax
 
@@ -93,7 +94,7 @@ def test_calibrate_and_predict_with_the_entropy_policy(weights, images, tmp_path
 def spread_thresholds(weights, images) -> str:
     """Thresholds half-way between confidences (no backend's rounding can flip a decision) that
     send half of `images` out at exit 0 and one more at exit 1."""
-    from dvt_cli.inference import load_images
+    from dvt_cli.images import load_images
     from dvt_shared import confidences, softmax
     from dvt_torch.convert import from_canonical
 

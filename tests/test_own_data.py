@@ -233,6 +233,22 @@ def test_fine_tuning_restarts_heads_of_other_classes_and_adapts_grey_to_rgb(tmp_
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
+def test_init_weights_of_another_backend_are_read_through_the_command(tmp_path):
+    """PyTorch's trainer imports no other backend: a MindSpore .ckpt reaches it through the reader `dvt train`
+    passes (the backend table's), and without one it is refused with the conversion to run."""
+    from dvt_cli import backends
+    from dvt_torch.finetune import read_init_weights
+
+    ckpt = tmp_path / "shipped.ckpt"
+    assert run("convert", SHIPPED, ckpt) == 0
+    with pytest.raises(ValueError, match=r"is a MindSpore checkpoint: `dvt train` reads it, or convert it first"):
+        read_init_weights(str(ckpt))
+    init = read_init_weights(str(ckpt), lambda path: backends.for_weights("ckpt").read_checkpoint(path)[0])
+    shipped, _ = load_canonical(SHIPPED)
+    assert set(init.tensors) == set(shipped) and init.config is None
+    np.testing.assert_array_equal(init.tensors["normal_token.head.weight"], shipped["normal_token.head.weight"])
+
+
 def test_defaults_fit_the_data_and_explicit_options_win():
     from argparse import ArgumentParser
 

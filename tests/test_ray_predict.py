@@ -181,7 +181,7 @@ def test_decode_reads_pixels_by_the_data_config(folder):
     over its std; an unreadable body is named."""
     from PIL import Image
 
-    from dvt_cli.inference import decode_image, load_images
+    from dvt_cli.images import decode_image, load_images
     from dvt_shared.data_config import DataConfig
 
     data = DataConfig((1, 28, 28), (0.25,), (0.5,))
