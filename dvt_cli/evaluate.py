@@ -150,34 +150,35 @@ def score(path: str, data: EvaluationSet, calibrate: bool = True) -> Evaluated:
 
 def calibrated_point(dvt: Evaluated, labels: np.ndarray) -> dict | None:
     """Accuracy, average GFLOPs and exit shares on the test images at the thresholds the weights store."""
-    from dvt_shared import exit_policy
+    from dvt_shared.calibration import dynamic_evaluate
+    from dvt_shared.exit_policy import exit_policy
     from dvt_shared.flops import exit_gflops
 
     if not dvt.thresholds:
         return None
     gflops = np.asarray(exit_gflops(dvt.config))
-    policy = exit_policy.exit_policy(dvt.exit_policy)
-    result = exit_policy.dynamic_evaluate(dvt.test_probs, labels, gflops, np.asarray(dvt.thresholds), policy)
+    policy = exit_policy(dvt.exit_policy)
+    result = dynamic_evaluate(dvt.test_probs, labels, gflops, np.asarray(dvt.thresholds), policy)
     return {"thresholds": list(dvt.thresholds), "exit_policy": policy.name, "accuracy": result.accuracy,
             "gflops": result.expected_flops, "exit_shares": (result.exit_counts / len(labels)).tolist()}
 
 
 def accuracy_compute_curve(dvt: Evaluated, labels: np.ndarray) -> dict:
     """Per-exit accuracy, the release's p sweep and budget targets, thresholds from the held-out images."""
-    from dvt_shared import exit_policy
+    from dvt_shared import calibration
     from dvt_shared.flops import exit_gflops
 
     gflops = np.asarray(exit_gflops(dvt.config))
     per_exit = (dvt.test_probs.argmax(-1) == labels[None]).mean(axis=1) * 100
     sweep = [
         {"p": point.p, "accuracy": point.accuracy, "gflops": point.expected_flops}
-        for point in exit_policy.release_sweep(dvt.test_probs, labels, gflops, calib_probs=dvt.calib_probs)
+        for point in calibration.release_sweep(dvt.test_probs, labels, gflops, calib_probs=dvt.calib_probs)
     ]
     budgets = []
     for fraction in BUDGET_FRACTIONS:
         budget = float(gflops[0] + fraction * (gflops[-1] - gflops[0]))
-        thresholds = exit_policy.thresholds_for_budget(dvt.calib_probs, gflops, budget)
-        result = exit_policy.dynamic_evaluate(dvt.test_probs, labels, gflops, thresholds)
+        thresholds = calibration.thresholds_for_budget(dvt.calib_probs, gflops, budget)
+        result = calibration.dynamic_evaluate(dvt.test_probs, labels, gflops, thresholds)
         budgets.append({"budget": budget, "accuracy": result.accuracy, "gflops": result.expected_flops,
                         "exit_shares": (result.exit_counts / len(labels)).tolist(), "thresholds": thresholds.tolist()})
     return {"model": dvt.config.name, "exit_gflops": gflops.tolist(), "exit_accuracy": per_exit.tolist(),

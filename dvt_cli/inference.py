@@ -35,14 +35,15 @@ def all_exit_logits(
 def search_thresholds(config, tensors, policy, images: np.ndarray, labels: np.ndarray, **target):
     """(thresholds, their `DynamicResult`) that `policy` finds for `target` (p=, budget= or accuracy=) on the
     labelled `images`, scored by every exit of the model."""
-    from dvt_shared import exit_policy
+    from dvt_shared import calibration
+    from dvt_shared.exit_policy import softmax
     from dvt_shared.flops import exit_gflops
 
     gflops = np.asarray(exit_gflops(config))
-    probs = exit_policy.softmax(all_exit_logits(config, tensors, images))
-    exit_policy.check_calibration_data(probs, labels)
-    thresholds = policy.search(probs, labels, gflops, **target)
-    return thresholds, exit_policy.dynamic_evaluate(probs, labels, gflops, thresholds, policy)
+    probs = softmax(all_exit_logits(config, tensors, images))
+    calibration.check_calibration_data(probs, labels)
+    thresholds = calibration.search(policy, probs, labels, gflops, **target)
+    return thresholds, calibration.dynamic_evaluate(probs, labels, gflops, thresholds, policy)
 
 
 def _calibrate(args: argparse.Namespace) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dvt_shared import exit_policy
+from dvt_shared import calibration
 from dvt_shared.flops import exit_gflops
 from dvt_shared.io_utils import atomic_write_bytes, sha256_file
 from dvt_shared.weight_format import load_canonical, save_canonical
@@ -63,8 +63,8 @@ def ship(dvt_run: Path, static_run: Path) -> dict:
     labels = dvt.inputs["test_labels"]
     gflops = np.asarray(exit_gflops(dvt.config))
     budget = float(np.clip(0.5 * static_gflops, gflops[0], gflops[-1]))
-    thresholds = exit_policy.thresholds_for_budget(dvt.calib_probs, gflops, budget)
-    result = exit_policy.dynamic_evaluate(dvt.test_probs, labels, gflops, thresholds)
+    thresholds = calibration.thresholds_for_budget(dvt.calib_probs, gflops, budget)
+    result = calibration.dynamic_evaluate(dvt.test_probs, labels, gflops, thresholds)
 
     manifest = {}
     for role, run, evaluated in (("dvt", dvt_run, dvt), ("static", static_run, static)):

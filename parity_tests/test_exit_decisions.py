@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from dvt_shared.calibration import exit_shares, find_thresholds
 from dvt_shared.error_bounds import decision_agreement
-from dvt_shared.exit_policy import EXIT_POLICIES, MAX_SOFTMAX, exit_indices, exit_shares, find_thresholds, softmax
+from dvt_shared.exit_policy import EXIT_POLICIES, MAX_SOFTMAX, exit_indices, softmax
 from parity_tests import harness
 from parity_tests.report import record
 from parity_tests.targets import TARGET_PARAMS

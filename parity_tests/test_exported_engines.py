@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from dvt_cli.backends import BACKENDS, EXPORT_FORMATS, load
+from dvt_shared.calibration import exit_shares, find_thresholds
 from dvt_shared.error_bounds import decision_agreement
-from dvt_shared.exit_policy import MAX_SOFTMAX, confidences, exit_indices, exit_shares, find_thresholds, softmax
+from dvt_shared.exit_policy import MAX_SOFTMAX, confidences, exit_indices, softmax
 from parity_tests import harness
 from parity_tests.report import record
 from parity_tests.targets import CPU

@@ -1,28 +1,24 @@
 """Framework-neutral DVT specs (pure Python + NumPy): configs, token schedule, FLOPs,
 exit policy and the canonical weight format. Importing this never imports a framework."""
+from .calibration import (
+    DynamicResult,
+    SweepPoint,
+    check_calibration_data,
+    dynamic_evaluate,
+    exit_shares,
+    find_thresholds,
+    release_p_values,
+    release_sweep,
+    thresholds_for_accuracy,
+    thresholds_for_budget,
+)
 from .configs import (
     DVTConfig,
     StageSpec,
     StemSpec,
     config_from_release_json,
 )
-from .exit_policy import (
-    DynamicResult,
-    SweepPoint,
-    check_calibration_data,
-    confidences,
-    dynamic_evaluate,
-    exit_indices,
-    exit_shares,
-    find_thresholds,
-    predictions,
-    release_p_values,
-    release_sweep,
-    softmax,
-    stops_at_exit,
-    thresholds_for_accuracy,
-    thresholds_for_budget,
-)
+from .exit_policy import confidences, exit_indices, predictions, softmax, stops_at_exit
 from .io_utils import atomic_write_bytes, atomic_writer, sha256_file
 from .models import get_model_config, list_model_names
 from .token_schedule import (

@@ -27,8 +27,8 @@ from dvt_mindspore import checkpoint as ms_checkpoint
 from dvt_mindspore.export import MindIRAdaptiveDVT
 from dvt_onnx import OnnxAdaptiveDVT
 from dvt_shared import StageSpec, StemSpec, get_model_config, softmax
+from dvt_shared.calibration import check_calibration_data, thresholds_for_accuracy, thresholds_for_budget
 from dvt_shared.datasets import FASHION_MNIST_FILES, write_idx
-from dvt_shared.exit_policy import check_calibration_data, thresholds_for_accuracy, thresholds_for_budget
 from dvt_shared.flops import exit_gflops
 from dvt_shared.io_utils import sha256_file
 from dvt_shared.weight_format import WeightMetadata, save_canonical

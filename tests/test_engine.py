@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dvt_shared import find_thresholds, get_model_config
+from dvt_shared.calibration import search
 from dvt_shared.error_bounds import FP32, decision_agreement
 from dvt_shared.exit_policy import ENTROPY, MAX_SOFTMAX, exit_indices, last_exit_only, softmax
 from dvt_shared.flops import cumulative_flops
@@ -142,7 +143,7 @@ def test_the_engine_decides_by_its_exit_policy_on_numpy_input(case, backend):
     """With the entropy policy (thresholds searched on its confidences), the engine's exits are the policy's
     on PyTorch's all-exit logits, up to borderline samples, and its NumPy input gives its tensor input's answer."""
     model, images, all_exit, probs, _ = case
-    thresholds = ENTROPY.search(probs, None, cumulative_flops(model.config), p=1.2)
+    thresholds = search(ENTROPY, probs, None, cumulative_flops(model.config), p=1.2)
     expected = exit_indices(probs, thresholds, ENTROPY)
     assert set(np.unique(expected)) == {0, 1, 2}, "thresholds must use every exit"
     run = engine(backend, model, thresholds, max_batch=128, exit_policy=ENTROPY)

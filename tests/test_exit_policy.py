@@ -23,6 +23,7 @@ from dvt_shared import (
     thresholds_for_accuracy,
     thresholds_for_budget,
 )
+from dvt_shared.calibration import search
 from dvt_shared.exit_policy import ENTROPY, EXIT_POLICIES, MAX_SOFTMAX, exit_policy
 from tests.release_fixtures import release_npz
 
@@ -343,13 +344,13 @@ def test_budget_at_or_above_the_last_exit_lets_everyone_run(release, budget):
 
 def test_thresholds_refuse_logits(release):
     logits = np.log(release["probs"]) + 3.0
-    for search in (
+    for searching in (
         lambda: find_thresholds(logits, exit_shares(1.0, 3)),
         lambda: thresholds_for_budget(logits, release["flops"], 2.0),
         lambda: thresholds_for_accuracy(logits, release["targets"], release["flops"], 50.0),
     ):
         with pytest.raises(ValueError, match="must hold softmax probabilities.*pass softmax"):
-            search()
+            searching()
 
 
 # --- validation -----------------------------------------------------------------------
@@ -442,14 +443,14 @@ def test_every_policy_searches_the_same_way(release, policy):
     thresholds that route as asked, through the same rule."""
     probs, targets, flops = release["probs"], release["targets"], release["flops"]
     n = probs.shape[1]
-    by_shares = policy.search(probs, targets, flops, p=1.5)
+    by_shares = search(policy, probs, targets, flops, p=1.5)
     np.testing.assert_array_equal(by_shares, find_thresholds(probs, exit_shares(1.5, 3), policy))
     routed = exit_indices(policy.scores(probs), by_shares)
     np.testing.assert_array_equal(routed, exit_indices(probs, by_shares, policy))
     assert np.bincount(routed, minlength=3)[0] >= np.floor(np.float32(n) * exit_shares(1.5, 3)[0])
-    budget = policy.search(probs, targets, flops, budget=2.0)
+    budget = search(policy, probs, targets, flops, budget=2.0)
     assert dynamic_evaluate(probs, targets, flops, budget, policy).expected_flops <= 2.0
-    accurate = policy.search(probs, targets, flops, accuracy=60.0)
+    accurate = search(policy, probs, targets, flops, accuracy=60.0)
     assert dynamic_evaluate(probs, targets, flops, accurate, policy).accuracy >= 60.0
     with pytest.raises(ValueError, match="exactly one of p, budget, accuracy"):
-        policy.search(probs, targets, flops, p=1.0, budget=2.0)
+        search(policy, probs, targets, flops, p=1.0, budget=2.0)
