@@ -54,3 +54,29 @@ def load_images(paths: list[str], model_data: DataConfig) -> np.ndarray:
             raise CommandError(f"{path}: cannot read it as an image ({exc})") from exc
         batch.append(decode_image(data, model_data, path))
     return np.stack(batch)
+
+
+# What `POST /v1/predict` takes: the formats every HTTP client and browser sends.
+POSTED_FORMATS = ("PNG", "JPEG")
+
+
+def decode_posted_image(body: bytes, model_data: DataConfig) -> np.ndarray:
+    """A PNG or JPEG request body as the model's (1, C, H, W) float32 input, decoded as `decode_image` decodes;
+    any other body is the protocol's 415."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from dvt_serve.protocol import ProtocolError
+
+    try:
+        with Image.open(io.BytesIO(body)) as image:
+            kind = image.format
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ProtocolError(f"the body is not a PNG or JPEG image ({exc})", status=415) from None
+    if kind not in POSTED_FORMATS:
+        raise ProtocolError(f"the body is a {kind} image; send PNG or JPEG", status=415)
+    try:
+        return decode_image(body, model_data, "the body")[None]
+    except CommandError as exc:
+        raise ProtocolError(str(exc), status=415) from None

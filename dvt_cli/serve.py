@@ -11,11 +11,11 @@ import signal
 import threading
 import time
 
+from dvt_serve.batching import BATCHING
+from dvt_serve.protocol import DEFAULT_MAX_BODY
 from dvt_shared.exit_policy import EXIT_POLICIES, MAX_SOFTMAX, last_exit_only
-from dvt_shared.stage_batching import BATCHING
 
 from . import CommandError, backends, positive_float, positive_int, read_weights
-from .kserve import DEFAULT_MAX_BODY
 from .options import non_negative_float
 
 APP_NAME = "dvt"

@@ -1,5 +1,6 @@
 """The Ray Serve application of `dvt serve`: one deployment whose replicas each hold one engine and one
-`StageBatcher`, answering the Open Inference Protocol (dvt_cli.kserve) and `POST /v1/predict`.
+`StageBatcher` (dvt_serve.batching), answering the Open Inference Protocol (dvt_serve.protocol) and
+`POST /v1/predict`.
 
 Imported only by `dvt serve` (it imports Ray and FastAPI); dvt_cli.serve holds the command.
 """
@@ -14,16 +15,16 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from dvt_shared.stage_batching import QueueFull, StageBatcher
-
-from .kserve import (
+from dvt_serve.batching import QueueFull, StageBatcher
+from dvt_serve.protocol import (
     HEADER_LENGTH,
     ProtocolError,
-    decode_image,
     encode_infer_response,
     model_metadata,
     parse_infer_request,
 )
+
+from .images import decode_posted_image
 
 # Seconds a client refused for a full queue is told to wait (Retry-After).
 RETRY_AFTER_S = 1
@@ -223,7 +224,7 @@ class DVTServer:
 
     @api.post("/v1/predict")
     async def predict(self, request: Request):
-        image = decode_image(await self._body(request), self.data)
+        image = decode_posted_image(await self._body(request), self.data)
         p = await self._classify(image)
         cls = int(p.classes[0])
         return {"class_index": cls, "label": self.data.label(cls),

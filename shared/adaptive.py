@@ -7,7 +7,7 @@ the only thing a decision needs, and the next state, kept as the backend's tenso
 (rows of a batch and of a state), `concat` and `concat_states` (one batch of several groups' rows) and
 `to_numpy`. On it, `step` runs a stage, decides with the engine's exit policy (dvt_shared.exit_policy) which
 images leave and splits off the survivors with their state, still backend tensors; `predict` loops it and
-scatters results back to input order, and the stage-level batcher (`dvt_shared.stage_batching`) runs it on
+scatters results back to input order, and the stage-level batcher (`dvt_serve.batching`) runs it on
 batches of several requests. So every backend (PyTorch, MindSpore, ONNX Runtime) exits the same images at the
 same exits by construction, and images never go back to NumPy between stages.
 """

@@ -1,5 +1,6 @@
 """The Open Inference Protocol (KServe v2, HTTP/REST; what Triton, KServe and MLServer speak) for `dvt serve`:
-requests in, responses out, NumPy and the standard library only, so it is tested without a server.
+requests in, responses out, NumPy and the standard library only (no image decoding: an encoded image is
+`dvt_cli.images`' to decode), so it is tested without a server.
 
 One input, `images`: UINT8 raw pixels (n, H, W) or (n, C, H, W) at the model's size, normalised here by the
 weights' data config (mean and std), or FP32 already normalised (n, C, H, W). Tensor data comes as JSON or through
@@ -12,14 +13,13 @@ Every problem with a request is a `ProtocolError` carrying its HTTP status and a
 """
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 
 import numpy as np
 
 from dvt_shared.image_checks import check_finite, check_image_shape
-from dvt_shared.transforms import eval_array, normalise_pixels
+from dvt_shared.transforms import normalise_pixels
 
 INPUT = "images"
 # output name -> datatype; all but logits are sent when a request names none
@@ -220,17 +220,3 @@ def encode_infer_response(model_name: str, request: InferRequest, prediction, da
     if not chunks:
         return header, {"Content-Type": "application/json"}
     return header + b"".join(chunks), {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
-
-
-def decode_image(body: bytes, data) -> np.ndarray:
-    """A PNG or JPEG body as the model's (1, C, H, W) float32 input (`dvt predict`'s transform, by the weights'
-    data config `data`)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(body)) as image:
-            if image.format not in ("PNG", "JPEG"):
-                raise ProtocolError(f"the body is a {image.format} image; send PNG or JPEG", status=415)
-            return eval_array(image, data)[None]
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ProtocolError(f"the body is not a PNG or JPEG image ({exc})", status=415) from None

@@ -1,4 +1,4 @@
-"""Stage-level batching across requests (dvt_shared.stage_batching), on every backend: each image's class and
+"""Stage-level batching across requests (dvt_serve.batching), on every backend: each image's class and
 exit are what the engine gives it alone, whatever shares its batches, and the queues behave as documented."""
 import asyncio
 import time
@@ -6,9 +6,9 @@ import time
 import numpy as np
 import pytest
 
+from dvt_serve.batching import QueueFull, StageBatcher
 from dvt_shared.error_bounds import FP32, decision_agreement
 from dvt_shared.exit_policy import MAX_SOFTMAX, softmax
-from dvt_shared.stage_batching import QueueFull, StageBatcher
 from tests.bounds import assert_chosen_close
 from tests.test_engine import case, engine  # noqa: F401  (the module fixture and the twin-engine helper)
 

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .adaptive import AdaptiveEngine, Prediction
+from dvt_shared.adaptive import AdaptiveEngine, Prediction
 
 BATCHING = ("stage", "cascade")
 

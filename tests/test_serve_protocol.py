@@ -1,4 +1,4 @@
-"""The Open Inference Protocol codec of `dvt serve` (dvt_cli.kserve), without a server: requests as
+"""The Open Inference Protocol codec of `dvt serve` (dvt_serve.protocol), without a server: requests as
 `tritonclient` builds them (JSON and binary data) parse to the model's input, responses parse back in
 `tritonclient`, and every bad request is a ProtocolError naming its problem."""
 import json
@@ -7,11 +7,11 @@ import re
 import numpy as np
 import pytest
 
-from dvt_cli.kserve import (
+from dvt_cli.images import decode_posted_image
+from dvt_serve.protocol import (
     DEFAULT_OUTPUTS,
     HEADER_LENGTH,
     ProtocolError,
-    decode_image,
     encode_infer_response,
     model_metadata,
     parse_infer_request,
@@ -164,10 +164,10 @@ def test_image_bodies(tmp_path):
         Image.fromarray(raw).save(tmp_path / f"x.{fmt}", format=fmt)
         with Image.open(tmp_path / f"x.{fmt}") as image:
             want = eval_array(image, DATA)
-        np.testing.assert_array_equal(decode_image((tmp_path / f"x.{fmt}").read_bytes(), DATA)[0], want)
+        np.testing.assert_array_equal(decode_posted_image((tmp_path / f"x.{fmt}").read_bytes(), DATA)[0], want)
     with pytest.raises(ProtocolError, match="not a PNG or JPEG image") as error:
-        decode_image(b"hello", DATA)
+        decode_posted_image(b"hello", DATA)
     assert error.value.status == 415
     Image.fromarray(raw).save(tmp_path / "x.bmp")
     with pytest.raises(ProtocolError, match="a BMP image; send PNG or JPEG"):
-        decode_image((tmp_path / "x.bmp").read_bytes(), DATA)
+        decode_posted_image((tmp_path / "x.bmp").read_bytes(), DATA)
