@@ -12,7 +12,7 @@ import threading
 import time
 
 from dvt_serve.batching import BATCHING
-from dvt_serve.protocol import DEFAULT_MAX_BODY
+from dvt_serve.spec import serve_default
 from dvt_shared.exit_policy import EXIT_POLICIES, MAX_SOFTMAX, last_exit_only
 
 from . import CommandError, backends, positive_float, positive_int, read_weights
@@ -60,8 +60,9 @@ def _thresholds(args, config, tensors, metadata, data) -> tuple[list[float], str
 
 def serve_spec(args):
     """The `ServeSpec` of the command line: weights read and checked, thresholds resolved."""
+    from dvt_serve.spec import ServeSpec
+
     from .datasets import model_data
-    from .serve_app import ServeSpec
 
     backends.check_precision(args.precision, args.backend)
     config, tensors, metadata, _ = read_weights(args.weights, args.model, args.num_classes)
@@ -148,26 +149,30 @@ def add_serve(subparsers, common: argparse.ArgumentParser) -> None:
                     "then answers the requests it holds and stops.",
     )
     parser.add_argument("--weights", required=True, help="weights (.safetensors, .pth, .ckpt)")
-    parser.add_argument("--backend", choices=tuple(backends.BACKENDS), default="torch")
-    parser.add_argument("--precision", choices=backends.PRECISIONS, default="fp32")
+    parser.add_argument("--backend", choices=tuple(backends.BACKENDS), default=serve_default("backend"))
+    parser.add_argument("--precision", choices=backends.PRECISIONS, default=serve_default("precision"))
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=positive_int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--replicas", type=positive_int, default=1, help="replicas, each with its own engine")
     parser.add_argument("--replica-cpus", type=positive_float, default=1.0,
                         help="CPUs Ray reserves per replica (fractions allowed; default 1)")
-    parser.add_argument("--threads", type=positive_int, default=1, help="compute threads per replica (default 1)")
+    parser.add_argument("--threads", type=positive_int, default=serve_default("threads"),
+                        help=f"compute threads per replica (default {serve_default('threads')})")
     parser.add_argument("--ray-address", help="join this Ray cluster (replicas spread over its machines, which "
                         "need the project installed); default: start a local Ray instance on this machine's CPUs")
-    parser.add_argument("--max-batch", type=positive_int, default=32, help="images per stage batch (default 32)")
-    parser.add_argument("--max-wait-ms", type=non_negative_float, default=5.0,
-                        help="how long a stage's oldest image waits for a fuller batch (default 5 ms)")
-    parser.add_argument("--max-queue", type=positive_int, default=1024,
-                        help="images a replica holds at most; beyond it requests get 503 (default 1024)")
-    parser.add_argument("--batching", choices=BATCHING, default="stage",
+    parser.add_argument("--max-batch", type=positive_int, default=serve_default("max_batch"),
+                        help=f"images per stage batch (default {serve_default('max_batch')})")
+    parser.add_argument("--max-wait-ms", type=non_negative_float, default=serve_default("max_wait_ms"),
+                        help="how long a stage's oldest image waits for a fuller batch "
+                             f"(default {serve_default('max_wait_ms'):g} ms)")
+    parser.add_argument("--max-queue", type=positive_int, default=serve_default("max_queue"),
+                        help="images a replica holds at most; beyond it requests get 503 "
+                             f"(default {serve_default('max_queue')})")
+    parser.add_argument("--batching", choices=BATCHING, default=serve_default("batching"),
                         help="stage: a queue per stage, survivors of all requests batched together (default); "
                              "cascade: each batch of requests runs the whole cascade (for comparison)")
-    parser.add_argument("--max-body", type=positive_int, default=DEFAULT_MAX_BODY,
-                        help=f"largest request body in bytes (default {DEFAULT_MAX_BODY})")
+    parser.add_argument("--max-body", type=positive_int, default=serve_default("max_body"),
+                        help=f"largest request body in bytes (default {serve_default('max_body')})")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--thresholds", type=parse_thresholds, help="comma-separated, one per exit "
                         "(default: the calibrated ones stored with the weights)")

@@ -6,8 +6,6 @@ Imported only by `dvt serve` (it imports Ray and FastAPI); dvt_cli.serve holds t
 """
 
 import os
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -23,31 +21,12 @@ from dvt_serve.protocol import (
     model_metadata,
     parse_infer_request,
 )
+from dvt_serve.spec import ServeSpec
 
 from .images import decode_posted_image
 
 # Seconds a client refused for a full queue is told to wait (Retry-After).
 RETRY_AFTER_S = 1
-
-
-@dataclass(frozen=True)
-class ServeSpec:
-    """Everything a replica needs, read once by the command and shipped to every replica by Ray."""
-
-    config: Any  # a DVTConfig
-    tensors: dict[str, np.ndarray]
-    thresholds: list[float]
-    exit_policy: str
-    data: Any = None  # the weights' DataConfig (class names, normalisation); None: the default rule's
-    backend: str = "torch"
-    precision: str = "fp32"
-    max_batch: int = 32
-    max_wait_ms: float = 5.0
-    max_queue: int = 1024
-    batching: str = "stage"
-    max_body: int = 8 * 1024 * 1024
-    threads: int = 1
-    request_counter: Any = None  # a Ray actor counting answered requests (`dvt serve --stop-after`)
 
 
 api = FastAPI(title="dvt serve", docs_url=None, redoc_url=None, openapi_url=None)

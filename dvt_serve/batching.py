@@ -33,6 +33,8 @@ import numpy as np
 
 from dvt_shared.adaptive import AdaptiveEngine, Prediction
 
+from .spec import serve_default
+
 BATCHING = ("stage", "cascade")
 
 
@@ -125,8 +127,10 @@ class StageBatcher:
     """
 
     def __init__(
-        self, engine: AdaptiveEngine, max_batch: int = 32, max_wait_s: float = 0.005, max_queue: int = 1024,
-        batching: str = "stage", observer: Callable[[int, int, np.ndarray, np.ndarray], None] | None = None,
+        self, engine: AdaptiveEngine, max_batch: int = serve_default("max_batch"),
+        max_wait_s: float = serve_default("max_wait_ms") / 1e3, max_queue: int = serve_default("max_queue"),
+        batching: str = serve_default("batching"),
+        observer: Callable[[int, int, np.ndarray, np.ndarray], None] | None = None,
     ):
         if batching not in BATCHING:
             raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")

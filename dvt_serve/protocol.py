@@ -29,7 +29,6 @@ DEFAULT_OUTPUTS = ("class_index", "label", "exit", "confidence", "macs")
 INPUT_DTYPES = {"UINT8": np.dtype("<u1"), "FP32": np.dtype("<f4")}
 OUTPUT_DTYPES = {"INT64": np.dtype("<i8"), "FP32": np.dtype("<f4")}
 HEADER_LENGTH = "Inference-Header-Content-Length"
-DEFAULT_MAX_BODY = 8 * 1024 * 1024
 
 
 class ProtocolError(ValueError):
