@@ -72,8 +72,10 @@ def _calibrate(args: argparse.Namespace) -> None:
     thresholds, result = search_thresholds(config, tensors, policy, images, labels, **target)
     metadata.thresholds = [float(t) for t in thresholds]
     metadata.exit_policy = policy.name
-    # weights that recorded no data config keep the one they were read with, named by the data's classes
-    metadata.data_config = metadata.data_config or data.replace(class_names=dataset.classes)
+    # weights that recorded no data config keep the one they were read with, named by the data's classes where
+    # the data name them
+    if metadata.data_config is None:
+        metadata.data_config = data.replace(class_names=dataset.classes) if dataset.named else data
     save_canonical(args.out or args.weights, tensors, metadata)
     print(f"{policy.name} thresholds {metadata.thresholds} on {len(images)} {args.split} images: "
           f"accuracy {result.accuracy:.2f}%, {result.expected_flops:.4f} GFLOPs on average, "

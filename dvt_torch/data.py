@@ -27,6 +27,7 @@ from dvt_shared.datasets import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
 )
+from dvt_shared.train_options import DEFAULT_RRC_SCALE, small_image_pipeline
 from dvt_shared.transforms import normalise_pixels
 
 # timm's RandomErasing defaults: erased area fraction and log-uniform aspect-ratio range.
@@ -43,9 +44,6 @@ class TensorSplit:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-    def subset(self, indices: torch.Tensor) -> "TensorSplit":
-        return TensorSplit(self.images[indices], self.labels[indices])
 
 
 def _uniform(n: int, generator: torch.Generator, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
@@ -202,7 +200,7 @@ class FolderAugment:
     re_mode: str = "const"
     re_count: int = 1
     interpolation: str | None = None  # None: the model's own
-    scale: tuple[float, float] = (0.08, 1.0)
+    scale: tuple[float, float] = DEFAULT_RRC_SCALE
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
     color_jitter: float | None = None
@@ -211,13 +209,11 @@ class FolderAugment:
 
     @classmethod
     def from_args(cls, args, side: int) -> "FolderAugment":
-        from dvt_shared.train_options import small_image_pipeline
-
         small = small_image_pipeline(args, side)
         return cls(
             auto_augment=args.aa, re_prob=args.random_erase, re_mode=args.remode, re_count=args.recount,
-            interpolation=args.train_interpolation, scale=tuple(args.scale or (0.08, 1.0)), ratio=tuple(args.ratio),
-            hflip=args.hflip, color_jitter=args.color_jitter or None, small=small,
+            interpolation=args.train_interpolation, scale=tuple(args.scale or DEFAULT_RRC_SCALE),
+            ratio=tuple(args.ratio), hflip=args.hflip, color_jitter=args.color_jitter or None, small=small,
             crop_padding=args.crop_padding or 0,
         )
 
@@ -267,12 +263,7 @@ class ImageItems(torch.utils.data.Dataset):
         return len(self.split)
 
     def __getitem__(self, index: int):
-        import io
-
-        from PIL import Image
-
-        ref = self.split.refs[index]
-        with Image.open(ref.path if ref.data is None else io.BytesIO(ref.data)) as image:
+        with self.split.refs[index].open() as image:
             image.load()
             return self.transform(image), int(self.split.labels[index])
 

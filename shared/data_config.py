@@ -147,7 +147,7 @@ _warned: set[str] = set()
 def weights_data_config(config, metadata, source: str) -> DataConfig:
     """The data config weights record (checked against their config), or, for weights that record none,
     `default_data_config` with a warning said once per file."""
-    recorded = getattr(metadata, "data_config", None) if metadata is not None else None
+    recorded = getattr(metadata, "data_config", None)  # None: weights with no metadata (.pth, .ckpt)
     if recorded is not None:
         recorded.check_model(config, f"{source}'s data config")
         return recorded

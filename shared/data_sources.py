@@ -52,11 +52,11 @@ class ImageRef:
     path: str | None = None
     data: bytes | None = field(default=None, repr=False)
 
-    def read(self) -> bytes:
-        if self.data is not None:
-            return self.data
-        with open(self.path, "rb") as handle:
-            return handle.read()
+    def open(self):
+        """The image, opened by PIL (its header read; pixels on `load()`)."""
+        from PIL import Image
+
+        return Image.open(self.path if self.data is None else io.BytesIO(self.data))
 
 
 @dataclass
@@ -85,13 +85,16 @@ class Split:
 
 @dataclass
 class DataSet:
-    """A labelled data set: its kind (fmnist, folder, parquet), where it is, its class names and its two splits."""
+    """A labelled data set: its kind (fmnist, folder, parquet), where it is, its class names and its two splits.
+    `named`: whether the data name their classes (False: parquet labels given as indices alone, whose classes are
+    called by their index)."""
 
     kind: str
     location: str
     classes: tuple[str, ...]
     train: Split
     val: Split
+    named: bool = True
 
     def split(self, name: str) -> Split:
         name = SPLIT_ALIASES.get(name, name)
@@ -128,17 +131,16 @@ def open_data(spec: str, val_split: float | None = None, seed: int = 0, data_dir
         parts = [os.path.join(spec, s) for s in SPLITS]
         kind = "parquet" if _parquet_files(parts[0]) else "folder"
         if kind == "folder":
-            train_classes, val_classes = _class_folders(parts[0]), _class_folders(parts[1])
-            if list(train_classes) != list(val_classes):
+            folders = [_class_folders(part) for part in parts]
+            if list(folders[0]) != list(folders[1]):
                 raise DataError(f"{spec}: train/ and val/ hold different class folders: train/ has "
-                                f"{sorted(train_classes)}, val/ has {sorted(val_classes)}")
-            classes = tuple(train_classes)
-            splits = [_folder_split(name, folder) for name, folder in zip(SPLITS, parts)]
-            return DataSet(kind, location, classes, *splits)
+                                f"{sorted(folders[0])}, val/ has {sorted(folders[1])}")
+            splits = [_folder_split(name, part_folders) for name, part_folders in zip(SPLITS, folders)]
+            return DataSet(kind, location, tuple(folders[0]), *splits)
         tables = [_read_parquet(_parquet_files(part) or [part], label_column) for part in parts]
-        classes, label_arrays = _parquet_labels([t[1] for t in tables], label_column, class_names, spec)
+        classes, label_arrays, named = _parquet_labels([t[1] for t in tables], label_column, class_names, spec)
         splits = [Split(name, labels, refs) for name, (refs, _), labels in zip(SPLITS, tables, label_arrays)]
-        return DataSet(kind, location, classes, *splits)
+        return DataSet(kind, location, classes, *splits, named=named)
     files = [spec] if spec.endswith(".parquet") and os.path.isfile(spec) else (
         _parquet_files(spec) if os.path.isdir(spec) else None)
     if files is None:
@@ -146,19 +148,19 @@ def open_data(spec: str, val_split: float | None = None, seed: int = 0, data_dir
                         "(train/CLASS/*, val/CLASS/*, or CLASS/* with --val-split) or parquet files")
     if files:
         refs, raw_labels = _read_parquet(files, label_column)
-        classes, (labels,) = _parquet_labels([raw_labels], label_column, class_names, spec)
+        classes, (labels,), named = _parquet_labels([raw_labels], label_column, class_names, spec)
         whole, kind = Split("all", labels, refs), "parquet"
     else:
         folders = _class_folders(spec)
-        classes, kind = tuple(folders), "folder"
-        whole = _folder_split("all", spec, folders)
+        classes, kind, named = tuple(folders), "folder", True
+        whole = _folder_split("all", folders)
     if val_split is None:
         raise DataError(f"{spec} holds no train/ and val/ folders: pass --val-split F to hold out the fraction F of "
                         "every class for evaluation (the same F and --seed as in training: the same images)")
     train_rows, val_rows = held_out_split(whole.labels, classes, val_split, seed, spec)
     train, val = whole.take(train_rows), whole.take(val_rows)
     train.name, val.name = SPLITS
-    return DataSet(kind, location, classes, train, val)
+    return DataSet(kind, location, classes, train, val, named)
 
 
 def held_out_split(labels: np.ndarray, classes, fraction: float, seed: int, source: str):
@@ -209,8 +211,8 @@ def _class_folders(root: str) -> dict[str, list[str]]:
     return folders
 
 
-def _folder_split(name: str, root: str, folders: dict[str, list[str]] | None = None) -> Split:
-    folders = folders if folders is not None else _class_folders(root)
+def _folder_split(name: str, folders: dict[str, list[str]]) -> Split:
+    """The split of the class folders `folders` (`_class_folders`): every image, labelled by its folder."""
     refs = [ImageRef(path, path=path) for files in folders.values() for path in files]
     labels = np.concatenate([np.full(len(files), k, np.int64) for k, files in enumerate(folders.values())])
     return Split(name, labels, refs)
@@ -256,8 +258,9 @@ def _read_parquet(files: list[str], label_column: str) -> tuple[list[ImageRef], 
     return refs, labels
 
 
-def _parquet_labels(raw: list[list], column: str, class_names, source: str) -> tuple[tuple[str, ...], list]:
-    """(class names, int64 labels per split) of parquet labels: class names (strings) or class indices."""
+def _parquet_labels(raw: list[list], column: str, class_names, source: str) -> tuple[tuple[str, ...], list, bool]:
+    """(class names, int64 labels per split, whether the data named the classes) of parquet labels: class names
+    (strings), or class indices (named by `class_names` where given, else by their index)."""
     values = [v for labels in raw for v in labels]
     if any(v is None for v in values):
         raise DataError(f"{source}: the label column {column!r} has empty values")
@@ -267,7 +270,7 @@ def _parquet_labels(raw: list[list], column: str, class_names, source: str) -> t
         if unknown:
             raise DataError(f"{source}: labels {unknown[:5]} are not among the model's classes {list(classes)}")
         index = {name: k for k, name in enumerate(classes)}
-        return classes, [np.asarray([index[v] for v in labels], np.int64) for labels in raw]
+        return classes, [np.asarray([index[v] for v in labels], np.int64) for labels in raw], True
     if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
         raise DataError(f"{source}: the label column {column!r} must hold class indices (integers) or class names "
                         "(strings)")
@@ -278,12 +281,17 @@ def _parquet_labels(raw: list[list], column: str, class_names, source: str) -> t
                         f"has {len(classes)} classes")
     if len(classes) < 2:
         raise DataError(f"{source} has only one class: a classifier needs two classes or more")
-    return classes, [np.asarray(labels, np.int64) for labels in raw]
+    return classes, [np.asarray(labels, np.int64) for labels in raw], class_names is not None
 
 
 def check_classes(data: DataSet, model_data: DataConfig, num_classes: int, source: str) -> None:
-    """DataError unless the model's classes are the data set's: the same names in the same order where the
-    weights record names, else the same count."""
+    """DataError unless the model's classes are the data set's: the same names in the same order where both the
+    weights and the data name them, else the same count (labels given as indices alone: indices the model has)."""
+    if not data.named:
+        if len(data.classes) > num_classes:
+            raise DataError(f"{source} has {num_classes} classes; the class indices of {data.location} run to "
+                            f"{len(data.classes) - 1}")
+        return
     if model_data.class_names is not None and tuple(model_data.class_names) != tuple(data.classes):
         raise DataError(f"{source} was trained on the classes {list(model_data.class_names)}; {data.location} "
                         f"holds {list(data.classes)}")
@@ -292,21 +300,27 @@ def check_classes(data: DataSet, model_data: DataConfig, num_classes: int, sourc
                         f"({list(data.classes)})")
 
 
-def _warn_once(message: str) -> None:
+def _unreadable() -> tuple:
+    """Why PIL cannot read an image: an unknown format or a damaged file (OSError, SyntaxError, ValueError), or a
+    decompression bomb."""
+    from PIL import Image
+
+    return OSError, SyntaxError, ValueError, Image.DecompressionBombError
+
+
+def _warn(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def decode(ref: ImageRef, data: DataConfig) -> tuple[np.ndarray, int]:
     """(the model's float32 (C, H, W) input, the image's own channel count) of one encoded image; ValueError
     naming the image where it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
-
     from .transforms import eval_array, image_channels
 
     try:
-        with Image.open(io.BytesIO(ref.read())) as image:
+        with ref.open() as image:
             return eval_array(image, data), image_channels(image.mode)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except _unreadable() as exc:
         raise ValueError(f"{ref.name}: cannot read it as an image ({exc})") from None
 
 
@@ -316,16 +330,17 @@ def report_skipped(skipped: list[str], total: int, where: str) -> None:
         return
     if len(skipped) == total:
         raise DataError(f"{where}: none of its {total} images can be read (first: {skipped[0]})")
-    _warn_once(f"{where}: skipped {len(skipped)} unreadable image(s) of {total} (first: {skipped[0]})")
+    _warn(f"{where}: skipped {len(skipped)} unreadable image(s) of {total} (first: {skipped[0]})")
 
 
-def report_converted(channels: np.ndarray, data: DataConfig, where: str) -> None:
-    """Say once how many images were converted to the model's channels (grey among RGB, or RGB among grey)."""
-    other = int((channels != data.channels).sum())
-    if other:
-        kinds = {1: "grey", 3: "RGB"}
-        _warn_once(f"{where}: {other} of {len(channels)} images are {kinds[4 - data.channels]}; converted to the "
-                   f"model's {data.channels} channel(s) ({kinds[data.channels]})")
+def report_converted(own: np.ndarray, channels: int, where: str) -> None:
+    """Say once how many images (`own`: each image's channel count) were converted to the model's `channels`
+    (grey among RGB, or RGB among grey)."""
+    kinds = {1: "grey", 3: "RGB"}
+    other = int((own != channels).sum())
+    if other and channels in kinds:  # a model of other channel counts reads no image file (to_channels says so)
+        _warn(f"{where}: {other} of {len(own)} images are {kinds[4 - channels]}; converted to the model's "
+              f"{channels} channel(s) ({kinds[channels]})")
 
 
 def load_split(split: Split, data: DataConfig, where: str, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -351,7 +366,7 @@ def load_split(split: Split, data: DataConfig, where: str, progress: bool = True
         labels.append(label)
         channels.append(own)
     report_skipped(skipped, len(split), where)
-    report_converted(np.asarray(channels), data, where)
+    report_converted(np.asarray(channels), data.channels, where)
     return np.stack(images), np.asarray(labels, np.int64)
 
 
@@ -360,7 +375,6 @@ def scan_images(split: Split, channels: int, where: str) -> Split:
     images of the other kind said once: the check before training, which decodes images as it goes."""
     if split.refs is None:
         return split
-    from PIL import Image, UnidentifiedImageError
     from tqdm import tqdm
 
     from .transforms import image_channels
@@ -369,19 +383,15 @@ def scan_images(split: Split, channels: int, where: str) -> Split:
     for row, ref in enumerate(tqdm(split.refs, desc=f"checking {where}", unit="image", leave=False,
                                    disable=len(split) < 2048)):
         try:
-            with Image.open(io.BytesIO(ref.read()) if ref.data is not None else ref.path) as image:
+            with ref.open() as image:
                 own.append(image_channels(image.mode))
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        except _unreadable() as exc:
             skipped.append(f"{ref.name}: cannot read it as an image ({exc})")
             continue
         keep.append(row)
     report_skipped(skipped, len(split), where)
-    fake = DataConfig((channels, 1, 1), (0.0,) * channels, (1.0,) * channels) if channels in (1, 3) else None
-    if fake is not None:
-        report_converted(np.asarray(own), fake, where)
-    kept = split.take(keep) if skipped else split
-    kept.name = split.name
-    return kept
+    report_converted(np.asarray(own), channels, where)
+    return split.take(keep) if skipped else split
 
 
 def channel_statistics(split: Split, data: DataConfig, where: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

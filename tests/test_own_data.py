@@ -352,6 +352,16 @@ def test_parquet_data_sets_and_a_missing_label_column(tmp_path, capsys):
     data = default_data_config(_config(3))
     np.testing.assert_array_equal(load_split(from_parquet.val, data, "v")[0], load_split(from_folder.val, data, "v")[0])
     np.testing.assert_array_equal(from_parquet.val.labels, from_folder.val.labels)
+    # labels given as class indices alone: the model's classes by index, whatever it names them
+    indexed = tmp_path / "indexed.parquet"
+    paths = sorted((folder / "val").glob("*/*.png"))
+    pq.write_table(pa.table({"image": [p.read_bytes() for p in paths],
+                             "label": [CLASSES.index(p.parent.name) for p in paths]}), indexed)
+    assert run("evaluate", "--weights", SHIPPED, "--data", indexed, "--val-split", "0.5", "--no-agreement",
+               "--out", tmp_path / "indexed") == 0
+    assert str(indexed) in json.loads((tmp_path / "indexed" / "evaluation.json").read_text())["data"]
+    with pytest.raises(DataError, match="has 2 classes; the class indices of .* run to 2"):
+        check_classes(open_data(str(indexed), 0.5), default_data_config(_config(2)), 2, "w")
     unlabelled = tmp_path / "unlabelled.parquet"
     pq.write_table(pa.table({"image": [b"x"], "class": [0]}), unlabelled)
     err = fails(capsys, "calibrate", "--weights", SHIPPED, "--data", unlabelled, "--val-split", "0.5")
