@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import Callable, Sequence
 
 from dvt_shared.io_utils import check_writable_dir, check_writable_file
@@ -144,17 +145,20 @@ def _train_recipe(argv: list[str]) -> dict:
     return recipe_defaults(argv) if known.command == "train" else {}
 
 
+# Python's own way of showing a warning, for those that are not the command's.
+_SHOW_WARNING = warnings.showwarning
+
+
 def _warn_on_one_line(command: str) -> None:
-    """Warnings (a fallback taken, images skipped or converted) as one line each, like the command's errors."""
-    import warnings
+    """Warnings (a fallback taken, images skipped or converted) as one line each, like the command's errors; the
+    others as Python shows them. Set anew by each command run, never stacked on an earlier run's."""
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, UserWarning) and not issubclass(category, DeprecationWarning):
+        if issubclass(category, UserWarning):
             print(f"dvt {command}: warning: {message}", file=sys.stderr)
         else:
-            default_show(message, category, filename, lineno, file, line)
+            _SHOW_WARNING(message, category, filename, lineno, file, line)
 
-    default_show = warnings.showwarning
     warnings.showwarning = show
 
 
